@@ -1,0 +1,44 @@
+"""The drafter kinds this package ships, registered through the
+``mlx_lm_dspark.drafters`` entry-point group like any third-party kind.
+
+A kind is an object with a ``name``, ``recognise(config) -> bool`` (config.json
+alone decides) and ``build(config) -> nn.Module`` (an unloaded drafter that
+follows the protocol of ``mlx_lm_dspark.drafter.Drafter``).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import drafter_args, layout_of
+
+
+@dataclass(frozen=True)
+class DrafterKind:
+    name: str
+    recognise: Callable[[dict], bool]
+    build: Callable[[dict], object]
+
+
+def _markov_rank(config: dict) -> int:
+    nested = config.get("dflash_config") or {}
+    return int(nested.get("markov_rank", config.get("markov_rank", 0)) or 0)
+
+
+def _build(config: dict):
+    from .drafter import Drafter, ModelArgs
+
+    return Drafter(ModelArgs.from_dict(drafter_args(config)))
+
+
+def _is_dspark(config: dict) -> bool:
+    layout = layout_of(config)
+    return layout in ("deepspec", "dflash_config") and _markov_rank(config) > 0
+
+
+def _is_dflash(config: dict) -> bool:
+    layout = layout_of(config)
+    return layout == "zlab" or (layout is not None and _markov_rank(config) == 0)
+
+
+DSPARK = DrafterKind("dspark", _is_dspark, _build)
+DFLASH = DrafterKind("dflash", _is_dflash, _build)

@@ -1,0 +1,226 @@
+"""Every change mlx-lm-dspark makes to mlx-lm, applied as its modules load.
+
+- ``mlx_lm.utils``: ``load_model`` builds drafters from their config;
+  ``load_tokenizer`` answers for drafter repos, which ship no tokenizer.
+- ``mlx_lm.generate``: ``speculative_generate_step`` dispatches to our round
+  loop for our drafters; ``setup_arg_parser`` gains the drafter options;
+  ``generate(verbose=True)`` also prints the acceptance statistics.
+
+Each patch first checks that the host function still looks the way this
+code expects, and raises ``HostMismatchError`` otherwise: a silent mismatch
+could change what users' generations return.
+"""
+
+import argparse
+import functools
+import inspect
+from pathlib import Path
+
+from . import loader
+
+SUPPORTED_MLX_LM = "0.32.2"
+LEGACY_NUM_DRAFT_TOKENS = 3  # mlx_lm.generate's --num-draft-tokens default
+
+
+class HostMismatchError(RuntimeError):
+    pass
+
+
+def _fail(what: str, detail: str):
+    try:
+        from mlx_lm import _version
+
+        version = _version.__version__
+    except Exception:
+        version = "unknown"
+    raise HostMismatchError(
+        f"mlx-lm-dspark cannot patch {what}: {detail}. Installed mlx-lm is {version}; this "
+        f"release supports mlx-lm {SUPPORTED_MLX_LM}. Install that version, upgrade "
+        "mlx-lm-dspark, or set MLX_LM_DSPARK_DISABLE=1 to run mlx-lm without it."
+    )
+
+
+def _expect_params(module, name: str, params):
+    func = getattr(module, name, None)
+    if not callable(func):
+        _fail(f"{module.__name__}.{name}", "the function no longer exists")
+    have = list(inspect.signature(func).parameters)
+    missing = [p for p in params if p not in have]
+    if missing:
+        _fail(f"{module.__name__}.{name}", f"parameters {missing} are gone (it now takes {have})")
+    return func
+
+
+def _expect_calls(module, name: str, callees):
+    func = getattr(module, name)
+    names = set(func.__code__.co_names)
+    missing = [c for c in callees if c not in names]
+    if missing:
+        _fail(f"{module.__name__}.{name}", f"it no longer calls {missing} through module globals")
+
+
+def _once(module) -> bool:
+    if getattr(module, "_mlx_lm_dspark_patched", False):
+        return False
+    module._mlx_lm_dspark_patched = True
+    return True
+
+
+def patch_utils(utils) -> None:
+    if not _once(utils):
+        return
+    load_model = _expect_params(utils, "load_model", ["model_path", "lazy", "model_config"])
+    load_tokenizer = _expect_params(
+        utils, "load_tokenizer", ["model_path", "tokenizer_config_extra", "eos_token_ids"]
+    )
+    _expect_calls(utils, "load", ["_download", "load_model", "load_tokenizer"])
+
+    @functools.wraps(load_model)
+    def load_model_or_drafter(model_path, lazy=False, *args, **kwargs):
+        config = loader.read_config(model_path)
+        if config is not None and loader.is_drafter_config(config):
+            model = loader.build_drafter(Path(model_path), config, lazy=lazy, **loader.load_defaults)
+            return model, config
+        return load_model(model_path, lazy, *args, **kwargs)
+
+    @functools.wraps(load_tokenizer)
+    def load_tokenizer_or_stand_in(model_path, *args, **kwargs):
+        config = loader.read_config(model_path)
+        if (
+            config is not None
+            and loader.is_drafter_config(config)
+            and not loader.has_tokenizer(model_path)
+        ):
+            return loader.DrafterTokenizer(config.get("vocab_size", 0))
+        return load_tokenizer(model_path, *args, **kwargs)
+
+    utils.load_model = load_model_or_drafter
+    utils.load_tokenizer = load_tokenizer_or_stand_in
+
+
+def _bits(value: str):
+    if value.lower() in ("none", "0", "full"):
+        return None
+    bits = int(value)
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise argparse.ArgumentTypeError("--draft-bits must be one of 2, 3, 4, 5, 6, 8 or 'none'")
+    return bits
+
+
+def _positive_int(value: str):
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return n
+
+
+def _probability(value: str):
+    p = float(value)
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {value}")
+    return p
+
+
+def _non_negative_int(value: str):
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--num-draft-tokens must be >= 0, got {value}")
+    return n
+
+
+class _DrafterDefault(argparse.Action):
+    """Store the option and make it the default for drafters loaded next."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        loader.load_defaults[self.dest.removeprefix("draft_")] = values
+
+
+def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
+    loader.load_defaults.update(
+        bits=loader.DEFAULT_BITS,
+        group_size=loader.DEFAULT_GROUP_SIZE,
+        block_size=None,
+        confidence_threshold=None,
+    )
+    for action in parser._actions:
+        if "--num-draft-tokens" in action.option_strings:
+            # "not given" must stay distinguishable: a DSpark drafter then
+            # drafts its whole block, an ordinary draft model keeps 3.
+            action.default = None
+            action.type = _non_negative_int
+            action.help = (
+                "Number of tokens to draft per round. Default: the drafter's block for "
+                f"DSpark/DFlash drafters, {LEGACY_NUM_DRAFT_TOKENS} for ordinary draft models."
+            )
+    group = parser.add_argument_group(
+        "speculative drafter (mlx-lm-dspark)",
+        "Options for DSpark/DFlash drafters given with --draft-model.",
+    )
+    group.add_argument(
+        "--draft-bits",
+        dest="draft_bits",
+        type=_bits,
+        action=_DrafterDefault,
+        default=loader.DEFAULT_BITS,
+        help="Quantize the drafter to this many bits on load ('none' keeps its stored precision). Default: 4.",
+    )
+    group.add_argument(
+        "--draft-block-size",
+        dest="draft_block_size",
+        type=_positive_int,
+        action=_DrafterDefault,
+        default=None,
+        help="Effective block length (<= the block the drafter was trained with). Default: the trained block.",
+    )
+    group.add_argument(
+        "--draft-confidence",
+        dest="draft_confidence_threshold",
+        type=_probability,
+        action=_DrafterDefault,
+        default=None,
+        help="Cut each proposal at the first slot whose confidence is below this value (DSpark only).",
+    )
+
+
+def patch_generate(generate_module) -> None:
+    if not _once(generate_module):
+        return
+    from .speculative import is_drafter, speculative_generate_step as ours
+
+    stock_step = _expect_params(
+        generate_module,
+        "speculative_generate_step",
+        ["prompt", "model", "draft_model", "stream", "num_draft_tokens", "max_tokens",
+         "sampler", "logits_processors", "prompt_cache", "prefill_step_size"],
+    )
+    _expect_calls(generate_module, "stream_generate", ["speculative_generate_step"])
+    setup_arg_parser = _expect_params(generate_module, "setup_arg_parser", [])
+    stock_generate = _expect_params(generate_module, "generate", ["model", "tokenizer", "prompt", "verbose"])
+    _expect_calls(generate_module, "main", ["setup_arg_parser", "load", "generate"])
+
+    @functools.wraps(stock_step)
+    def speculative_generate_step(prompt, model, draft_model, *args, **kwargs):
+        if is_drafter(draft_model):
+            return ours(prompt, model, draft_model, *args, **kwargs)
+        if kwargs.get("num_draft_tokens", 0) is None:
+            kwargs["num_draft_tokens"] = LEGACY_NUM_DRAFT_TOKENS
+        return stock_step(prompt, model, draft_model, *args, **kwargs)
+
+    @functools.wraps(setup_arg_parser)
+    def setup_arg_parser_with_drafter():
+        parser = setup_arg_parser()
+        add_drafter_arguments(parser)
+        return parser
+
+    @functools.wraps(stock_generate)
+    def generate(model, tokenizer, prompt, verbose=False, **kwargs):
+        text = stock_generate(model, tokenizer, prompt, verbose=verbose, **kwargs)
+        draft = kwargs.get("draft_model")
+        if verbose and is_drafter(draft) and getattr(draft, "stats", None) is not None:
+            print(draft.stats.summary())
+        return text
+
+    generate_module.speculative_generate_step = speculative_generate_step
+    generate_module.setup_arg_parser = setup_arg_parser_with_drafter
+    generate_module.generate = generate

@@ -1,0 +1,267 @@
+"""The speculative round loop: prefill, propose, verify, accept, roll back.
+
+It replaces mlx-lm's ``speculative_generate_step`` when the draft model is a
+DSpark/DFlash drafter, with the same call signature and the same yields:
+``(token, logprobs, from_draft)`` per generated token.
+"""
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, List, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
+from mlx_lm.sample_utils import greedy_sampler
+
+from .target import (
+    TargetAdapter,
+    cache_length,
+    check_rollback,
+    rollback,
+    validate_pair,
+)
+
+DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
+DEFAULT_QUANTIZED_KV_START = 5000
+
+
+@dataclass
+class SpeculativeStats:
+    """Acceptance statistics of the most recent generation with a drafter."""
+
+    proposal_lengths: List[int] = field(default_factory=list)
+    accepted_lengths: List[int] = field(default_factory=list)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.accepted_lengths)
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.proposal_lengths)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_lengths)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """τ: mean over rounds of accepted drafts + 1."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def summary(self) -> str:
+        rate = self.accepted / self.drafted if self.drafted else 0.0
+        return (
+            f"Speculative: τ={self.mean_acceptance_length:.2f} over {self.rounds} rounds, "
+            f"drafted {self.drafted}, accepted {self.accepted} ({rate:.1%})"
+        )
+
+
+def is_drafter(model) -> bool:
+    """True for drafters built by one of the registered kinds."""
+    return all(hasattr(model, a) for a in ("propose", "add_context", "make_cache", "kind"))
+
+
+def bind(drafter, model) -> TargetAdapter:
+    """Tap ``model`` for ``drafter`` (once per pair) and validate the pair."""
+    bound = getattr(drafter, "_bound_target", None)
+    if bound is not None and bound[0]() is model:
+        return bound[1]
+    target = TargetAdapter(model, drafter.target_layer_ids)
+    validate_pair(drafter, target)
+    if not drafter.args.has_embeddings:
+        drafter.borrow_embeddings(*target.embedding_functions())
+    drafter._bound_target = (weakref.ref(model), target)
+    return target
+
+
+# Drafter context that travels with a target-only prompt cache the caller
+# reuses across calls (keyed by the cache's first entry).
+_draft_caches = weakref.WeakKeyDictionary()
+
+
+def _split_cache(prompt_cache, target: TargetAdapter, drafter):
+    if prompt_cache is None:
+        return target.make_cache(), drafter.make_cache()
+    n = target.num_cache_entries
+    if len(prompt_cache) > n:
+        draft_cache = list(prompt_cache[n:])
+        if len(draft_cache) != len(drafter.make_cache()):
+            raise ValueError(
+                f"prompt_cache has {len(prompt_cache)} entries: expected {n} for the target "
+                f"(+{len(drafter.make_cache())} for the drafter)."
+            )
+        return list(prompt_cache[:n]), draft_cache
+    if len(prompt_cache) != n:
+        raise ValueError(f"prompt_cache has {len(prompt_cache)} entries; the target needs {n}.")
+    key = prompt_cache[0]
+    draft_cache = _draft_caches.get(key)
+    if draft_cache is None:
+        draft_cache = drafter.make_cache()
+        _draft_caches[key] = draft_cache
+    return prompt_cache, draft_cache
+
+
+def _trim_drafter(draft_cache, n: int) -> None:
+    if n > 0:
+        for c in draft_cache:
+            c.trim(n)
+
+
+def speculative_generate_step(
+    prompt: mx.array,
+    model,
+    draft_model,
+    stream=generation_stream,
+    *,
+    num_draft_tokens: Optional[int] = None,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    prompt_cache: Optional[Any] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+) -> Generator[Tuple[int, mx.array, bool], None, None]:
+    """Speculative decoding with a DSpark/DFlash drafter.
+
+    Acceptance runs the caller's sampler on the target's (processed) logits
+    at every verified position and keeps drafts while they equal the sampled
+    token: exact argmax matching for greedy decoding, and an exact sample of
+    the target distribution for any sampler.  ``num_draft_tokens`` caps the
+    drafts per round (default: the drafter's effective block).
+    """
+    drafter = draft_model
+    target = bind(drafter, model)
+    sampler = sampler or greedy_sampler
+    max_drafts = drafter.max_drafts
+    if num_draft_tokens is None:
+        cap = max_drafts
+    elif num_draft_tokens < 0:
+        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
+    else:
+        cap = min(int(num_draft_tokens), max_drafts)
+    threshold = drafter.confidence_threshold
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("prompt must be a non-empty 1-D array of token ids.")
+
+    target_cache, draft_cache = _split_cache(prompt_cache, target, drafter)
+    check_rollback(target_cache)
+
+    # The drafter context must cover the same positions as the target cache.
+    position = cache_length(target_cache)
+    _trim_drafter(draft_cache, draft_cache[0].offset - position)
+
+    stats = SpeculativeStats()
+    drafter.stats = stats
+    history = None  # token history for logits processors (mirrors generate_step)
+
+    def quantize_cache():
+        maybe_quantize_kv_cache(target_cache, quantized_kv_start, kv_group_size, kv_bits)
+
+    def forward(tokens, start):
+        logits, features = target(tokens[None], target_cache)
+        drafter.add_context(draft_cache, features, start)
+        quantize_cache()
+        return logits[0]
+
+    def process(logits, inputs):
+        """Apply logits processors position by position, as plain decoding would."""
+        nonlocal history
+        if not logits_processors:
+            return logits
+        rows = []
+        for k in range(inputs.size):
+            history = mx.concatenate([history, inputs[k : k + 1]]) if history is not None else inputs[: k + 1]
+            row = logits[k : k + 1]
+            for processor in logits_processors:
+                row = processor(history, row)
+            rows.append(row)
+        return mx.concatenate(rows, axis=0)
+
+    with mx.stream(stream):
+        # Prefill exactly like generate_step: prompt[:-1] in chunks, then the
+        # last token alone (keeps logits bit-identical to plain decoding).
+        prompt = prompt.astype(mx.uint32)
+        total = prompt.size
+        done = 0
+        while total - done > 1:
+            n = min(prefill_step_size, total - done - 1)
+            chunk = prompt[done : done + n]
+            forward(chunk, position)
+            if logits_processors:
+                history = mx.concatenate([history, chunk]) if history is not None else chunk
+            mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
+            position += n
+            done += n
+            mx.clear_cache()
+        last = prompt[done:]
+        logits = process(forward(last, position), last)
+        position += 1
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        anchor = sampler(logprobs).astype(mx.uint32)
+        mx.eval(anchor, logprobs)
+
+    cached = position  # positions held by the target cache (and drafter context)
+    last_pos = position  # position of the last token yielded
+    produced = 0
+    settled = False
+    try:
+        produced += 1
+        yield anchor.item(), logprobs[0], False
+        while max_tokens < 0 or produced < max_tokens:
+            remaining = max_tokens - produced if max_tokens >= 0 else cap + 1
+            n = min(cap, remaining - 1)
+            settled = True  # mid-round the caches are in flux: never settle them
+            with mx.stream(stream):
+                drafts = None
+                if n > 0:
+                    drafts, confidence = drafter.propose(draft_cache, anchor, position, n)
+                    if threshold is not None and confidence is not None:
+                        below = (confidence < threshold).tolist()
+                        n = below.index(True) if True in below else n
+                        drafts = drafts[:n]
+                verify_in = mx.concatenate([anchor, drafts]) if n > 0 else anchor
+                logits = process(forward(verify_in, position), verify_in)
+                cached += n + 1
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                sampled = sampler(logprobs).astype(mx.uint32)
+                if n > 0:
+                    matches = (sampled[:n] == verify_in[1:]).astype(mx.int32)
+                    accepted = mx.cumprod(matches).sum()
+                else:
+                    accepted = mx.array(0)
+                mx.eval(sampled, accepted)
+            a = accepted.item()
+            tokens = sampled.tolist()
+            # Keep anchor + accepted drafts; drop the rejected tail everywhere.
+            rejected = n - a
+            rollback(target_cache, rejected)
+            _trim_drafter(draft_cache, rejected)
+            cached -= rejected
+            if logits_processors and rejected:
+                history = history[: history.size - rejected]
+            stats.proposal_lengths.append(n)
+            stats.accepted_lengths.append(a)
+            settled = False
+            anchor = sampled[a : a + 1]
+            for k in range(a + 1):
+                produced += 1
+                last_pos = position + 1 + k
+                yield tokens[k], logprobs[k], k < a
+            position += a + 1
+            if stats.rounds % 256 == 0:
+                mx.clear_cache()
+    finally:
+        if not settled:
+            # Leave the caches holding exactly prompt + yielded tokens, so a
+            # caller that reuses them continues correctly.
+            excess = cached - (last_pos + 1)
+            with mx.stream(stream):
+                if excess > 0:
+                    rollback(target_cache, excess)
+                    _trim_drafter(draft_cache, excess)
+                elif excess == -1:
+                    forward(anchor, last_pos)
+                mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])

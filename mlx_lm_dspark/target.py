@@ -1,0 +1,219 @@
+"""The target model as a drafter sees it: tapped hidden states, validation and
+KV-cache rollback.
+
+Hidden states are captured by tapping the host's own layer objects: each
+tapped layer's class is swapped for a subclass whose ``__call__`` runs the
+original and records its output while a capture is active.  Parameter names,
+weights and the host's layer loop are untouched, so a host model that changes
+its internals keeps working as long as it still calls its layers.
+"""
+
+import threading
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.models import cache as cache_lib
+
+from .config import FAMILY_OF_MODEL_TYPE
+
+
+class DrafterMismatchError(ValueError):
+    """The drafter was trained for a different target."""
+
+
+class UnsupportedCacheError(ValueError):
+    """The target's cache cannot be rolled back after rejected drafts."""
+
+
+_capture = threading.local()
+_TAPPED_CLASSES = {}
+
+
+def _tapped_class(cls):
+    sub = _TAPPED_CLASSES.get(cls)
+    if sub is None:
+
+        def __call__(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            sink = getattr(_capture, "sink", None)
+            if sink is not None and id(self) in sink:
+                sink[id(self)] = out[0] if isinstance(out, tuple) else out
+            return out
+
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        sub.__qualname__ = cls.__qualname__
+        _TAPPED_CLASSES[cls] = sub
+    return sub
+
+
+def tap(layer) -> None:
+    """Make ``layer`` report its output during a capture (idempotent)."""
+    cls = type(layer)
+    if cls in _TAPPED_CLASSES.values():
+        return
+    if not callable(getattr(cls, "__call__", None)):
+        raise TypeError(f"Cannot tap {cls.__name__}: it is not callable.")
+    layer.__class__ = _tapped_class(cls)
+
+
+def text_args(model) -> dict:
+    """The text-model settings of an mlx-lm model (Gemma-4 nests them)."""
+    lm = getattr(model, "language_model", None)
+    args = getattr(lm, "args", None) if lm is not None else None
+    args = args or getattr(model, "args", None)
+    if args is None:
+        raise TypeError(f"{type(model).__name__} has no `args`; not an mlx-lm model.")
+    return vars(args) if not isinstance(args, dict) else args
+
+
+def family_of(model) -> Optional[str]:
+    model_type = getattr(model, "model_type", None) or text_args(model).get("model_type")
+    return FAMILY_OF_MODEL_TYPE.get(model_type)
+
+
+class TargetAdapter:
+    """Runs an mlx-lm target and returns logits plus the tapped features."""
+
+    def __init__(self, model, layer_ids: List[int]):
+        self.model = model
+        layers = getattr(model, "layers", None)
+        if layers is None:
+            raise TypeError(
+                f"{type(model).__name__} exposes no `layers`; mlx-lm-dspark taps the target's "
+                "decoder layers and cannot run on this model."
+            )
+        self.layers = list(layers)
+        self.layer_ids = list(layer_ids)
+        args = text_args(model)
+        self.family = family_of(model)
+        self.vocab_size = args.get("vocab_size")
+        self.hidden_size = args.get("hidden_size")
+        self.num_layers = len(self.layers)
+        self.num_cache_entries = len(cache_lib.make_prompt_cache(model))
+        bad = [i for i in self.layer_ids if not 0 <= i < self.num_layers]
+        if bad:
+            raise DrafterMismatchError(
+                f"target_layer_ids {self.layer_ids} of the drafter are out of range for a target "
+                f"with {self.num_layers} layers (bad: {bad})."
+            )
+        for i in self.layer_ids:
+            tap(self.layers[i])
+        self._tap_keys = [id(self.layers[i]) for i in self.layer_ids]
+
+    def __call__(self, tokens: mx.array, cache) -> tuple:
+        """tokens [1, L] -> (logits [1, L, V], features [1, L, n_taps * H])."""
+        sink = dict.fromkeys(self._tap_keys)
+        outer = getattr(_capture, "sink", None)
+        _capture.sink = sink
+        try:
+            logits = self.model(tokens, cache=cache)
+        finally:
+            _capture.sink = outer
+        missing = [i for i, k in zip(self.layer_ids, self._tap_keys) if sink[k] is None]
+        if missing:
+            raise RuntimeError(
+                f"The target model did not call its layers {missing} through the objects in "
+                "`model.layers`; the host model's structure changed and mlx-lm-dspark needs an update."
+            )
+        return logits, mx.concatenate([sink[k] for k in self._tap_keys], axis=-1)
+
+    def make_cache(self):
+        return cache_lib.make_prompt_cache(self.model)
+
+    def embedding_functions(self):
+        """(token ids -> embeddings, hidden -> logits) of the target, for
+        drafters that borrow them (z-lab DFlash ships neither)."""
+        inner = getattr(self.model, "language_model", self.model)
+        body = getattr(inner, "model", None)
+        embed = getattr(body, "embed_tokens", None)
+        if embed is None:
+            raise TypeError(
+                f"{type(self.model).__name__} has no model.embed_tokens to lend to the drafter."
+            )
+        head = getattr(inner, "lm_head", None)
+        return embed, head if head is not None else embed.as_linear
+
+
+def validate_pair(drafter, target: TargetAdapter) -> None:
+    """Refuse a drafter trained for another target, naming the field."""
+    args = drafter.args
+    problems = []
+    if target.family is None:
+        problems.append(
+            f"target family: {type(target.model).__name__} is not a supported target "
+            f"(supported: {sorted(set(FAMILY_OF_MODEL_TYPE.values()))})"
+        )
+    elif args.family != target.family:
+        problems.append(f"family: drafter is for {args.family}, target is {target.family}")
+    if target.vocab_size is not None and args.vocab_size != target.vocab_size:
+        problems.append(f"vocab_size: drafter {args.vocab_size}, target {target.vocab_size}")
+    if target.hidden_size is not None and args.hidden_size != target.hidden_size:
+        problems.append(f"hidden_size: drafter {args.hidden_size}, target {target.hidden_size}")
+    if args.num_target_layers is not None and args.num_target_layers != target.num_layers:
+        problems.append(
+            f"num_target_layers: drafter expects {args.num_target_layers}, target has {target.num_layers}"
+        )
+    if problems:
+        raise DrafterMismatchError(
+            "This drafter does not match the target model: " + "; ".join(problems) + ". "
+            "Use the drafter trained for this exact target."
+        )
+
+
+def _leaf_caches(cache):
+    for c in cache:
+        if isinstance(c, cache_lib.CacheList):
+            yield from _leaf_caches(c.caches)
+        else:
+            yield c
+
+
+def check_rollback(cache) -> None:
+    """Every cache entry must support removing rejected tokens."""
+    for i, c in enumerate(_leaf_caches(cache)):
+        if isinstance(c, cache_lib.ArraysCache):
+            raise UnsupportedCacheError(
+                f"Cache entry {i} is a recurrent-state ArraysCache: rejected draft tokens cannot be "
+                "rolled back out of it, so speculative decoding with a DSpark/DFlash drafter is not "
+                "available for this (hybrid/recurrent) target. Generate without --draft-model."
+            )
+        if isinstance(c, cache_lib.RotatingKVCache):
+            continue
+        if not (hasattr(c, "trim") and hasattr(c, "is_trimmable") and c.is_trimmable()):
+            raise UnsupportedCacheError(
+                f"Cache entry {i} ({type(c).__name__}) cannot be trimmed, so rejected draft tokens "
+                "could not be rolled back. Use a plain, quantized or rotating KV cache."
+            )
+
+
+def _rollback_rotating(c, n: int) -> None:
+    # A multi-token update (the verify) leaves the buffer in temporal order
+    # with its end at `_idx`; dropping the last n entries removes exactly the
+    # rejected tokens, including after wrap-around (mlx-lm's own trim() only
+    # moves indices, so a later single-token update would still see them).
+    if c.keys is None or c._idx != c.keys.shape[2] or n > c._idx:
+        raise RuntimeError(
+            "RotatingKVCache is not in the state a multi-token verify leaves; cannot roll back."
+        )
+    c.offset -= n
+    c._idx -= n
+    c.keys = c.keys[..., : c._idx, :]
+    c.values = c.values[..., : c._idx, :]
+
+
+def rollback(cache, n: int) -> None:
+    """Remove the last ``n`` tokens from every entry of ``cache``."""
+    if n <= 0:
+        return
+    for c in _leaf_caches(cache):
+        if isinstance(c, cache_lib.RotatingKVCache):
+            _rollback_rotating(c, n)
+        elif c.trim(n) != n:
+            raise RuntimeError(f"{type(c).__name__} trimmed fewer than {n} tokens.")
+
+
+def cache_length(cache) -> int:
+    """Number of positions the target cache holds (total, not window size)."""
+    for c in _leaf_caches(cache):
+        return c.offset
+    return 0
