@@ -1,0 +1,348 @@
+"""The DSpark / DFlash drafter network in MLX.
+
+One network for both algorithms: DFlash is DSpark without the Markov and
+confidence heads (``markov_rank == 0``).  ``family`` selects the Qwen3 or the
+Gemma-4 layer variant.  The drafter reads target hidden states (tapped at
+``target_layer_ids``) as context: they are projected once into per-layer K/V
+that stay cached across rounds, and a block ``[anchor, mask, …]`` attends to
+that context and bidirectionally to itself to propose the next tokens.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    family: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    vocab_size: int
+    block_size: int
+    target_layer_ids: list
+    mask_token_id: int
+    num_target_layers: Optional[int] = None
+    markov_rank: int = 0
+    enable_confidence_head: bool = False
+    confidence_head_with_markov: bool = False
+    shifted_alignment: bool = False
+    has_embeddings: bool = True
+    layer_types: Optional[list] = None
+    sliding_window: Optional[int] = None
+    rope_theta: float = 1e6
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 32768
+    # Gemma-4 only
+    global_head_dim: Optional[int] = None
+    num_global_key_value_heads: Optional[int] = None
+    attention_k_eq_v: bool = False
+    final_logit_softcapping: Optional[float] = None
+    rope_parameters: Optional[dict] = None
+
+    def __post_init__(self):
+        if self.family not in ("qwen3", "gemma4"):
+            raise ValueError(f"Unknown drafter family {self.family!r} (expected qwen3 or gemma4).")
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        self.markov_rank = int(self.markov_rank or 0)
+
+
+class RMSNormNoScale(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+class Attention(nn.Module):
+    """Queries from the block; keys/values from [cached context ; block]."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        gemma = args.family == "gemma4"
+        self.layer_type = args.layer_types[layer_idx]
+        sliding = self.layer_type == "sliding_attention"
+        self.window = args.sliding_window if sliding else None
+        full_gemma = gemma and not sliding
+        self.head_dim = args.global_head_dim if full_gemma and args.global_head_dim else args.head_dim
+        self.k_eq_v = full_gemma and args.attention_k_eq_v
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = (
+            args.num_global_key_value_heads
+            if self.k_eq_v and args.num_global_key_value_heads
+            else args.num_key_value_heads
+        )
+        self.scale = 1.0 if gemma else self.head_dim**-0.5
+
+        dim, hd = args.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        if not self.k_eq_v:
+            self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.v_norm = RMSNormNoScale(args.rms_norm_eps) if gemma else None
+
+        if gemma:
+            params = (args.rope_parameters or {}).get(self.layer_type, {})
+            self.rope = initialize_rope(
+                hd,
+                base=params.get("rope_theta", 10000.0),
+                traditional=False,
+                scaling_config=params,
+                max_position_embeddings=args.max_position_embeddings,
+            )
+        else:
+            self.rope = initialize_rope(
+                hd,
+                base=args.rope_theta,
+                traditional=False,
+                scaling_config=args.rope_scaling,
+                max_position_embeddings=args.max_position_embeddings,
+            )
+
+    def keys_values(self, x: mx.array, start: int):
+        """K/V of the rows of x at positions start, start+1, ... (RoPE applied)."""
+        B, L, _ = x.shape
+        raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        values = raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        keys = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset=start)
+        if self.v_norm is not None:
+            values = self.v_norm(values)
+        return keys, values.transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
+        B, L, _ = x.shape
+        queries = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        queries = self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset=start)
+        keys, values = self.keys_values(x, start)
+        context = cache.offset
+        if context:
+            keys = mx.concatenate([cache.keys[..., :context, :], keys], axis=2)
+            values = mx.concatenate([cache.values[..., :context, :], values], axis=2)
+        mask = None
+        if self.window is not None:
+            # Context rows sit at positions start-context … start-1.
+            q_pos = mx.arange(start, start + L)[:, None]
+            k_pos = mx.arange(start - context, start + L)[None]
+            mask = (q_pos - k_pos) < self.window
+        out = scaled_dot_product_attention(queries, keys, values, cache=None, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, gelu: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gelu = gelu
+
+    def __call__(self, x):
+        gate = self.gate_proj(x)
+        gate = nn.gelu_approx(gate) if self.gelu else nn.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.gemma = args.family == "gemma4"
+        eps = args.rms_norm_eps
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, gelu=self.gemma)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=eps)
+        if self.gemma:
+            self.pre_feedforward_layernorm = nn.RMSNorm(args.hidden_size, eps=eps)
+            self.post_feedforward_layernorm = nn.RMSNorm(args.hidden_size, eps=eps)
+            self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, h: mx.array, cache: KVCache, start: int) -> mx.array:
+        attn = self.self_attn(self.input_layernorm(h), cache, start)
+        if not self.gemma:
+            h = h + attn
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.post_attention_layernorm(attn)
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h * self.layer_scalar
+
+
+class MarkovHead(nn.Module):
+    """Low-rank bigram correction chaining the block: w2(w1(previous token))."""
+
+    def __init__(self, vocab_size: int, rank: int):
+        super().__init__()
+        self.markov_w1 = nn.Embedding(vocab_size, rank)
+        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.proj = nn.Linear(dims, 1, bias=True)
+
+
+class Drafter(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        H, V = args.hidden_size, args.vocab_size
+        if args.has_embeddings:
+            self.embed_tokens = nn.Embedding(V, H)
+            self.lm_head = nn.Linear(H, V, bias=False)
+        self.fc = nn.Linear(len(args.target_layer_ids) * H, H, bias=False)
+        self.hidden_norm = nn.RMSNorm(H, eps=args.rms_norm_eps)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(H, eps=args.rms_norm_eps)
+        if args.markov_rank > 0:
+            self.markov_head = MarkovHead(V, args.markov_rank)
+        if args.enable_confidence_head:
+            with_markov = args.confidence_head_with_markov and args.markov_rank > 0
+            self.confidence_head = ConfidenceHead(H + (args.markov_rank if with_markov else 0))
+        self._borrowed = None
+        self._block_size = args.block_size
+        self.confidence_threshold = None
+
+    # Run-time policy -------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        """Effective block length (<= the trained block)."""
+        return self._block_size
+
+    @block_size.setter
+    def block_size(self, value: int):
+        if not 1 <= int(value) <= self.args.block_size:
+            raise ValueError(
+                f"block_size must be between 1 and the trained block ({self.args.block_size}), got {value}."
+            )
+        self._block_size = int(value)
+
+    @property
+    def max_drafts(self) -> int:
+        # z-lab's alignment spends the anchor slot: a block of B gives B-1 drafts.
+        return self._block_size - (1 if self.args.shifted_alignment else 0)
+
+    @property
+    def target_layer_ids(self) -> List[int]:
+        return list(self.args.target_layer_ids)
+
+    # Embeddings ------------------------------------------------------------
+
+    def borrow_embeddings(self, embed, head) -> None:
+        """Use the target's embedding and LM head (z-lab drafters ship none).
+        Kept outside the module tree so they are neither saved nor quantized."""
+        object.__setattr__(self, "_borrowed", (embed, head))
+
+    def _embed_and_head(self):
+        if self.args.has_embeddings:
+            return self.embed_tokens, self.lm_head
+        if self._borrowed is None:
+            raise RuntimeError(
+                "This drafter borrows its target's embeddings and LM head; bind it to a target "
+                "first (speculative generation does this) or call borrow_embeddings()."
+            )
+        return self._borrowed
+
+    def embed(self, ids: mx.array) -> mx.array:
+        h = self._embed_and_head()[0](ids)
+        if self.args.family == "gemma4":
+            h = h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
+        return h
+
+    def base_logits(self, normed: mx.array) -> mx.array:
+        logits = self._embed_and_head()[1](normed)
+        cap = self.args.final_logit_softcapping
+        if self.args.family == "gemma4" and cap:
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    # Context ---------------------------------------------------------------
+
+    def make_cache(self) -> list:
+        """Per drafter layer, the K/V of the committed context positions."""
+        return [KVCache() for _ in self.layers]
+
+    def add_context(self, cache: list, features: mx.array, start: int) -> None:
+        """Project target features of new positions start… into the context."""
+        c = self.hidden_norm(self.fc(features))
+        for layer, layer_cache in zip(self.layers, cache):
+            layer_cache.update_and_fetch(*layer.self_attn.keys_values(c, start))
+
+    # Block -----------------------------------------------------------------
+
+    def block_hidden(self, cache: list, block_ids: mx.array, start: int) -> mx.array:
+        """Final-normed hidden states of the block at positions start…"""
+        h = self.embed(block_ids)
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, layer_cache, start)
+        return self.norm(h)
+
+    def draft_block(self, cache: list, anchor: mx.array, start: int, num_drafts: Optional[int] = None):
+        """Everything one greedy proposal computes (lazily).
+
+        Returns a dict with ``hidden`` and ``base_logits`` for the whole block,
+        and, for the first ``num_drafts`` draft slots, ``corrected_logits``
+        (the distribution q, Markov-corrected), ``confidence_logits``
+        (pre-sigmoid, or None) and the greedy ``tokens``.
+        """
+        B = self._block_size
+        num_drafts = self.max_drafts if num_drafts is None else num_drafts
+        ids = mx.concatenate(
+            [anchor.reshape(1).astype(mx.uint32), mx.full((B - 1,), self.args.mask_token_id, mx.uint32)]
+        )[None]
+        hidden = self.block_hidden(cache, ids, start)
+        logits = self.base_logits(hidden)
+        slots = slice(1, 1 + num_drafts) if self.args.shifted_alignment else slice(0, num_drafts)
+        slot_logits, slot_hidden = logits[0, slots], hidden[0, slots]
+
+        markov = getattr(self, "markov_head", None) if self.args.markov_rank > 0 else None
+        confidence = getattr(self, "confidence_head", None)
+        with_markov = markov is not None and self.args.confidence_head_with_markov
+        prev = anchor.reshape(1).astype(mx.uint32)
+        tokens, corrected, conf = [], [], []
+        for k in range(num_drafts):
+            row = slot_logits[k : k + 1]
+            emb = markov.markov_w1(prev) if markov is not None else None
+            if markov is not None:
+                row = row + markov.markov_w2(emb)
+            token = mx.argmax(row, axis=-1).astype(mx.uint32)
+            if confidence is not None:
+                features = slot_hidden[k : k + 1]
+                if with_markov:
+                    features = mx.concatenate([features, emb.astype(features.dtype)], axis=-1)
+                conf.append(confidence.proj(features)[:, 0])
+            tokens.append(token)
+            corrected.append(row)
+            prev = token
+        empty = lambda shape, dtype: mx.zeros(shape, dtype)
+        return {
+            "hidden": hidden,
+            "base_logits": logits,
+            "corrected_logits": mx.concatenate(corrected, axis=0) if corrected else empty((0, logits.shape[-1]), logits.dtype),
+            "confidence_logits": (mx.concatenate(conf) if conf else empty((0,), mx.float32)) if confidence is not None else None,
+            "tokens": mx.concatenate(tokens) if tokens else empty((0,), mx.uint32),
+        }
+
+    def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int):
+        """Greedy drafts for the next ``num_drafts`` positions and their
+        confidences (None without a confidence head)."""
+        out = self.draft_block(cache, anchor, start, num_drafts)
+        conf = out["confidence_logits"]
+        return out["tokens"], (mx.sigmoid(conf) if conf is not None else None)

@@ -1,0 +1,147 @@
+import json
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import pytest
+
+from mlx_lm_dspark import loader, registry
+from mlx_lm_dspark.config import drafter_args, is_drafter_config, layout_of
+from mlx_lm_dspark.loader import DrafterTokenizer, load_drafter
+from tiny_models import build_pair
+
+
+@pytest.fixture(scope="module")
+def qwen3_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    dirs = {}
+    for layout in ("deepspec", "dflash_config", "zlab"):
+        dirs[layout] = build_pair(root / layout, family="qwen3", layout=layout)
+    dirs["dflash"] = build_pair(root / "dflash", family="qwen3", markov_rank=0)
+    return dirs
+
+
+def _config(path):
+    return json.loads((path / "config.json").read_text())
+
+
+def test_layout_recognised_from_config_alone(qwen3_dirs, fixtures_dir):
+    for name in ("qwen3_tiny_dspark", "gemma4_tiny_dspark", "qwen3_tiny_dflash"):
+        assert layout_of(_config(fixtures_dir / name)) == "deepspec"
+    assert layout_of(_config(qwen3_dirs["dflash_config"][1])) == "dflash_config"
+    assert layout_of(_config(qwen3_dirs["zlab"][1])) == "zlab"
+    assert not is_drafter_config(_config(qwen3_dirs["deepspec"][0]))  # the target itself
+    assert not is_drafter_config(_config(fixtures_dir / "e2e_bigram" / "target"))
+
+    zlab = drafter_args(_config(qwen3_dirs["zlab"][1]))
+    assert zlab["shifted_alignment"] and not zlab["has_embeddings"] and zlab["markov_rank"] == 0
+    nested = drafter_args(_config(qwen3_dirs["dflash_config"][1]))
+    assert nested["markov_rank"] > 0 and nested["target_layer_ids"] == _config(
+        qwen3_dirs["dflash_config"][1])["dflash_config"]["target_layer_ids"]
+
+
+def test_kinds_come_from_entry_points():
+    names = [k.name for k in registry.drafter_kinds()]
+    assert {"dspark", "dflash"} <= set(names)
+    from importlib.metadata import entry_points
+
+    assert {"dspark", "dflash"} <= {ep.name for ep in entry_points(group=registry.GROUP)}
+
+
+def test_third_party_kind_can_claim_a_checkpoint(monkeypatch, qwen3_dirs):
+    from importlib.metadata import EntryPoint
+
+    import mlx_lm_dspark.kinds as ours
+
+    claimed = []
+    third = ours.DrafterKind("eagle-test", lambda c: c.get("block_size") == 7,
+                             lambda c: claimed.append(c) or ours._build(c))
+    import sys
+    import types
+
+    module = types.ModuleType("third_party_kind")
+    module.KIND = third
+    monkeypatch.setitem(sys.modules, "third_party_kind", module)
+    original = registry.entry_points
+
+    def fake_entry_points(group):
+        return list(original(group=group)) + [EntryPoint("eagle-test", "third_party_kind:KIND", group)]
+
+    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
+    registry.drafter_kinds.cache_clear()
+    try:
+        drafter = load_drafter(qwen3_dirs["deepspec"][1], bits=None)
+        assert drafter.kind == "eagle-test" and claimed
+    finally:
+        registry.drafter_kinds.cache_clear()
+
+
+@pytest.mark.parametrize("layout,kind", [("deepspec", "dspark"), ("dflash_config", "dspark"),
+                                         ("zlab", "dflash"), ("dflash", "dflash")])
+def test_load_drafter_layouts_and_quantization(qwen3_dirs, layout, kind):
+    _, drafter_dir = qwen3_dirs[layout]
+    full = load_drafter(drafter_dir, bits=None)
+    assert full.kind == kind
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in full.named_modules())
+    quantized = load_drafter(drafter_dir)  # default: 4-bit
+    q = [m for _, m in quantized.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert q and all(m.bits == 4 for m in q)
+    eight = load_drafter(drafter_dir, bits=8, group_size=32)
+    assert all(m.bits == 8 for _, m in eight.named_modules() if isinstance(m, nn.QuantizedLinear))
+
+
+def test_run_time_policy(qwen3_dirs):
+    _, drafter_dir = qwen3_dirs["deepspec"]
+    drafter = load_drafter(drafter_dir, block_size=3, confidence_threshold=0.4)
+    assert drafter.block_size == 3 and drafter.confidence_threshold == 0.4
+    with pytest.raises(ValueError, match="block_size"):
+        load_drafter(drafter_dir, block_size=drafter.args.block_size + 1)
+
+
+def test_mlx_lm_load_builds_drafter_with_tokenizer_stand_in(qwen3_dirs):
+    target_dir, drafter_dir = qwen3_dirs["deepspec"]
+    _, tokenizer = mlx_lm.load(str(target_dir))
+    drafter, draft_tokenizer = mlx_lm.load(str(drafter_dir))
+    assert drafter.kind == "dspark"
+    assert isinstance(draft_tokenizer, DrafterTokenizer)
+    # mlx_lm.generate's own vocabulary check passes for the right target ...
+    assert not (draft_tokenizer.vocab_size != tokenizer.vocab_size)
+    # ... but the stand-in never pretends to be a tokenizer.
+    with pytest.raises(AttributeError, match="no tokenizer of its own"):
+        draft_tokenizer.encode("hello")
+    # A too-large target vocabulary does not fit the drafter's embedding.
+    assert draft_tokenizer.vocab_size != drafter.args.vocab_size + 1
+    # Ordinary checkpoints still go to mlx-lm's loader untouched.
+    model, _ = mlx_lm.load(str(target_dir))
+    assert type(model).__module__ == "mlx_lm.models.qwen3"
+
+
+def test_clear_errors_for_bad_checkpoints(qwen3_dirs, tmp_path):
+    target_dir, drafter_dir = qwen3_dirs["deepspec"]
+    with pytest.raises(ValueError, match="not a DSpark/DFlash drafter"):
+        load_drafter(target_dir)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_drafter(tmp_path)
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    shutil.copy(drafter_dir / "config.json", broken / "config.json")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_drafter(broken)
+    wrong = tmp_path / "wrong-weights"
+    wrong.mkdir()
+    config = _config(drafter_dir)
+    config["num_hidden_layers"] += 1
+    (wrong / "config.json").write_text(json.dumps(config))
+    shutil.copy(drafter_dir / "model.safetensors", wrong / "model.safetensors")
+    with pytest.raises(ValueError, match="do not match"):
+        load_drafter(wrong)
+
+
+def test_load_defaults_feed_mlx_lm_load(qwen3_dirs, monkeypatch):
+    _, drafter_dir = qwen3_dirs["deepspec"]
+    monkeypatch.setitem(loader.load_defaults, "block_size", 2)
+    monkeypatch.setitem(loader.load_defaults, "bits", None)
+    drafter, _ = mlx_lm.load(str(drafter_dir))
+    assert drafter.block_size == 2
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in drafter.named_modules())

@@ -1,0 +1,176 @@
+"""The mlx-lm integration, exercised the way users run it: console scripts,
+unchanged scripts, and the patches' own safety checks."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+
+from mlx_lm_dspark import patch_mlx_lm
+from tiny_models import build_pair, save_qwen3_target
+
+BIN = Path(sys.executable).parent
+PROMPT = "the quick brown fox jumps over the lazy dog and the cat"
+
+
+def run(args, env=None, check=True):
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_pair(tmp_path_factory.mktemp("cli"), family="qwen3")
+
+
+def generated_text(stdout: str) -> str:
+    # Between mlx-lm's "==========" separators (verbose) or the whole output.
+    parts = stdout.split("==========")
+    return parts[1].strip() if len(parts) >= 3 else stdout.strip()
+
+
+def test_console_script_same_text_with_and_without_drafter(pair):
+    target, drafter = pair
+    base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--prompt", PROMPT, "--max-tokens", "30"]
+    plain = run(base + ["--verbose", "True"])
+    spec = run(base + ["--verbose", "True", "--draft-model", str(drafter)])
+    assert generated_text(plain.stdout) == generated_text(spec.stdout) != ""
+    assert "Speculative: τ=" in spec.stdout and "Speculative" not in plain.stdout
+    quiet = run(base + ["--draft-model", str(drafter), "--draft-bits", "none", "--draft-block-size", "3"])
+    assert quiet.stdout.strip() == generated_text(plain.stdout)
+
+
+def test_python_dash_m_mlx_lm_generate(pair):
+    target, drafter = pair
+    args = ["generate", "--model", str(target), "--prompt", PROMPT, "--max-tokens", "20"]
+    plain = run([sys.executable, "-m", "mlx_lm", *args])
+    spec = run([sys.executable, "-m", "mlx_lm", *args, "--draft-model", str(drafter)])
+    assert plain.stdout == spec.stdout
+
+
+def test_help_shows_drafter_group():
+    out = run([str(BIN / "mlx_lm.generate"), "--help"]).stdout
+    assert "speculative drafter (mlx-lm-dspark)" in out
+    for flag in ("--draft-bits", "--draft-block-size", "--draft-confidence"):
+        assert flag in out
+
+
+def test_bad_flags_are_refused(pair):
+    target, drafter = pair
+    base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--draft-model", str(drafter)]
+    for flags, message in [(["--draft-bits", "7"], "--draft-bits"),
+                           (["--draft-confidence", "1.5"], "[0, 1]"),
+                           (["--num-draft-tokens", "-1"], ">= 0")]:
+        proc = run(base + flags, check=False)
+        assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_unchanged_script_picks_up_the_hook(pair, tmp_path):
+    target, drafter = pair
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        assert "mlx" not in sys.modules  # the hook stays lazy until mlx_lm is imported
+        from mlx_lm import load, stream_generate
+        model, tokenizer = load({str(target)!r})
+        draft, _ = load({str(drafter)!r})
+        plain = "".join(r.text for r in stream_generate(model, tokenizer, {PROMPT!r}, max_tokens=25))
+        rs = list(stream_generate(model, tokenizer, {PROMPT!r}, max_tokens=25, draft_model=draft))
+        print(plain == "".join(r.text for r in rs), type(draft).__module__, any(r.from_draft for r in rs))
+    """))
+    out = run([sys.executable, str(script)]).stdout.split()
+    assert out == ["True", "mlx_lm_dspark.drafter", "True"]
+
+
+def test_disable_switch(pair):
+    _, drafter = pair
+    code = "import mlx_lm.utils as u, sys; print(u.load_model.__module__, 'mlx_lm_dspark' in sys.modules)"
+    out = run([sys.executable, "-c", code], env={"MLX_LM_DSPARK_DISABLE": "1"}).stdout.split()
+    assert out == ["mlx_lm.utils", "False"]
+    out = run([sys.executable, "-c", code]).stdout.split()
+    assert out[1] == "True"
+
+
+def test_startup_stays_light():
+    code = "import sys; print(sorted(m for m in ('mlx', 'mlx_lm', 'numpy', 'importlib.resources') if m in sys.modules))"
+    assert run([sys.executable, "-c", code]).stdout.strip() == "[]"
+
+
+def test_ordinary_draft_model_still_uses_mlx_lm_step(pair, tmp_path):
+    target, _ = pair
+    model, tokenizer = mlx_lm.load(str(target))
+    draft_dir = tmp_path / "small-draft"
+    save_qwen3_target(draft_dir, num_layers=2, seed=5)
+    draft, _ = mlx_lm.load(str(draft_dir))
+    prompt = tokenizer.encode(PROMPT)
+    plain = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=20)]
+    for n in (None, 2):
+        kw = {} if n is None else {"num_draft_tokens": n}
+        spec = list(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=20, draft_model=draft, **kw))
+        assert [r.token for r in spec] == plain
+
+
+def _fake_generate_module(**overrides):
+    module = types.ModuleType("mlx_lm.generate_fake")
+
+    def speculative_generate_step(prompt, model, draft_model, stream=None, *, num_draft_tokens=2,
+                                  max_tokens=256, sampler=None, logits_processors=None,
+                                  prompt_cache=None, prefill_step_size=512):
+        pass
+
+    def stream_generate(model, tokenizer, prompt):
+        return speculative_generate_step
+
+    def setup_arg_parser():
+        pass
+
+    def generate(model, tokenizer, prompt, verbose=False):
+        pass
+
+    def main():
+        setup_arg_parser(), load(), generate()
+
+    for f in (speculative_generate_step, stream_generate, setup_arg_parser, generate, main):
+        setattr(module, f.__name__, f)
+    for name, value in overrides.items():
+        setattr(module, name, value)
+    return module
+
+
+def test_patches_fail_loudly_when_host_changes():
+    patch_mlx_lm.patch_generate(_fake_generate_module())  # the expected shape patches fine
+
+    def renamed(prompt, model, drafter, stream=None):
+        pass
+
+    with pytest.raises(patch_mlx_lm.HostMismatchError, match="speculative_generate_step"):
+        patch_mlx_lm.patch_generate(_fake_generate_module(speculative_generate_step=renamed))
+
+    def stream_generate(model, tokenizer, prompt):
+        return None  # no longer looks the step up as a module global
+
+    with pytest.raises(patch_mlx_lm.HostMismatchError, match="stream_generate"):
+        patch_mlx_lm.patch_generate(_fake_generate_module(stream_generate=stream_generate))
+
+    utils = types.ModuleType("mlx_lm.utils_fake")
+    utils.load_model = lambda model_path, lazy=False, strict=True, model_config=None: None
+    utils.load_tokenizer = lambda model_path: None
+    utils.load = lambda path: None
+    with pytest.raises(patch_mlx_lm.HostMismatchError, match="load_tokenizer"):
+        patch_mlx_lm.patch_utils(utils)
+
+
+def test_generate_module_is_patched_once():
+    gen = sys.modules["mlx_lm.generate"]
+    assert gen._mlx_lm_dspark_patched
+    assert gen.speculative_generate_step.__wrapped__.__module__ == "mlx_lm.generate"
+    assert mlx_lm.generate is gen.generate

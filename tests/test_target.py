@@ -1,0 +1,122 @@
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache, RotatingKVCache
+
+from mlx_lm_dspark import load_drafter
+from mlx_lm_dspark.target import (
+    DrafterMismatchError,
+    TargetAdapter,
+    UnsupportedCacheError,
+    check_rollback,
+    rollback,
+    validate_pair,
+)
+from tiny_models import build_pair
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gemma4"])
+def pair(request, tmp_path_factory):
+    target_dir, drafter_dir = build_pair(tmp_path_factory.mktemp(request.param), family=request.param)
+    model, _ = mlx_lm.load(str(target_dir))
+    return model, load_drafter(drafter_dir, bits=None)
+
+
+def test_taps_keep_names_and_outputs(pair):
+    model, _ = pair
+    tokens = mx.array([[5, 9, 33, 4, 70]])
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    before = model(tokens)
+    n = len(model.layers)
+    target = TargetAdapter(model, [1, n - 1])
+    logits, features = target(tokens, cache=None)
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+    assert mx.array_equal(logits, before)
+    assert mx.array_equal(model(tokens), before)
+    assert features.shape == (1, 5, 2 * target.hidden_size)
+    # The last tap is the residual stream the final norm and head turn into logits.
+    inner = getattr(model, "language_model", model)
+    last = features[..., target.hidden_size :]
+    head = inner.lm_head if hasattr(inner, "lm_head") else inner.model.embed_tokens.as_linear
+    recomputed = head(inner.model.norm(last))
+    if getattr(inner, "final_logit_softcapping", None):
+        cap = inner.final_logit_softcapping
+        recomputed = mx.tanh(recomputed / cap) * cap
+    assert mx.allclose(recomputed, logits, atol=1e-5)
+
+
+def test_validate_pair_names_the_field(pair):
+    model, drafter = pair
+    target = TargetAdapter(model, drafter.target_layer_ids)
+    validate_pair(drafter, target)
+    for field, value, message in [
+        ("vocab_size", drafter.args.vocab_size + 1, "vocab_size"),
+        ("hidden_size", drafter.args.hidden_size * 2, "hidden_size"),
+        ("num_target_layers", target.num_layers + 4, "num_target_layers"),
+        ("family", "gemma4" if drafter.args.family == "qwen3" else "qwen3", "family"),
+    ]:
+        original = getattr(drafter.args, field)
+        setattr(drafter.args, field, value)
+        try:
+            with pytest.raises(DrafterMismatchError, match=message):
+                validate_pair(drafter, target)
+        finally:
+            setattr(drafter.args, field, original)
+    with pytest.raises(DrafterMismatchError, match="out of range"):
+        TargetAdapter(model, [0, target.num_layers])
+
+
+def test_recurrent_cache_is_refused_with_reason():
+    with pytest.raises(UnsupportedCacheError, match="recurrent"):
+        check_rollback([KVCache(), ArraysCache(2)])
+    with pytest.raises(UnsupportedCacheError, match="recurrent"):
+        check_rollback([CacheList(KVCache(), ArraysCache(1))])
+    check_rollback([KVCache(), QuantizedKVCache(), RotatingKVCache(8), CacheList(KVCache())])
+
+
+def _attend(q, kv):
+    k, v = kv
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+@pytest.mark.parametrize("prefix", [3, 12, 30])
+def test_rotating_rollback_after_wrap(prefix):
+    """Rejected keys must vanish, also for the single-token update that follows
+    (mlx-lm's own trim() leaves them visible there once the window wrapped)."""
+    mx.random.seed(prefix)
+    window, accepted, rejected = 8, 2, 3
+    keys = mx.random.normal((1, 1, prefix + accepted + rejected + 1, 4))
+    q = mx.random.normal((1, 1, 1, 4))
+
+    def run(cache, chunks):
+        out = None
+        for a, b in chunks:
+            out = cache.update_and_fetch(keys[:, :, a:b], keys[:, :, a:b])
+        return out
+
+    end = prefix + accepted
+    reference = RotatingKVCache(window)
+    run(reference, [(0, prefix), (prefix, end)])
+    want = _attend(q, reference.update_and_fetch(*(keys[:, :, -1:],) * 2))
+
+    ours = RotatingKVCache(window)
+    run(ours, [(0, prefix), (prefix, end + rejected)])
+    rollback([ours], rejected)
+    assert ours.offset == end
+    got = _attend(q, ours.update_and_fetch(*(keys[:, :, -1:],) * 2))
+    assert mx.allclose(got, want, atol=1e-6)
+
+    if prefix >= window:  # the defect needs a wrapped window
+        stock = RotatingKVCache(window)
+        run(stock, [(0, prefix), (prefix, end + rejected)])
+        stock.trim(rejected)
+        kv = stock.update_and_fetch(*(keys[:, :, -1:],) * 2)
+        assert not mx.allclose(_attend(q, kv), want, atol=1e-6)
+
+
+def test_rollback_plain_and_quantized():
+    for cache in (KVCache(), QuantizedKVCache(group_size=32, bits=8)):
+        cache.update_and_fetch(mx.zeros((1, 1, 10, 32)), mx.zeros((1, 1, 10, 32)))
+        rollback([cache], 4)
+        assert cache.offset == 6

@@ -1,0 +1,576 @@
+"""Tiny random checkpoints for tests, built offline in a temporary directory.
+
+Targets are real mlx-lm models (Qwen3, Gemma-4 in its three config flavours)
+saved with mlx-lm's own helpers, so ``mlx_lm.load(path)`` and the
+``mlx_lm.generate --model PATH`` console script treat them like downloaded
+checkpoints.  Drafters are random DSpark / DFlash networks written in the
+three on-disk layouts the package must recognise.
+
+Conventions shared by every checkpoint here:
+
+- The tokenizer is a Hugging Face fast WordPiece tokenizer whose vocabulary
+  fills exactly ``vocab_size`` ids, so every id the model can emit decodes to
+  readable text.  ``<pad>`` = 0, ``<eos>`` = 1 (``EOS_ID``), ``<unk>`` = 2,
+  no BOS, no chat template.
+- The output-embedding row of ``<eos>`` is zeroed, so its logit is exactly 0
+  and greedy decoding never picks it: plain generations always run to
+  ``max_tokens``, which keeps token counts in tests predictable.
+"""
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+
+# Common lowercase English words; the rest of the vocabulary is letters,
+# WordPiece continuations and made-up syllables, so any lowercase word encodes.
+COMMON_WORDS = """
+the of and to in is it you that he was for on are with as his they be at one
+have this from or had by hot word but what some we can out other were all there
+when up use your how said an each she which do their time if will way about many
+then them write would like so these her long make thing see him two has look more
+day could go come did number sound no most people my over know water than call
+first who may down side been now find any new work part take get place made live
+where after back little only round man year came show every good me give our under
+name very through just form sentence great think say help low line differ turn cause
+much mean before move right boy old too same tell does set three want air well also
+play small end put home read hand port large spell add even land here must big high
+such follow act why ask men change went light kind off need house picture try us
+again animal point mother world near build self earth father head stand own page
+should country found answer school grow study still learn plant cover food sun four
+between state keep eye never last let thought city tree cross farm hard start might
+story saw far sea draw left late run while press close night real life few north
+open seem together next white children begin got walk example ease paper group always
+music those both mark often letter until mile river car feet care second book carry
+took science eat room friend began idea fish mountain stop once base hear horse cut
+sure watch color face wood main enough plain girl usual young ready above ever red
+list though feel talk bird soon body dog family direct pose leave song measure door
+product black short numeral class wind question happen complete ship area half rock
+order fire south problem piece told knew pass since top whole king space heard best
+hour better true during hundred five remember step early hold west ground interest
+reach fast verb sing listen six table travel less morning ten simple several vowel
+toward war lay against pattern slow center love person money serve appear road map
+rain rule govern pull cold notice voice unit power town fine certain fly fall lead
+cry dark machine note wait plan figure star box noun field rest correct able pound
+done beauty drive stood contain front teach week final gave green oh quick develop
+ocean warm free minute strong special mind behind clear tail produce fact street inch
+multiply nothing course stay wheel full force blue object decide surface deep moon
+island foot system busy test record boat common gold possible plane stead dry wonder
+laugh thousand ago ran check game shape equate miss brought heat snow tire bring yes
+distant fill east paint language among cat sat mat fox jumps lazy brown park
+""".split()
+
+SUFFIXES = ("s", "es", "ed", "ing", "er", "est", "ly", "ness", "ment", "tion", "ful", "less")
+PUNCTUATION = tuple(".,!?;:'\"-()")
+
+
+def _filler_syllables():
+    """Made-up syllables: enough distinct tokens for any vocab size."""
+    consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
+    for c in consonants:
+        for v in vowels:
+            yield c + v
+            yield "##" + c + v
+    for c in consonants:
+        for v in vowels:
+            for d in consonants:
+                yield c + v + d
+                yield "##" + c + v + d
+
+
+def _vocabulary(vocab_size):
+    """Token -> id for exactly ``vocab_size`` ids, specials first."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    required = [*SPECIAL_TOKENS, *PUNCTUATION, *"0123456789", *letters, *("##" + c for c in letters)]
+    if vocab_size < len(required):
+        raise ValueError(f"vocab_size must be at least {len(required)} to cover every lowercase word")
+    vocab = {}
+    pools = (required, COMMON_WORDS, ("##" + s for s in SUFFIXES), _filler_syllables())
+    for pool in pools:
+        for token in pool:
+            if len(vocab) == vocab_size:
+                return vocab
+            vocab.setdefault(token, len(vocab))
+    if len(vocab) < vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is larger than the {len(vocab)} tokens this helper can make")
+    return vocab
+
+
+def write_tokenizer(path, vocab_size=512) -> None:
+    """Save a fast WordPiece tokenizer mlx-lm loads offline.
+
+    WordPiece (rather than word-level) so unknown lowercase words split into
+    known pieces instead of collapsing to ``<unk>``; the WordPiece decoder
+    joins words with spaces, so streamed CLI output is readable text.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordPiece(_vocabulary(vocab_size), unk_token="<unk>", max_input_chars_per_word=100))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(path))
+
+
+# ---------------------------------------------------------------- random init
+
+
+def _is_norm(name):
+    return "norm" in name.rsplit(".", 2)[-2] if name.count(".") else False
+
+
+def _random_value(name, shape, *, hidden_size, gain):
+    """One random parameter with a scale that keeps activations O(1).
+
+    Norm weights sit near 1, the Gemma layer scalar is exactly 1, embeddings
+    have unit-norm rows and every projection has std gain/sqrt(fan_in).
+    """
+    if name.endswith("layer_scalar"):
+        return mx.ones(shape)
+    if _is_norm(name):
+        return 1.0 + 0.1 * mx.random.normal(shape)
+    if name.endswith("bias"):
+        return 0.1 * mx.random.normal(shape)
+    if "embed_tokens" in name:
+        return mx.random.normal(shape) * hidden_size**-0.5
+    return mx.random.normal(shape) * (gain / math.sqrt(shape[-1]))
+
+
+def _randomize(model, seed, hidden_size, gain):
+    """Replace every parameter with seeded random values (name order)."""
+    mx.random.seed(seed)
+    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+    new = [(n, _random_value(n, p.shape, hidden_size=hidden_size, gain=gain).astype(p.dtype)) for n, p in params]
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+
+
+def _silence_eos(model, text_model, tied):
+    """Zero the output row of ``<eos>`` so greedy decoding never ends early."""
+    head = text_model.model.embed_tokens if tied else text_model.lm_head
+    head.weight = head.weight.at[EOS_ID].multiply(0.0)
+    mx.eval(model.parameters())
+
+
+def _quantize_and_save(path, model, config, bits, group_size, vocab_size):
+    """Optionally quantize with mlx-lm's helper, then save like mlx_lm.convert."""
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    if bits is not None:
+        with contextlib.redirect_stdout(io.StringIO()):  # quiet its "[INFO] Quantized ..." line
+            model, config = quantize_model(model, config, group_size, bits)
+    path = Path(path)
+    save_model(path, model)
+    save_config(dict(config), path / "config.json")
+    write_tokenizer(path, vocab_size)
+    return config
+
+
+# ---------------------------------------------------------------- targets
+
+
+def qwen3_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
+                 intermediate_size, tie_word_embeddings):
+    """A transformers-5 style Qwen3ForCausalLM config (like e2e_bigram/target)."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": None,
+        "dtype": "float32",
+        "eos_token_id": EOS_ID,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "layer_types": ["full_attention"] * num_layers,
+        "max_position_embeddings": 4096,
+        "max_window_layers": 28,
+        "model_type": "qwen3",
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": num_kv_heads,
+        "pad_token_id": PAD_ID,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "sliding_window": None,
+        "tie_word_embeddings": tie_word_embeddings,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+
+
+def save_qwen3_target(path, *, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+                      head_dim=16, intermediate_size=128, tie_word_embeddings=False, seed=0, bits=None,
+                      group_size=64) -> dict:
+    """Write a random Qwen3 target (config, weights, tokenizer); return its config."""
+    from mlx_lm.models import qwen3
+
+    config = qwen3_config(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    _randomize(model, seed, hidden_size, gain=1.0)
+    _silence_eos(model, model, tie_word_embeddings)
+    return _quantize_and_save(path, model, config, bits, group_size, vocab_size)
+
+
+def gemma4_layer_types(num_layers, sliding_window_pattern):
+    """Gemma's repeating pattern: (pattern - 1) sliding layers, then one full."""
+    pattern = ["sliding_attention"] * (sliding_window_pattern - 1) + ["full_attention"]
+    return [pattern[i % len(pattern)] for i in range(num_layers)]
+
+
+def gemma4_text_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
+                       global_head_dim, intermediate_size, sliding_window, layer_types, num_kv_shared_layers,
+                       attention_k_eq_v, hidden_size_per_layer_input, tie_word_embeddings):
+    """A transformers-5 style gemma4_text config (fields as in the fixtures)."""
+    return {
+        "architectures": ["Gemma4ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attention_k_eq_v": attention_k_eq_v,
+        "bos_token_id": None,
+        "dtype": "float32",
+        "enable_moe_block": False,
+        "eos_token_id": EOS_ID,
+        "final_logit_softcapping": 30.0,
+        "global_head_dim": global_head_dim,
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": hidden_size,
+        "hidden_size_per_layer_input": hidden_size_per_layer_input,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "layer_types": list(layer_types),
+        "max_position_embeddings": 4096,
+        "model_type": "gemma4_text",
+        "moe_intermediate_size": None,
+        "num_attention_heads": num_heads,
+        "num_experts": None,
+        "num_global_key_value_heads": 1,
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": num_kv_heads,
+        "num_kv_shared_layers": num_kv_shared_layers,
+        "pad_token_id": PAD_ID,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
+                               "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+        "sliding_window": sliding_window,
+        "tie_word_embeddings": tie_word_embeddings,
+        "top_k_experts": None,
+        "use_cache": True,
+        "use_double_wide_mlp": False,
+        "vocab_size": vocab_size,
+        "vocab_size_per_layer_input": vocab_size,
+    }
+
+
+def gemma4_wrap(text_config, model_type="gemma4"):
+    """The multimodal-style wrapper config mlx-lm's gemma4 module reads.
+
+    ``vocab_size`` must also sit at the top level: mlx-lm's gemma4.ModelArgs
+    copies its own (default 262144) over the text config's.
+    """
+    arch = "Gemma4UnifiedForConditionalGeneration" if model_type == "gemma4_unified" else "Gemma4ForConditionalGeneration"
+    return {
+        "architectures": [arch],
+        "model_type": model_type,
+        "text_config": dict(text_config),
+        "vocab_size": text_config["vocab_size"],
+        "eos_token_id": text_config["eos_token_id"],
+        "pad_token_id": text_config["pad_token_id"],
+        "tie_word_embeddings": text_config["tie_word_embeddings"],
+        "dtype": "float32",
+    }
+
+
+GEMMA4_MODEL_TYPES = ("gemma4", "gemma4_text", "gemma4_unified")
+
+
+def save_gemma4_target(path, *, model_type="gemma4", vocab_size=512, hidden_size=64, num_layers=8,
+                       num_heads=4, num_kv_heads=2, head_dim=16, global_head_dim=32, intermediate_size=128,
+                       sliding_window=8, sliding_window_pattern=4, layer_types=None, num_kv_shared_layers=2,
+                       attention_k_eq_v=False, hidden_size_per_layer_input=0, tie_word_embeddings=True,
+                       seed=0, bits=None, group_size=64) -> dict:
+    """Write a random Gemma-4 target; return its config.
+
+    ``model_type`` picks the config flavour: "gemma4" (wrapper with
+    ``text_config``), "gemma4_text" (flat) or "gemma4_unified" (wrapper that
+    mlx-lm remaps onto its gemma4 module).  Defaults give a sliding window
+    shorter than a 40-token generation and two KV-shared layers.
+    """
+    from mlx_lm.models import gemma4, gemma4_text
+
+    if model_type not in GEMMA4_MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {GEMMA4_MODEL_TYPES}")
+    types = list(layer_types) if layer_types else gemma4_layer_types(num_layers, sliding_window_pattern)
+    text = gemma4_text_config(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                              num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                              global_head_dim=global_head_dim, intermediate_size=intermediate_size,
+                              sliding_window=sliding_window, layer_types=types,
+                              num_kv_shared_layers=num_kv_shared_layers, attention_k_eq_v=attention_k_eq_v,
+                              hidden_size_per_layer_input=hidden_size_per_layer_input,
+                              tie_word_embeddings=tie_word_embeddings)
+    if model_type == "gemma4_text":
+        config = text
+        model = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(config))
+        text_model = model
+    else:
+        config = gemma4_wrap(text, model_type)
+        model = gemma4.Model(gemma4.ModelArgs.from_dict(config))
+        text_model = model.language_model
+    _randomize(model, seed, hidden_size, gain=1.0)
+    _silence_eos(model, text_model, tie_word_embeddings)
+    return _quantize_and_save(path, model, config, bits, group_size, vocab_size)
+
+
+def text_config_of(config):
+    """The text-model part of a target config (the wrapper's text_config)."""
+    return config.get("text_config", config)
+
+
+# ---------------------------------------------------------------- drafters
+
+DRAFTER_LAYOUTS = ("deepspec", "dflash_config", "zlab")
+_NESTED_FIELDS = ("block_size", "target_layer_ids", "mask_token_id", "num_target_layers", "markov_rank",
+                  "markov_head_type", "enable_confidence_head", "confidence_head_with_markov")
+
+
+def _family_of(target_config):
+    return "qwen3" if text_config_of(target_config)["model_type"] == "qwen3" else "gemma4"
+
+
+def _drafter_config(target_config, *, layout, markov_rank, block_size, target_layer_ids, num_drafter_layers,
+                    mask_token_id, confidence_head):
+    """The drafter config: the target's text config, extended per layout."""
+    family = _family_of(target_config)
+    text = text_config_of(target_config)
+    config = {k: v for k, v in text.items() if k not in ("quantization", "quantization_config")}
+    config.update({
+        "architectures": ["Qwen3DSparkModel" if family == "qwen3" else "Gemma4DSparkModel"],
+        "model_type": "qwen3" if family == "qwen3" else "gemma4_text",
+        "num_hidden_layers": num_drafter_layers,
+        "layer_types": ["full_attention"] * num_drafter_layers,
+        "tie_word_embeddings": False,
+        "num_anchors": 4,
+    })
+    if family == "gemma4":
+        config.update({"num_kv_shared_layers": 0, "target_model_type": target_config["model_type"],
+                       "target_text_model_type": "gemma4_text"})
+    fields = {
+        "num_target_layers": text["num_hidden_layers"],
+        "block_size": block_size,
+        "mask_token_id": mask_token_id,
+        "target_layer_ids": list(target_layer_ids),
+        "markov_rank": markov_rank,
+        "enable_confidence_head": confidence_head,
+    }
+    if markov_rank > 0:
+        fields["markov_head_type"] = "vanilla"
+    if confidence_head and markov_rank > 0:
+        fields["confidence_head_with_markov"] = True
+
+    if layout == "deepspec":
+        config.update(fields)
+    elif layout == "dflash_config":
+        config["dflash_config"] = fields
+    else:  # zlab: older transformers style, only taps and mask id nested
+        config.pop("rope_parameters", None)
+        config.update({
+            "architectures": ["DFlashDraftModel"],
+            "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+            "rope_theta": text.get("rope_theta") or text["rope_parameters"]["rope_theta"],
+            "rope_scaling": None,
+            "block_size": block_size,
+            "num_target_layers": text["num_hidden_layers"],
+            "dflash_config": {"target_layer_ids": list(target_layer_ids), "mask_token_id": mask_token_id},
+        })
+        config.pop("num_anchors")
+    return dict(sorted(config.items()))
+
+
+def _layer_shapes(config, family):
+    """Parameter shapes of one drafter layer (all drafter layers are full attention)."""
+    H, I = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config["num_key_value_heads"]
+    head_dim = config["head_dim"]
+    k_eq_v = False
+    if family == "gemma4":
+        head_dim = config.get("global_head_dim") or head_dim
+        k_eq_v = bool(config.get("attention_k_eq_v"))
+        if k_eq_v and config.get("num_global_key_value_heads") is not None:
+            kv_heads = config["num_global_key_value_heads"]
+    shapes = {
+        "self_attn.q_proj.weight": (heads * head_dim, H),
+        "self_attn.k_proj.weight": (kv_heads * head_dim, H),
+        "self_attn.v_proj.weight": (kv_heads * head_dim, H),
+        "self_attn.o_proj.weight": (H, heads * head_dim),
+        "self_attn.q_norm.weight": (head_dim,),
+        "self_attn.k_norm.weight": (head_dim,),
+        "mlp.gate_proj.weight": (I, H),
+        "mlp.up_proj.weight": (I, H),
+        "mlp.down_proj.weight": (H, I),
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+    }
+    if family == "gemma4":
+        shapes.update({"pre_feedforward_layernorm.weight": (H,), "post_feedforward_layernorm.weight": (H,),
+                       "layer_scalar": (1,)})
+        if k_eq_v:
+            del shapes["self_attn.v_proj.weight"]
+    return shapes
+
+
+def _drafter_shapes(config, family, *, n_taps, markov_rank, confidence_head, with_embeddings):
+    """Every drafter weight name -> shape, in the released (unprefixed) naming."""
+    H, V = config["hidden_size"], config["vocab_size"]
+    shapes = {"fc.weight": (H, n_taps * H), "hidden_norm.weight": (H,), "norm.weight": (H,)}
+    if with_embeddings:
+        shapes.update({"embed_tokens.weight": (V, H), "lm_head.weight": (V, H)})
+    if markov_rank > 0:
+        shapes.update({"markov_head.markov_w1.weight": (V, markov_rank),
+                       "markov_head.markov_w2.weight": (V, markov_rank)})
+    if confidence_head:
+        shapes.update({"confidence_head.proj.weight": (1, H + markov_rank), "confidence_head.proj.bias": (1,)})
+    for i in range(config["num_hidden_layers"]):
+        for name, shape in _layer_shapes(config, family).items():
+            shapes[f"layers.{i}.{name}"] = shape
+    return shapes
+
+
+def _target_matrix(target_weights, suffix, hidden_size):
+    """A target's float embedding / head matrix, dequantized when packed.
+
+    Quantization settings are recovered from the packed shapes, so per-layer
+    overrides in the target's config need no special handling.
+    """
+    names = [k for k in target_weights if k.endswith(suffix) and "per_layer" not in k]
+    if not names:
+        return None
+    name = names[0]
+    w = target_weights[name]
+    prefix = name[: -len(".weight")]
+    scales = target_weights.get(prefix + ".scales")
+    if scales is None:
+        return w.astype(mx.float32)
+    group_size = hidden_size // scales.shape[-1]
+    bits = w.shape[-1] * 32 // hidden_size
+    return mx.dequantize(w, scales, target_weights.get(prefix + ".biases"), group_size=group_size,
+                         bits=bits).astype(mx.float32)
+
+
+def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16, block_size=None,
+                 target_layer_ids=(1, 3, 5), num_drafter_layers=2, mask_token_id=None, confidence_head=None,
+                 seed=0, target_weights=None) -> dict:
+    """Write a random drafter for ``target_config`` in ``layout``; return its config.
+
+    ``block_size`` defaults to 7 (16 for "zlab"); ``mask_token_id`` to
+    vocab_size - 12 (500 for vocab 512, as in the fixtures);
+    ``confidence_head`` to "on for DSpark (markov_rank > 0), off for DFlash".
+    embed_tokens / lm_head are the target's own matrices when
+    ``target_weights`` (``mx.load`` of the target) is given, dequantized to
+    float32 for quantized targets (a tied target's embedding serves as both);
+    without it they are fresh random matrices.  The zlab layout stores
+    neither (z-lab drafters borrow the target's) and has no Markov or
+    confidence head, whatever ``markov_rank`` / ``confidence_head`` say.
+    """
+    if layout not in DRAFTER_LAYOUTS:
+        raise ValueError(f"layout must be one of {DRAFTER_LAYOUTS}")
+    family = _family_of(target_config)
+    text = text_config_of(target_config)
+    if layout == "zlab":
+        if family != "qwen3":
+            raise ValueError("the zlab layout is only built for Qwen3 targets here")
+        markov_rank, confidence_head = 0, False
+    if confidence_head is None:
+        confidence_head = markov_rank > 0
+    if block_size is None:
+        block_size = 16 if layout == "zlab" else 7
+    if mask_token_id is None:
+        mask_token_id = text["vocab_size"] - 12
+    if not 0 <= mask_token_id < text["vocab_size"]:
+        raise ValueError("mask_token_id must be a valid id of the target vocabulary")
+    if any(not 0 <= i < text["num_hidden_layers"] for i in target_layer_ids):
+        raise ValueError("target_layer_ids must index the target's layers")
+
+    config = _drafter_config(target_config, layout=layout, markov_rank=markov_rank, block_size=block_size,
+                             target_layer_ids=target_layer_ids, num_drafter_layers=num_drafter_layers,
+                             mask_token_id=mask_token_id, confidence_head=confidence_head)
+    shapes = _drafter_shapes(config, family, n_taps=len(target_layer_ids), markov_rank=markov_rank,
+                             confidence_head=confidence_head, with_embeddings=layout != "zlab")
+    H = config["hidden_size"]
+    mx.random.seed(seed)
+    weights = {}
+    for name in sorted(shapes):
+        if name.startswith("markov_head"):  # rank-r factors: std 1/sqrt(r) as in the fixtures
+            weights[name] = mx.random.normal(shapes[name]) * markov_rank**-0.5
+        else:
+            weights[name] = _random_value(name, shapes[name], hidden_size=H, gain=1.0)
+    if target_weights is not None and layout != "zlab":
+        embed = _target_matrix(target_weights, "embed_tokens.weight", H)
+        head = _target_matrix(target_weights, "lm_head.weight", H)
+        weights["embed_tokens.weight"] = embed
+        weights["lm_head.weight"] = embed if head is None else head
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
+# ---------------------------------------------------------------- pairs
+
+_DRAFTER_KEYS = ("markov_rank", "block_size", "target_layer_ids", "num_drafter_layers", "mask_token_id",
+                 "confidence_head", "drafter_seed")
+
+
+def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
+    """Write a target and a matching drafter under ``tmp_path``; return both dirs.
+
+    ``family`` is "qwen3" or a Gemma-4 model_type ("gemma4", "gemma4_text",
+    "gemma4_unified").  Keyword arguments named like save_drafter's go to the
+    drafter (``drafter_seed`` becomes its ``seed``); the rest go to the
+    target.  The drafter copies the target's embedding and head.
+    """
+    root = Path(tmp_path)
+    target_dir, drafter_dir = root / "target", root / "drafter"
+    drafter_kw = {k: kw.pop(k) for k in _DRAFTER_KEYS if k in kw}
+    if "drafter_seed" in drafter_kw:
+        drafter_kw["seed"] = drafter_kw.pop("drafter_seed")
+    if family == "qwen3":
+        config = save_qwen3_target(target_dir, bits=bits, **kw)
+    elif family in GEMMA4_MODEL_TYPES:
+        config = save_gemma4_target(target_dir, model_type=family, bits=bits, **kw)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    target_weights = mx.load(str(target_dir / "model.safetensors"))
+    save_drafter(drafter_dir, config, layout=layout, target_weights=target_weights, **drafter_kw)
+    return target_dir, drafter_dir
