@@ -56,6 +56,11 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(f"Unknown drafter family {self.family!r} (expected qwen3 or gemma4).")
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
+        if len(self.layer_types) < self.num_hidden_layers:
+            raise ValueError(
+                f"Drafter config lists {len(self.layer_types)} layer_types for "
+                f"{self.num_hidden_layers} layers."
+            )
         self.markov_rank = int(self.markov_rank or 0)
 
 

@@ -131,7 +131,7 @@ def test_clear_errors_for_bad_checkpoints(qwen3_dirs, tmp_path):
     wrong = tmp_path / "wrong-weights"
     wrong.mkdir()
     config = _config(drafter_dir)
-    config["num_hidden_layers"] += 1
+    config["intermediate_size"] *= 2
     (wrong / "config.json").write_text(json.dumps(config))
     shutil.copy(drafter_dir / "model.safetensors", wrong / "model.safetensors")
     with pytest.raises(ValueError, match="do not match"):

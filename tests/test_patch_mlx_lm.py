@@ -8,7 +8,6 @@ import textwrap
 import types
 from pathlib import Path
 
-import mlx.core as mx
 import mlx_lm
 import pytest
 
@@ -41,12 +40,15 @@ def generated_text(stdout: str) -> str:
 def test_console_script_same_text_with_and_without_drafter(pair):
     target, drafter = pair
     base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--prompt", PROMPT, "--max-tokens", "30"]
-    plain = run(base + ["--verbose", "True"])
-    spec = run(base + ["--verbose", "True", "--draft-model", str(drafter)])
+    plain = run(base)  # mlx_lm.generate is verbose by default
+    spec = run(base + ["--draft-model", str(drafter)])
     assert generated_text(plain.stdout) == generated_text(spec.stdout) != ""
     assert "Speculative: τ=" in spec.stdout and "Speculative" not in plain.stdout
-    quiet = run(base + ["--draft-model", str(drafter), "--draft-bits", "none", "--draft-block-size", "3"])
-    assert quiet.stdout.strip() == generated_text(plain.stdout)
+    quiet = ["--verbose", "False"]
+    plain_quiet = run(base + quiet).stdout
+    options = ["--draft-bits", "none", "--draft-block-size", "3", "--num-draft-tokens", "2"]
+    assert run(base + quiet + ["--draft-model", str(drafter), *options]).stdout == plain_quiet
+    assert plain_quiet.strip() == generated_text(plain.stdout)
 
 
 def test_python_dash_m_mlx_lm_generate(pair):
@@ -54,7 +56,8 @@ def test_python_dash_m_mlx_lm_generate(pair):
     args = ["generate", "--model", str(target), "--prompt", PROMPT, "--max-tokens", "20"]
     plain = run([sys.executable, "-m", "mlx_lm", *args])
     spec = run([sys.executable, "-m", "mlx_lm", *args, "--draft-model", str(drafter)])
-    assert plain.stdout == spec.stdout
+    assert generated_text(plain.stdout) == generated_text(spec.stdout) != ""
+    assert "Speculative: τ=" in spec.stdout
 
 
 def test_help_shows_drafter_group():
@@ -85,10 +88,12 @@ def test_unchanged_script_picks_up_the_hook(pair, tmp_path):
         draft, _ = load({str(drafter)!r})
         plain = "".join(r.text for r in stream_generate(model, tokenizer, {PROMPT!r}, max_tokens=25))
         rs = list(stream_generate(model, tokenizer, {PROMPT!r}, max_tokens=25, draft_model=draft))
-        print(plain == "".join(r.text for r in rs), type(draft).__module__, any(r.from_draft for r in rs))
+        from_draft = sum(r.from_draft for r in rs)
+        print(plain == "".join(r.text for r in rs), type(draft).__module__,
+              draft.stats.rounds > 0, from_draft == draft.stats.accepted)
     """))
     out = run([sys.executable, str(script)]).stdout.split()
-    assert out == ["True", "mlx_lm_dspark.drafter", "True"]
+    assert out == ["True", "mlx_lm_dspark.drafter", "True", "True"]
 
 
 def test_disable_switch(pair):
@@ -119,28 +124,30 @@ def test_ordinary_draft_model_still_uses_mlx_lm_step(pair, tmp_path):
         assert [r.token for r in spec] == plain
 
 
+FAKE_GENERATE = """
+def speculative_generate_step(prompt, model, draft_model, stream=None, *, num_draft_tokens=2,
+                              max_tokens=256, sampler=None, logits_processors=None,
+                              prompt_cache=None, prefill_step_size=512):
+    pass
+
+def stream_generate(model, tokenizer, prompt):
+    return speculative_generate_step(prompt, model, None)
+
+def setup_arg_parser():
+    pass
+
+def generate(model, tokenizer, prompt, verbose=False):
+    pass
+
+def main():
+    setup_arg_parser(), load(), generate()
+"""
+
+
 def _fake_generate_module(**overrides):
+    """A stand-in for mlx_lm.generate with the shape the patch expects."""
     module = types.ModuleType("mlx_lm.generate_fake")
-
-    def speculative_generate_step(prompt, model, draft_model, stream=None, *, num_draft_tokens=2,
-                                  max_tokens=256, sampler=None, logits_processors=None,
-                                  prompt_cache=None, prefill_step_size=512):
-        pass
-
-    def stream_generate(model, tokenizer, prompt):
-        return speculative_generate_step
-
-    def setup_arg_parser():
-        pass
-
-    def generate(model, tokenizer, prompt, verbose=False):
-        pass
-
-    def main():
-        setup_arg_parser(), load(), generate()
-
-    for f in (speculative_generate_step, stream_generate, setup_arg_parser, generate, main):
-        setattr(module, f.__name__, f)
+    exec(FAKE_GENERATE, module.__dict__)
     for name, value in overrides.items():
         setattr(module, name, value)
     return module
