@@ -243,3 +243,33 @@ def test_reproduces_deepspec_e2e_run(fixtures_dir, expected_file):
     assert stats.proposal_lengths[:rounds] == expected["proposal_lengths"].tolist()
     if "accepted_draft_lengths" in expected:
         assert stats.accepted_lengths[:rounds] == expected["accepted_draft_lengths"].tolist()
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4_unified"])
+def test_gemma4_config_flavours_exact(pairs, model_type):
+    model, _, drafter_dir = pairs(model_type)
+    check_exact(model, load_drafter(drafter_dir, bits=None), PROMPT_LONG, 24)
+    check_exact(model, oracle(model, PROMPT_LONG, lambda pos: pos % 4 != 0), PROMPT_LONG, 24)
+
+
+def test_mismatched_pair_is_refused_before_generating(pairs):
+    from mlx_lm_dspark.target import DrafterMismatchError
+
+    qwen3, tokenizer, _ = pairs("qwen3")
+    _, _, gemma_drafter_dir = pairs("gemma4")
+    drafter = load_drafter(gemma_drafter_dir, bits=None)
+    with pytest.raises(DrafterMismatchError, match="family"):
+        list(stream_generate(qwen3, tokenizer, "the cat", max_tokens=4, draft_model=drafter))
+
+
+def test_recurrent_target_cache_is_refused(pairs):
+    from mlx_lm.models.cache import ArraysCache
+
+    from mlx_lm_dspark.target import UnsupportedCacheError
+
+    model, _, drafter_dir = pairs("qwen3")
+    drafter = load_drafter(drafter_dir, bits=None)
+    cache = make_prompt_cache(model)
+    cache[3] = ArraysCache(2)
+    with pytest.raises(UnsupportedCacheError, match="ArraysCache"):
+        speculative(model, drafter, PROMPT_LONG, 4, prompt_cache=cache)

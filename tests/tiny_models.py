@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 PAD_ID = 0
@@ -191,17 +190,24 @@ def _silence_eos(model, text_model, tied):
     mx.eval(model.parameters())
 
 
-def _quantize_and_save(path, model, config, bits, group_size, vocab_size):
-    """Optionally quantize with mlx-lm's helper, then save like mlx_lm.convert."""
-    from mlx_lm.utils import quantize_model, save_config, save_model
+def _maybe_quantize(model, config, bits, group_size):
+    """Quantize with mlx-lm's own helper, which records "quantization" in the config."""
+    from mlx_lm.utils import quantize_model
 
-    if bits is not None:
-        with contextlib.redirect_stdout(io.StringIO()):  # quiet its "[INFO] Quantized ..." line
-            model, config = quantize_model(model, config, group_size, bits)
+    if bits is None:
+        return model, config
+    with contextlib.redirect_stdout(io.StringIO()):  # quiet its "[INFO] Quantized ..." line
+        return quantize_model(model, config, group_size, bits)
+
+
+def save_target(path, model, config) -> dict:
+    """Save a target the way mlx_lm.convert does, plus the tiny tokenizer."""
+    from mlx_lm.utils import save_config, save_model
+
     path = Path(path)
     save_model(path, model)
     save_config(dict(config), path / "config.json")
-    write_tokenizer(path, vocab_size)
+    write_tokenizer(path, text_config_of(config)["vocab_size"])
     return config
 
 
@@ -241,10 +247,10 @@ def qwen3_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads
     }
 
 
-def save_qwen3_target(path, *, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+def make_qwen3_target(*, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
                       head_dim=16, intermediate_size=128, tie_word_embeddings=False, seed=0, bits=None,
-                      group_size=64) -> dict:
-    """Write a random Qwen3 target (config, weights, tokenizer); return its config."""
+                      group_size=64):
+    """A random (optionally quantized) Qwen3 model in memory, with its config."""
     from mlx_lm.models import qwen3
 
     config = qwen3_config(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
@@ -253,7 +259,16 @@ def save_qwen3_target(path, *, vocab_size=512, hidden_size=64, num_layers=8, num
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
     _randomize(model, seed, hidden_size, gain=QWEN3_GAIN)
     _silence_eos(model, model, tie_word_embeddings)
-    return _quantize_and_save(path, model, config, bits, group_size, vocab_size)
+    return _maybe_quantize(model, config, bits, group_size)
+
+
+def save_qwen3_target(path, *, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+                      head_dim=16, intermediate_size=128, tie_word_embeddings=False, seed=0, bits=None,
+                      group_size=64) -> dict:
+    """Write a random Qwen3 target (config, weights, tokenizer); return its config."""
+    kw = dict(locals())
+    del kw["path"]
+    return save_target(path, *make_qwen3_target(**kw))
 
 
 def gemma4_layer_types(num_layers, sliding_window_pattern):
@@ -303,6 +318,7 @@ def gemma4_text_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv
         "sliding_window": sliding_window,
         "tie_word_embeddings": tie_word_embeddings,
         "top_k_experts": None,
+        "use_bidirectional_attention": None,
         "use_cache": True,
         "use_double_wide_mlp": False,
         "vocab_size": vocab_size,
@@ -320,7 +336,7 @@ def gemma4_wrap(text_config, model_type="gemma4"):
     return {
         "architectures": [arch],
         "model_type": model_type,
-        "text_config": dict(text_config),
+        "text_config": {k: v for k, v in text_config.items() if k != "architectures"},
         "vocab_size": text_config["vocab_size"],
         "eos_token_id": text_config["eos_token_id"],
         "pad_token_id": text_config["pad_token_id"],
@@ -332,12 +348,12 @@ def gemma4_wrap(text_config, model_type="gemma4"):
 GEMMA4_MODEL_TYPES = ("gemma4", "gemma4_text", "gemma4_unified")
 
 
-def save_gemma4_target(path, *, model_type="gemma4", vocab_size=512, hidden_size=64, num_layers=8,
+def make_gemma4_target(*, model_type="gemma4", vocab_size=512, hidden_size=64, num_layers=8,
                        num_heads=4, num_kv_heads=2, head_dim=16, global_head_dim=32, intermediate_size=128,
                        sliding_window=8, sliding_window_pattern=4, layer_types=None, num_kv_shared_layers=2,
                        attention_k_eq_v=False, hidden_size_per_layer_input=0, tie_word_embeddings=True,
-                       seed=0, bits=None, group_size=64) -> dict:
-    """Write a random Gemma-4 target; return its config.
+                       seed=0, bits=None, group_size=64):
+    """A random (optionally quantized) Gemma-4 model in memory, with its config.
 
     ``model_type`` picks the config flavour: "gemma4" (wrapper with
     ``text_config``), "gemma4_text" (flat) or "gemma4_unified" (wrapper that
@@ -366,7 +382,18 @@ def save_gemma4_target(path, *, model_type="gemma4", vocab_size=512, hidden_size
         text_model = model.language_model
     _randomize(model, seed, hidden_size, post_norm_scale=GEMMA4_POST_NORM_SCALE)
     _silence_eos(model, text_model, tie_word_embeddings)
-    return _quantize_and_save(path, model, config, bits, group_size, vocab_size)
+    return _maybe_quantize(model, config, bits, group_size)
+
+
+def save_gemma4_target(path, *, model_type="gemma4", vocab_size=512, hidden_size=64, num_layers=8,
+                       num_heads=4, num_kv_heads=2, head_dim=16, global_head_dim=32, intermediate_size=128,
+                       sliding_window=8, sliding_window_pattern=4, layer_types=None, num_kv_shared_layers=2,
+                       attention_k_eq_v=False, hidden_size_per_layer_input=0, tie_word_embeddings=True,
+                       seed=0, bits=None, group_size=64) -> dict:
+    """Write a random Gemma-4 target (config, weights, tokenizer); return its config."""
+    kw = dict(locals())
+    del kw["path"]
+    return save_target(path, *make_gemma4_target(**kw))
 
 
 def text_config_of(config):
@@ -377,8 +404,6 @@ def text_config_of(config):
 # ---------------------------------------------------------------- drafters
 
 DRAFTER_LAYOUTS = ("deepspec", "dflash_config", "zlab")
-_NESTED_FIELDS = ("block_size", "target_layer_ids", "mask_token_id", "num_target_layers", "markov_rank",
-                  "markov_head_type", "enable_confidence_head", "confidence_head_with_markov")
 
 
 def _family_of(target_config):
