@@ -206,18 +206,31 @@ def speculative_generate_step(
     cached = position  # positions held by the target cache (and drafter context)
     last_pos = position  # position of the last token yielded
     produced = 0
-    settled = False
+    in_round = False  # mid-round the caches are in flux and must not be settled
+
+    def propose(produced_after):
+        """Queue the next round's drafts (they depend only on committed state)
+        so the device works while the caller consumes this round's tokens."""
+        if 0 <= max_tokens <= produced_after:
+            return 0, None
+        remaining = max_tokens - produced_after if max_tokens >= 0 else cap + 1
+        n = min(cap, remaining - 1)
+        if n <= 0:
+            return n, None
+        with mx.stream(stream):
+            proposal = drafter.propose(draft_cache, anchor, position, n)
+        mx.async_eval(*(x for x in proposal if x is not None))
+        return n, proposal
+
     try:
+        n, proposal = propose(1)
         produced += 1
         yield anchor.item(), logprobs[0], False
         while max_tokens < 0 or produced < max_tokens:
-            remaining = max_tokens - produced if max_tokens >= 0 else cap + 1
-            n = min(cap, remaining - 1)
-            settled = True  # mid-round the caches are in flux: never settle them
+            in_round = True
             with mx.stream(stream):
-                drafts = None
                 if n > 0:
-                    drafts, confidence = drafter.propose(draft_cache, anchor, position, n)
+                    drafts, confidence = proposal
                     if threshold is not None and confidence is not None:
                         below = (confidence < threshold).tolist()
                         n = below.index(True) if True in below else n
@@ -232,7 +245,7 @@ def speculative_generate_step(
                     accepted = mx.cumprod(matches).sum()
                 else:
                     accepted = mx.array(0)
-                mx.eval(sampled, accepted)
+                mx.eval(sampled, accepted)  # the round's one host sync
             a = accepted.item()
             tokens = sampled.tolist()
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
@@ -244,17 +257,19 @@ def speculative_generate_step(
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
             stats.accepted_lengths.append(a)
-            settled = False
             anchor = sampled[a : a + 1]
+            start = position
+            position += a + 1
+            in_round = False
+            n, proposal = propose(produced + a + 1)
             for k in range(a + 1):
                 produced += 1
-                last_pos = position + 1 + k
+                last_pos = start + 1 + k
                 yield tokens[k], logprobs[k], k < a
-            position += a + 1
             if stats.rounds % 256 == 0:
                 mx.clear_cache()
     finally:
-        if not settled:
+        if not in_round:
             # Leave the caches holding exactly prompt + yielded tokens, so a
             # caller that reuses them continues correctly.
             excess = cached - (last_pos + 1)

@@ -12,9 +12,14 @@ Conventions shared by every checkpoint here:
   fills exactly ``vocab_size`` ids, so every id the model can emit decodes to
   readable text.  ``<pad>`` = 0, ``<eos>`` = 1 (``EOS_ID``), ``<unk>`` = 2,
   no BOS, no chat template.
-- The output-embedding row of ``<eos>`` is zeroed, so its logit is exactly 0
-  and greedy decoding never picks it: plain generations always run to
-  ``max_tokens``, which keeps token counts in tests predictable.
+- The output-embedding row of ``<eos>`` (``lm_head``, or the shared
+  embedding of a tied model) is zeroed, so its logit is exactly 0 and greedy
+  decoding never picks it: plain generations always run to ``max_tokens``,
+  which keeps token counts in tests predictable.  Tests that need an EOS
+  pass their own ``eos_token_ids``.
+- Targets are saved in mlx-lm's own naming (what ``mlx_lm.convert`` writes,
+  e.g. ``language_model.model.*`` for the Gemma-4 wrapper); drafters in the
+  released, unprefixed DeepSpec naming.
 """
 
 import contextlib
@@ -139,6 +144,7 @@ def write_tokenizer(path, vocab_size=512) -> None:
 
 
 def _is_norm(name):
+    """RMSNorm scales (``*norm.weight``) must start near 1, not near 0."""
     parts = name.split(".")
     return len(parts) >= 2 and "norm" in parts[-2]
 
@@ -407,6 +413,7 @@ DRAFTER_LAYOUTS = ("deepspec", "dflash_config", "zlab")
 
 
 def _family_of(target_config):
+    """Which drafter layer variant a target needs."""
     return "qwen3" if text_config_of(target_config)["model_type"] == "qwen3" else "gemma4"
 
 
