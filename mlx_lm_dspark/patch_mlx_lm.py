@@ -107,25 +107,21 @@ def _bits(value: str):
     return bits
 
 
-def _positive_int(value: str):
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return n
+def _in_range(kind, low, high, what):
+    """An argparse type: ``kind`` parsed and checked to lie in [low, high]."""
+
+    def parse(value: str):
+        x = kind(value)
+        if not low <= x <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return x
+
+    return parse
 
 
-def _probability(value: str):
-    p = float(value)
-    if not 0.0 <= p <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {value}")
-    return p
-
-
-def _non_negative_int(value: str):
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"--num-draft-tokens must be >= 0, got {value}")
-    return n
+_positive_int = _in_range(int, 1, float("inf"), "an integer >= 1")
+_non_negative_int = _in_range(int, 0, float("inf"), "an integer >= 0")
+_probability = _in_range(float, 0.0, 1.0, "a value in [0, 1]")
 
 
 class _DrafterDefault(argparse.Action):

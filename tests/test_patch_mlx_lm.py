@@ -72,7 +72,7 @@ def test_bad_flags_are_refused(pair):
     base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--draft-model", str(drafter)]
     for flags, message in [(["--draft-bits", "7"], "--draft-bits"),
                            (["--draft-confidence", "1.5"], "[0, 1]"),
-                           (["--num-draft-tokens", "-1"], ">= 0")]:
+                           (["--num-draft-tokens", "-1"], ">= 0"), (["--draft-block-size", "0"], ">= 1")]:
         proc = run(base + flags, check=False)
         assert proc.returncode != 0 and message in proc.stderr
 
