@@ -280,3 +280,9 @@ def speculative_generate_step(
                 elif excess == -1:
                     forward(anchor, last_pos)
                 mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
+        if prompt_cache is not None:
+            # KV quantization may have replaced target entries: hand them back
+            # to the caller's list and keep the drafter context attached.
+            prompt_cache[: len(target_cache)] = target_cache
+            if len(prompt_cache) == len(target_cache):
+                _draft_caches[target_cache[0]] = draft_cache

@@ -9,7 +9,7 @@ import pytest
 from mlx_lm_dspark import loader, registry
 from mlx_lm_dspark.config import drafter_args, is_drafter_config, layout_of
 from mlx_lm_dspark.loader import DrafterTokenizer, load_drafter
-from tiny_models import build_pair
+from mlx_lm_dspark.tiny import build_pair
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from mlx_lm_dspark import load_drafter
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import cache_length, text_args
 from oracle import OracleDrafter
-from tiny_models import build_pair
+from mlx_lm_dspark.tiny import build_pair
 
 PROMPT_LONG = [(7 * i + 3) % 300 + 5 for i in range(21)]  # longer than the 8-token window
 PROMPT_SHORT = [42]
@@ -214,8 +214,14 @@ def test_quantized_kv_cache_matches_plain(pairs):
     kw = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=4)
     expected = plain(model, PROMPT_LONG, MAX, **kw)
     drafter = OracleDrafter(text_args(model), list(PROMPT_LONG) + expected, right=lambda pos: pos % 3 != 0)
-    got = speculative(model, drafter, PROMPT_LONG, MAX, **kw)
+    combined = make_prompt_cache(model) + drafter.make_cache()
+    got = speculative(model, drafter, PROMPT_LONG, MAX, prompt_cache=combined, **kw)
     assert [t for t, _ in got] == expected
+    # The quantized entries replace the caller's ones, as generate_step does.
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    assert all(isinstance(c, QuantizedKVCache) for c in combined[:-1])
+    assert cache_length(combined[:-1]) == combined[-1].offset == len(PROMPT_LONG) + MAX
 
 
 @pytest.mark.parametrize("expected_file", ["expected", "expected_conf_threshold"])

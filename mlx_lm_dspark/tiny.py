@@ -1,4 +1,4 @@
-"""Tiny random checkpoints for tests, built offline in a temporary directory.
+"""Tiny random checkpoints (targets with a tokenizer, drafters in every layout), built offline.
 
 Targets are real mlx-lm models (Qwen3, Gemma-4 in its three config flavours)
 saved with mlx-lm's own helpers, so ``mlx_lm.load(path)`` and the
