@@ -35,7 +35,7 @@ def run_round(drafter, cache, io, r):
 def test_two_rounds_match_reference(fixtures_dir, name):
     drafter, io = load_fixture(fixtures_dir, name)
     cache = drafter.make_cache()
-    dspark = f"round0.corrected_logits" in io
+    dspark = "round0.corrected_logits" in io
     assert (drafter.args.markov_rank > 0) == dspark
     for r in ("round0", "round1"):
         before = cache[0].offset
@@ -107,3 +107,33 @@ def test_borrowed_embeddings_and_shifted_alignment(fixtures_dir):
     assert mx.allclose(out["base_logits"], ref["base_logits"], atol=1e-5).item()
     # Shifted: draft k comes from slot k+1.
     assert out["tokens"].tolist() == mx.argmax(ref["base_logits"][0, 1:], axis=-1).tolist()
+
+
+def test_sliding_window_drafter_layers(fixtures_dir):
+    """A sliding layer sees only context inside its window: features outside
+    it cannot change the block, and a window covering everything is full attention."""
+    config = drafter_args(json.loads((fixtures_dir / "qwen3_tiny_dspark" / "config.json").read_text()))
+    weights = list(mx.load(str(fixtures_dir / "qwen3_tiny_dspark" / "model.safetensors")).items())
+
+    def build(window):
+        d = Drafter(ModelArgs.from_dict({**config, "layer_types": ["sliding_attention"] * 2,
+                                         "sliding_window": window}))
+        d.load_weights(weights, strict=True)
+        return d
+
+    mx.random.seed(0)
+    features = mx.random.normal((1, 20, 3 * 64))
+    anchor = mx.array([17])
+
+    def block(drafter, feats):
+        cache = drafter.make_cache()
+        drafter.add_context(cache, feats, 0)
+        return drafter.draft_block(cache, anchor, 20, 7)["base_logits"]
+
+    full, _ = load_fixture(fixtures_dir, "qwen3_tiny_dspark")
+    assert mx.allclose(block(build(64), features), block(full, features), atol=1e-5).item()
+    # Window 6: the last block slot (position 26) sees positions >= 21 only, slot 0 sees >= 15.
+    narrow = build(6)
+    perturbed = features.at[:, :15].add(5.0)
+    assert mx.allclose(block(narrow, perturbed), block(narrow, features), atol=1e-5).item()
+    assert not mx.allclose(block(full, perturbed), block(full, features), atol=1e-3).item()

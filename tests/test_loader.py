@@ -1,13 +1,11 @@
 import json
 import shutil
 
-import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
 
-from mlx_lm_dspark import loader, registry
-from mlx_lm_dspark.config import drafter_args, is_drafter_config, layout_of
+from mlx_lm_dspark import loader
 from mlx_lm_dspark.loader import DrafterTokenizer, load_drafter
 from mlx_lm_dspark.tiny import build_pair
 
@@ -24,57 +22,6 @@ def qwen3_dirs(tmp_path_factory):
 
 def _config(path):
     return json.loads((path / "config.json").read_text())
-
-
-def test_layout_recognised_from_config_alone(qwen3_dirs, fixtures_dir):
-    for name in ("qwen3_tiny_dspark", "gemma4_tiny_dspark", "qwen3_tiny_dflash"):
-        assert layout_of(_config(fixtures_dir / name)) == "deepspec"
-    assert layout_of(_config(qwen3_dirs["dflash_config"][1])) == "dflash_config"
-    assert layout_of(_config(qwen3_dirs["zlab"][1])) == "zlab"
-    assert not is_drafter_config(_config(qwen3_dirs["deepspec"][0]))  # the target itself
-    assert not is_drafter_config(_config(fixtures_dir / "e2e_bigram" / "target"))
-
-    zlab = drafter_args(_config(qwen3_dirs["zlab"][1]))
-    assert zlab["shifted_alignment"] and not zlab["has_embeddings"] and zlab["markov_rank"] == 0
-    nested = drafter_args(_config(qwen3_dirs["dflash_config"][1]))
-    assert nested["markov_rank"] > 0 and nested["target_layer_ids"] == _config(
-        qwen3_dirs["dflash_config"][1])["dflash_config"]["target_layer_ids"]
-
-
-def test_kinds_come_from_entry_points():
-    names = [k.name for k in registry.drafter_kinds()]
-    assert {"dspark", "dflash"} <= set(names)
-    from importlib.metadata import entry_points
-
-    assert {"dspark", "dflash"} <= {ep.name for ep in entry_points(group=registry.GROUP)}
-
-
-def test_third_party_kind_can_claim_a_checkpoint(monkeypatch, qwen3_dirs):
-    from importlib.metadata import EntryPoint
-
-    import mlx_lm_dspark.kinds as ours
-
-    claimed = []
-    third = ours.DrafterKind("eagle-test", lambda c: c.get("block_size") == 7,
-                             lambda c: claimed.append(c) or ours._build(c))
-    import sys
-    import types
-
-    module = types.ModuleType("third_party_kind")
-    module.KIND = third
-    monkeypatch.setitem(sys.modules, "third_party_kind", module)
-    original = registry.entry_points
-
-    def fake_entry_points(group):
-        return list(original(group=group)) + [EntryPoint("eagle-test", "third_party_kind:KIND", group)]
-
-    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
-    registry.drafter_kinds.cache_clear()
-    try:
-        drafter = load_drafter(qwen3_dirs["deepspec"][1], bits=None)
-        assert drafter.kind == "eagle-test" and claimed
-    finally:
-        registry.drafter_kinds.cache_clear()
 
 
 @pytest.mark.parametrize("layout,kind", [("deepspec", "dspark"), ("dflash_config", "dspark"),
