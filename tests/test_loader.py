@@ -92,3 +92,28 @@ def test_load_defaults_feed_mlx_lm_load(qwen3_dirs, monkeypatch):
     drafter, _ = mlx_lm.load(str(drafter_dir))
     assert drafter.block_size == 2
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in drafter.named_modules())
+
+
+def test_hub_repo_ids_go_through_mlx_lm_download(qwen3_dirs, tmp_path):
+    """A repo id resolves through mlx-lm's download helper (the HF cache);
+    offline, with the snapshot already cached, nothing is fetched."""
+    import os
+    import subprocess
+    import sys
+
+    _, drafter_dir = qwen3_dirs["deepspec"]
+    repo = tmp_path / "hub" / "models--deepseek-ai--dspark_tiny_block7"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(drafter_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    code = (
+        "import mlx_lm, mlx_lm_dspark\n"
+        "d = mlx_lm_dspark.load_drafter('deepseek-ai/dspark_tiny_block7')\n"
+        "m, t = mlx_lm.load('deepseek-ai/dspark_tiny_block7')\n"
+        "print(d.kind, type(m).__name__, d.source.endswith('0' * 40))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["dspark", "Drafter", "True"]
