@@ -336,13 +336,13 @@ class Drafter(nn.Module):
             tokens.append(token)
             corrected.append(row)
             prev = token
-        empty = lambda shape, dtype: mx.zeros(shape, dtype)
+        V = logits.shape[-1]
         return {
             "hidden": hidden,
             "base_logits": logits,
-            "corrected_logits": mx.concatenate(corrected, axis=0) if corrected else empty((0, logits.shape[-1]), logits.dtype),
-            "confidence_logits": (mx.concatenate(conf) if conf else empty((0,), mx.float32)) if confidence is not None else None,
-            "tokens": mx.concatenate(tokens) if tokens else empty((0,), mx.uint32),
+            "corrected_logits": mx.concatenate(corrected) if corrected else mx.zeros((0, V), logits.dtype),
+            "confidence_logits": None if confidence is None else (mx.concatenate(conf) if conf else mx.zeros((0,))),
+            "tokens": mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.uint32),
         }
 
     def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int):

@@ -160,11 +160,13 @@ def speculative_generate_step(
     def quantize_cache():
         maybe_quantize_kv_cache(target_cache, quantized_kv_start, kv_group_size, kv_bits)
 
-    def forward(tokens, start):
+    def forward(tokens, start, commit=True):
+        """Target forward; committed positions also extend the drafter context."""
         logits, features = target(tokens[None], target_cache)
-        drafter.add_context(draft_cache, features, start)
         quantize_cache()
-        return logits[0]
+        if commit:
+            drafter.add_context(draft_cache, features, start)
+        return logits[0], features
 
     def process(logits, inputs):
         """Apply logits processors position by position, as plain decoding would."""
@@ -197,7 +199,7 @@ def speculative_generate_step(
             done += n
             mx.clear_cache()
         last = prompt[done:]
-        logits = process(forward(last, position), last)
+        logits = process(forward(last, position)[0], last)
         position += 1
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         anchor = sampler(logprobs).astype(mx.uint32)
@@ -236,7 +238,8 @@ def speculative_generate_step(
                         n = below.index(True) if True in below else n
                         drafts = drafts[:n]
                 verify_in = mx.concatenate([anchor, drafts]) if n > 0 else anchor
-                logits = process(forward(verify_in, position), verify_in)
+                logits, features = forward(verify_in, position, commit=False)
+                logits = process(logits, verify_in)
                 cached += n + 1
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 sampled = sampler(logprobs).astype(mx.uint32)
@@ -251,8 +254,11 @@ def speculative_generate_step(
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
             rejected = n - a
             rollback(target_cache, rejected)
-            _trim_drafter(draft_cache, rejected)
             cached -= rejected
+            # Only the now-committed positions (anchor + accepted) enter the
+            # drafter context; their projection is queued with the next proposal.
+            with mx.stream(stream):
+                drafter.add_context(draft_cache, features[:, : a + 1], position)
             if logits_processors and rejected:
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
