@@ -12,6 +12,7 @@ import sys
 
 # host module -> "module:function" applied right after the host module executes
 HOST_PATCHES = {
+    "mlx_lm.sample_utils": "mlx_lm_dspark.patch_mlx_lm:patch_sample_utils",
     "mlx_lm.utils": "mlx_lm_dspark.patch_mlx_lm:patch_utils",
     "mlx_lm.generate": "mlx_lm_dspark.patch_mlx_lm:patch_generate",
 }

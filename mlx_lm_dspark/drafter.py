@@ -299,13 +299,17 @@ class Drafter(nn.Module):
             h = layer(h, layer_cache, start)
         return self.norm(h)
 
-    def draft_block(self, cache: list, anchor: mx.array, start: int, num_drafts: Optional[int] = None):
-        """Everything one greedy proposal computes (lazily).
+    def draft_block(self, cache: list, anchor: mx.array, start: int, num_drafts: Optional[int] = None,
+                    choose=None):
+        """Everything one proposal computes (lazily).
 
         Returns a dict with ``hidden`` and ``base_logits`` for the whole block,
         and, for the first ``num_drafts`` draft slots, ``corrected_logits``
-        (the distribution q, Markov-corrected), ``confidence_logits``
-        (pre-sigmoid, or None) and the greedy ``tokens``.
+        (Markov-corrected), ``confidence_logits`` (pre-sigmoid, or None) and
+        the drafted ``tokens``.  Drafts are the argmax unless ``choose(k,
+        logits_row) -> (token [1], q_logprobs_row)`` picks them (sampling);
+        its q rows are returned as ``q_logprobs``.  The Markov head chains
+        each slot on the token actually drafted before it.
         """
         B = self._block_size
         num_drafts = self.max_drafts if num_drafts is None else num_drafts
@@ -321,13 +325,17 @@ class Drafter(nn.Module):
         confidence = getattr(self, "confidence_head", None)
         with_markov = markov is not None and self.args.confidence_head_with_markov
         prev = anchor.reshape(1).astype(mx.uint32)
-        tokens, corrected, conf = [], [], []
+        tokens, corrected, conf, q_rows = [], [], [], []
         for k in range(num_drafts):
             row = slot_logits[k : k + 1]
             emb = markov.markov_w1(prev) if markov is not None else None
             if markov is not None:
                 row = row + markov.markov_w2(emb)
-            token = mx.argmax(row, axis=-1).astype(mx.uint32)
+            if choose is None:
+                token = mx.argmax(row, axis=-1).astype(mx.uint32)
+            else:
+                token, q_row = choose(k, row)
+                q_rows.append(q_row)
             if confidence is not None:
                 features = slot_hidden[k : k + 1]
                 if with_markov:
@@ -343,11 +351,13 @@ class Drafter(nn.Module):
             "corrected_logits": mx.concatenate(corrected) if corrected else mx.zeros((0, V), logits.dtype),
             "confidence_logits": None if confidence is None else (mx.concatenate(conf) if conf else mx.zeros((0,))),
             "tokens": mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.uint32),
+            "q_logprobs": mx.concatenate(q_rows) if q_rows else None,
         }
 
-    def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int):
-        """Greedy drafts for the next ``num_drafts`` positions and their
-        confidences (None without a confidence head)."""
-        out = self.draft_block(cache, anchor, start, num_drafts)
+    def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int, choose=None):
+        """Drafts for the next ``num_drafts`` positions, their confidences
+        (None without a confidence head) and, when ``choose`` samples them,
+        the distributions they were sampled from (else None)."""
+        out = self.draft_block(cache, anchor, start, num_drafts, choose)
         conf = out["confidence_logits"]
-        return out["tokens"], (mx.sigmoid(conf) if conf is not None else None)
+        return out["tokens"], (mx.sigmoid(conf) if conf is not None else None), out["q_logprobs"]

@@ -2,6 +2,8 @@
 
 - ``mlx_lm.utils``: ``load_model`` builds drafters from their config;
   ``load_tokenizer`` answers for drafter repos, which ship no tokenizer.
+- ``mlx_lm.sample_utils``: samplers from ``make_sampler`` carry their
+  settings, so the p/q acceptance rule can compute their distribution;
 - ``mlx_lm.generate``: ``speculative_generate_step`` dispatches to our round
   loop for our drafters; ``setup_arg_parser`` gains the drafter options;
   ``generate(verbose=True)`` also prints the acceptance statistics.
@@ -96,6 +98,27 @@ def patch_utils(utils) -> None:
 
     utils.load_model = load_model_or_drafter
     utils.load_tokenizer = load_tokenizer_or_stand_in
+
+
+def patch_sample_utils(sample_utils) -> None:
+    if not _once(sample_utils):
+        return
+    from .sampling import SamplerSettings
+
+    fields = list(SamplerSettings.__dataclass_fields__)
+    make_sampler = _expect_params(sample_utils, "make_sampler", fields)
+    signature = inspect.signature(make_sampler)
+
+    @functools.wraps(make_sampler)
+    def make_sampler_with_settings(*args, **kwargs):
+        sampler = make_sampler(*args, **kwargs)
+        if sampler is not sample_utils.greedy_sampler:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            sampler.dspark_settings = SamplerSettings(**{f: bound.arguments[f] for f in fields})
+        return sampler
+
+    sample_utils.make_sampler = make_sampler_with_settings
 
 
 def _bits(value: str):

@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from .sampling import PQ, accept_pq, distribution, rule_for, sample, settings_of
 from .target import (
     TargetAdapter,
     cache_length,
@@ -29,6 +30,7 @@ DEFAULT_QUANTIZED_KV_START = 5000
 class SpeculativeStats:
     """Acceptance statistics of the most recent generation with a drafter."""
 
+    rule: str = "greedy"
     proposal_lengths: List[int] = field(default_factory=list)
     accepted_lengths: List[int] = field(default_factory=list)
 
@@ -53,7 +55,7 @@ class SpeculativeStats:
         rate = self.accepted / self.drafted if self.drafted else 0.0
         return (
             f"Speculative: τ={self.mean_acceptance_length:.2f} over {self.rounds} rounds, "
-            f"drafted {self.drafted}, accepted {self.accepted} ({rate:.1%})"
+            f"drafted {self.drafted}, accepted {self.accepted} ({rate:.1%}), acceptance rule: {self.rule}"
         )
 
 
@@ -126,11 +128,13 @@ def speculative_generate_step(
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Speculative decoding with a DSpark/DFlash drafter.
 
-    Acceptance runs the caller's sampler on the target's (processed) logits
-    at every verified position and keeps drafts while they equal the sampled
-    token: exact argmax matching for greedy decoding, and an exact sample of
-    the target distribution for any sampler.  ``num_draft_tokens`` caps the
-    drafts per round (default: the drafter's effective block).
+    Greedy decoding keeps drafts while they equal the target's argmax.  With a
+    sampler made by mlx-lm's ``make_sampler`` the drafter samples from its
+    processed distribution q and DSpark's p/q rule keeps or replaces each
+    draft; with any other sampler a draft is kept when it equals the token the
+    sampler draws from the target (sample-and-match).  Every rule yields an
+    exact sample of what plain decoding would produce.  ``num_draft_tokens``
+    caps the drafts per round (default: the drafter's effective block).
     """
     drafter = draft_model
     target = bind(drafter, model)
@@ -153,7 +157,9 @@ def speculative_generate_step(
     position = cache_length(target_cache)
     _trim_drafter(draft_cache, draft_cache[0].offset - position)
 
-    stats = SpeculativeStats()
+    settings = settings_of(sampler)
+    rule = rule_for(sampler)
+    stats = SpeculativeStats(rule=rule)
     drafter.stats = stats
     history = None  # token history for logits processors (mirrors generate_step)
 
@@ -210,6 +216,25 @@ def speculative_generate_step(
     produced = 0
     in_round = False  # mid-round the caches are in flux and must not be settled
 
+    def drafter_sampling():
+        """For the p/q rule the drafter samples from its processed q, with the
+        token history plain decoding would have at each drafted position."""
+        if rule != PQ:
+            return None
+        drafted = [history, anchor] if history is not None else []
+
+        def choose(k, row):
+            if logits_processors:
+                context = mx.concatenate(drafted)
+                for processor in logits_processors:
+                    row = processor(context, row)
+            q = distribution(row - mx.logsumexp(row, axis=-1, keepdims=True), settings)
+            token = sample(q)
+            drafted.append(token)
+            return token, q
+
+        return choose
+
     def propose(produced_after):
         """Queue the next round's drafts (they depend only on committed state)
         so the device works while the caller consumes this round's tokens."""
@@ -220,9 +245,20 @@ def speculative_generate_step(
         if n <= 0:
             return n, None
         with mx.stream(stream):
-            proposal = drafter.propose(draft_cache, anchor, position, n)
+            proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
         mx.async_eval(*(x for x in proposal if x is not None))
         return n, proposal
+
+    def accept(logprobs, drafts, q):
+        """(number of drafts kept, the target's token after them), on device."""
+        n = 0 if drafts is None else drafts.size
+        if rule == PQ:
+            return accept_pq(distribution(logprobs, settings), q, drafts if n else mx.zeros((0,), mx.uint32))
+        sampled = sampler(logprobs).astype(mx.uint32)
+        if n == 0:
+            return mx.array(0), sampled[:1]
+        accepted = mx.cumprod((sampled[:n] == drafts).astype(mx.int32)).sum()
+        return accepted, mx.take(sampled, accepted[None])
 
     try:
         n, proposal = propose(1)
@@ -231,26 +267,24 @@ def speculative_generate_step(
         while max_tokens < 0 or produced < max_tokens:
             in_round = True
             with mx.stream(stream):
+                drafts = q = None
                 if n > 0:
-                    drafts, confidence = proposal
+                    drafts, confidence, q = proposal
                     if threshold is not None and confidence is not None:
                         below = (confidence < threshold).tolist()
                         n = below.index(True) if True in below else n
-                        drafts = drafts[:n]
+                        drafts, q = drafts[:n], (q[:n] if q is not None else None)
+                    if n == 0:
+                        drafts = q = None
                 verify_in = mx.concatenate([anchor, drafts]) if n > 0 else anchor
                 logits, features = forward(verify_in, position, commit=False)
                 logits = process(logits, verify_in)
                 cached += n + 1
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                sampled = sampler(logprobs).astype(mx.uint32)
-                if n > 0:
-                    matches = (sampled[:n] == verify_in[1:]).astype(mx.int32)
-                    accepted = mx.cumprod(matches).sum()
-                else:
-                    accepted = mx.array(0)
-                mx.eval(sampled, accepted)  # the round's one host sync
+                accepted, next_token = accept(logprobs, drafts, q)
+                mx.eval(accepted, next_token, verify_in)  # the round's one host sync
             a = accepted.item()
-            tokens = sampled.tolist()
+            tokens = verify_in[1 : a + 1].tolist() + next_token.tolist()
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
             rejected = n - a
             rollback(target_cache, rejected)
@@ -263,7 +297,7 @@ def speculative_generate_step(
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
             stats.accepted_lengths.append(a)
-            anchor = sampled[a : a + 1]
+            anchor = next_token
             start = position
             position += a + 1
             in_round = False

@@ -61,9 +61,9 @@ def test_propose_is_a_prefix_of_the_full_block(fixtures_dir, name):
     cache = drafter.make_cache()
     drafter.add_context(cache, io["round0.ctx_feat"], 0)
     anchor, start = io["round0.block_ids"][0, :1], io["round0.block_pos"][0].item()
-    full, conf = drafter.propose(cache, anchor, start, drafter.max_drafts)
+    full, conf, _ = drafter.propose(cache, anchor, start, drafter.max_drafts)
     for n in range(drafter.max_drafts + 1):
-        tokens, c = drafter.propose(cache, anchor, start, n)
+        tokens, c, _ = drafter.propose(cache, anchor, start, n)
         assert tokens.tolist() == full[:n].tolist()
         assert mx.allclose(c, conf[:n]).item()
     assert mx.allclose(conf, mx.sigmoid(io["round0.confidence_logits"][0]), atol=1e-5).item()

@@ -1,0 +1,91 @@
+"""Sampler settings, the distributions they sample from, and the speculative
+acceptance rule.
+
+mlx-lm's ``make_sampler`` returns an opaque function; once this package is
+active the functions it returns carry their ``SamplerSettings`` (see
+``patch_mlx_lm.patch_sample_utils``), so the round loop can compute the exact
+distribution p the sampler draws from and run DSpark's p/q rule.  A sampler
+whose distribution is unknown (a user's own function, or XTC, which flips its
+own coin) keeps the sample-and-match rule, which is exact for any sampler.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+GREEDY = "greedy"  # argmax matching
+PQ = "p/q"  # accept d with min(1, p(d)/q(d)), residual max(0, p - q)
+MATCH = "sample-and-match"  # accept d when it equals the caller's sampled token
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The arguments of mlx-lm's ``make_sampler``."""
+
+    temp: float = 0.0
+    top_p: float = 0.0
+    min_p: float = 0.0
+    min_tokens_to_keep: int = 1
+    top_k: int = 0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+
+
+def settings_of(sampler) -> Optional[SamplerSettings]:
+    """Settings of a sampler made by mlx-lm, or None for an opaque one."""
+    if sampler is None or sampler is greedy_sampler:
+        return SamplerSettings()
+    return getattr(sampler, "dspark_settings", None)
+
+
+def rule_for(sampler) -> str:
+    settings = settings_of(sampler)
+    if settings is None or settings.xtc_probability > 0:
+        return MATCH
+    return GREEDY if settings.temp == 0 else PQ
+
+
+def distribution(logprobs: mx.array, settings: SamplerSettings) -> mx.array:
+    """Log-probabilities of what ``make_sampler(**settings)`` draws from
+    ``logprobs`` (rows): its filters in its order, then the temperature."""
+    if 0 < settings.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, settings.top_p)
+    if settings.min_p != 0.0:
+        logprobs = apply_min_p(logprobs, settings.min_p, settings.min_tokens_to_keep)
+    if settings.top_k > 0:
+        logprobs = apply_top_k(logprobs, settings.top_k)
+    scaled = logprobs * (1 / settings.temp)
+    return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+
+def sample(logp: mx.array) -> mx.array:
+    return mx.random.categorical(logp).astype(mx.uint32)
+
+
+def accept_pq(p: mx.array, q: mx.array, drafts: mx.array):
+    """DSpark/speculative-sampling acceptance, entirely on device.
+
+    ``p``: [n+1, V] target log-probabilities at the verified positions,
+    ``q``: [n, V] drafter log-probabilities the drafts were sampled from,
+    ``drafts``: [n].  Draft k is kept with probability min(1, p(d_k)/q(d_k))
+    while all before it were kept; the token after the kept drafts is drawn
+    from normalize(max(0, p - q)) at the first rejection, or from p after a
+    fully accepted block.  Returns (number accepted, that next token [1]).
+    """
+    n = drafts.size
+    if n == 0:
+        return mx.array(0), sample(p[:1])
+    rows = mx.arange(n)
+    log_ratio = p[rows, drafts] - q[rows, drafts]
+    u = mx.random.uniform(shape=(n,))
+    kept = (mx.log(u) < log_ratio).astype(mx.int32)
+    accepted = mx.cumprod(kept).sum()
+    residual = mx.maximum(mx.exp(p[:n]) - mx.exp(q), 0.0)
+    # p == q exactly leaves no residual mass; that row is then never used
+    # (rejection has probability 0), but keep it a valid distribution.
+    residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, mx.exp(p[:n]))
+    choices = mx.concatenate([mx.log(residual), p[n:]], axis=0)
+    token = sample(mx.take(choices, accepted[None], axis=0))
+    return accepted, token
