@@ -147,3 +147,18 @@ def test_generate_module_is_patched_once():
     assert gen._mlx_lm_dspark_patched
     assert gen.speculative_generate_step.__wrapped__.__module__ == "mlx_lm.generate"
     assert mlx_lm.generate is gen.generate
+
+
+def test_sampling_flags_with_a_drafter(pair):
+    """--temp/--top-p/--top-k/--min-p/--seed reach the p/q rule; a seed makes
+    the run reproducible.  (Distributional exactness is tested in
+    test_speculative_sampling.)"""
+    target, drafter = pair
+    base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--draft-model", str(drafter),
+            "--prompt", PROMPT, "--max-tokens", "24", "--temp", "0.8", "--top-p", "0.9", "--top-k", "40",
+            "--min-p", "0.02", "--seed", "7"]
+    first, second = run(base).stdout, run(base).stdout
+    assert generated_text(first) == generated_text(second) != ""
+    assert "acceptance rule: p/q" in first
+    other = run(base[:-1] + ["8"]).stdout
+    assert generated_text(other) != generated_text(first)
