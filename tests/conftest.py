@@ -18,3 +18,16 @@ def fixtures_dir() -> Path:
             f"Golden fixtures not found at {FIXTURES}; set MLX_LM_DSPARK_SHARED to the shared/ directory."
         )
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def qwen3_dirs(tmp_path_factory):
+    """(target dir, drafter dir) of a tiny Qwen3 pair per drafter layout."""
+    from mlx_lm_dspark.tiny import build_pair
+
+    root = tmp_path_factory.mktemp("layouts")
+    dirs = {}
+    for layout in ("deepspec", "dflash_config", "zlab"):
+        dirs[layout] = build_pair(root / layout, family="qwen3", layout=layout)
+    dirs["dflash"] = build_pair(root / "dflash", family="qwen3", markov_rank=0)
+    return dirs

@@ -3,17 +3,6 @@ import json
 import pytest
 
 from mlx_lm_dspark.config import drafter_args, is_drafter_config, layout_of
-from mlx_lm_dspark.tiny import build_pair
-
-
-@pytest.fixture(scope="module")
-def qwen3_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("config")
-    dirs = {}
-    for layout in ("deepspec", "dflash_config", "zlab"):
-        dirs[layout] = build_pair(root / layout, family="qwen3", layout=layout)
-    dirs["dflash"] = build_pair(root / "dflash", family="qwen3", markov_rank=0)
-    return dirs
 
 
 def _config(path):

@@ -7,17 +7,6 @@ import pytest
 
 from mlx_lm_dspark import loader
 from mlx_lm_dspark.loader import DrafterTokenizer, load_drafter
-from mlx_lm_dspark.tiny import build_pair
-
-
-@pytest.fixture(scope="module")
-def qwen3_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    dirs = {}
-    for layout in ("deepspec", "dflash_config", "zlab"):
-        dirs[layout] = build_pair(root / layout, family="qwen3", layout=layout)
-    dirs["dflash"] = build_pair(root / "dflash", family="qwen3", markov_rank=0)
-    return dirs
 
 
 def _config(path):
