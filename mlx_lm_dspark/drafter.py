@@ -18,6 +18,15 @@ from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# Gemma-4's RoPE per attention type when a config leaves it out (mlx-lm's
+# gemma4_text uses the same defaults, so drafter and target agree).
+GEMMA4_ROPE = {
+    "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+}
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):
@@ -61,10 +70,15 @@ class ModelArgs(BaseModelArgs):
                 f"Drafter config lists {len(self.layer_types)} layer_types for "
                 f"{self.num_hidden_layers} layers."
             )
+        unknown = sorted(set(self.layer_types[: self.num_hidden_layers]) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"Unsupported drafter layer_types {unknown} (expected {list(LAYER_TYPES)}).")
         self.markov_rank = int(self.markov_rank or 0)
 
 
 class RMSNormNoScale(nn.Module):
+    """Gemma-4's value norm: RMS-normalise without a learned scale."""
+
     def __init__(self, eps: float):
         super().__init__()
         self.eps = eps
@@ -81,6 +95,7 @@ class Attention(nn.Module):
         gemma = args.family == "gemma4"
         self.layer_type = args.layer_types[layer_idx]
         sliding = self.layer_type == "sliding_attention"
+        # Like transformers, a sliding layer without a window attends to everything.
         self.window = args.sliding_window if sliding else None
         full_gemma = gemma and not sliding
         self.head_dim = args.global_head_dim if full_gemma and args.global_head_dim else args.head_dim
@@ -104,7 +119,7 @@ class Attention(nn.Module):
         self.v_norm = RMSNormNoScale(args.rms_norm_eps) if gemma else None
 
         if gemma:
-            params = (args.rope_parameters or {}).get(self.layer_type, {})
+            params = (args.rope_parameters or {}).get(self.layer_type) or GEMMA4_ROPE[self.layer_type]
             self.rope = initialize_rope(
                 hd,
                 base=params.get("rope_theta", 10000.0),
@@ -142,7 +157,8 @@ class Attention(nn.Module):
             values = mx.concatenate([cache.values[..., :context, :], values], axis=2)
         mask = None
         if self.window is not None:
-            # Context rows sit at positions start-context … start-1.
+            # The context is every committed position before the block, so its
+            # rows sit at positions start-context … start-1.
             q_pos = mx.arange(start, start + L)[:, None]
             k_pos = mx.arange(start - context, start + L)[None]
             mask = (q_pos - k_pos) < self.window
@@ -198,12 +214,17 @@ class MarkovHead(nn.Module):
 
 
 class ConfidenceHead(nn.Module):
+    """Per-slot acceptance estimate, used to cut the proposal short."""
+
     def __init__(self, dims: int):
         super().__init__()
         self.proj = nn.Linear(dims, 1, bias=True)
 
 
 class Drafter(nn.Module):
+    """DSpark / DFlash drafter.  All methods are lazy (nothing is evaluated)
+    so the caller can queue a proposal while it consumes the last round."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -272,6 +293,8 @@ class Drafter(nn.Module):
         return h
 
     def base_logits(self, normed: mx.array) -> mx.array:
+        """Logits of final-normed hidden states (what ``block_hidden`` returns),
+        before the Markov correction; Gemma-4 soft-caps them like its target."""
         logits = self._embed_and_head()[1](normed)
         cap = self.args.final_logit_softcapping
         if self.args.family == "gemma4" and cap:
@@ -286,7 +309,9 @@ class Drafter(nn.Module):
 
     def add_context(self, cache: list, features: mx.array, start: int) -> None:
         """Project target features of new positions start… into the context."""
-        c = self.hidden_norm(self.fc(features))
+        # In the drafter's dtype (norms are never quantized), so fp32 taps
+        # don't promote the whole context cache.
+        c = self.hidden_norm(self.fc(features.astype(self.hidden_norm.weight.dtype)))
         for layer, layer_cache in zip(self.layers, cache):
             layer_cache.update_and_fetch(*layer.self_attn.keys_values(c, start))
 
@@ -313,6 +338,8 @@ class Drafter(nn.Module):
         """
         B = self._block_size
         num_drafts = self.max_drafts if num_drafts is None else num_drafts
+        if not 0 <= num_drafts <= self.max_drafts:
+            raise ValueError(f"num_drafts must be between 0 and {self.max_drafts}, got {num_drafts}.")
         ids = mx.concatenate(
             [anchor.reshape(1).astype(mx.uint32), mx.full((B - 1,), self.args.mask_token_id, mx.uint32)]
         )[None]
@@ -324,33 +351,48 @@ class Drafter(nn.Module):
         markov = getattr(self, "markov_head", None) if self.args.markov_rank > 0 else None
         confidence = getattr(self, "confidence_head", None)
         with_markov = markov is not None and self.args.confidence_head_with_markov
-        prev = anchor.reshape(1).astype(mx.uint32)
-        tokens, corrected, conf, q_rows = [], [], [], []
-        for k in range(num_drafts):
-            row = slot_logits[k : k + 1]
-            emb = markov.markov_w1(prev) if markov is not None else None
-            if markov is not None:
-                row = row + markov.markov_w2(emb)
-            if choose is None:
-                token = mx.argmax(row, axis=-1).astype(mx.uint32)
-            else:
-                token, q_row = choose(k, row)
-                q_rows.append(q_row)
-            if confidence is not None:
-                features = slot_hidden[k : k + 1]
-                if with_markov:
-                    features = mx.concatenate([features, emb.astype(features.dtype)], axis=-1)
-                conf.append(confidence.proj(features)[:, 0])
-            tokens.append(token)
-            corrected.append(row)
-            prev = token
         V = logits.shape[-1]
+
+        # Only the token choice is sequential (each slot is corrected by the
+        # token drafted before it); the heads then run once over all slots.
+        prev = anchor.reshape(1).astype(mx.uint32)
+        if markov is None and choose is None:
+            corrected = slot_logits
+            tokens = mx.argmax(corrected, axis=-1).astype(mx.uint32) if num_drafts else prev[:0]
+            embs, q_rows = None, []
+        else:
+            rows, chosen, q_rows, embs = [], [], [], []
+            for k in range(num_drafts):
+                row = slot_logits[k : k + 1]
+                if markov is not None:
+                    embs.append(markov.markov_w1(prev))
+                    row = row + markov.markov_w2(embs[-1])
+                if choose is None:
+                    token = mx.argmax(row, axis=-1).astype(mx.uint32)
+                else:
+                    token, q_row = choose(k, row)
+                    q_rows.append(q_row)
+                rows.append(row)
+                chosen.append(token.reshape(1).astype(mx.uint32))
+                prev = chosen[-1]
+            corrected = mx.concatenate(rows) if rows else mx.zeros((0, V), logits.dtype)
+            tokens = mx.concatenate(chosen) if chosen else mx.zeros((0,), mx.uint32)
+            embs = mx.concatenate(embs) if embs else None
+
+        conf = None
+        if confidence is not None:
+            features = slot_hidden
+            if with_markov:
+                if embs is None:
+                    embs = mx.zeros((0, self.args.markov_rank), features.dtype)
+                features = mx.concatenate([features, embs.astype(features.dtype)], axis=-1)
+            conf = confidence.proj(features)[:, 0]
         return {
             "hidden": hidden,
             "base_logits": logits,
-            "corrected_logits": mx.concatenate(corrected) if corrected else mx.zeros((0, V), logits.dtype),
-            "confidence_logits": None if confidence is None else (mx.concatenate(conf) if conf else mx.zeros((0,))),
-            "tokens": mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.uint32),
+            "corrected_logits": corrected,
+            "confidence_logits": conf,
+            "tokens": tokens,
             "q_logprobs": mx.concatenate(q_rows) if q_rows else None,
         }
 
@@ -360,4 +402,5 @@ class Drafter(nn.Module):
         the distributions they were sampled from (else None)."""
         out = self.draft_block(cache, anchor, start, num_drafts, choose)
         conf = out["confidence_logits"]
-        return out["tokens"], (mx.sigmoid(conf) if conf is not None else None), out["q_logprobs"]
+        confidence = mx.sigmoid(conf.astype(mx.float32)) if conf is not None else None
+        return out["tokens"], confidence, out["q_logprobs"]
