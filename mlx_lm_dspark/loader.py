@@ -42,9 +42,9 @@ def has_tokenizer(model_path: Union[str, Path]) -> bool:
 
 
 def _should_quantize(group_size):
-    def predicate(path, module):
-        import mlx.nn as nn
+    import mlx.nn as nn
 
+    def predicate(path, module):
         if path.startswith("confidence_head"):
             return False  # a 1-row head: tiny, and its threshold is precision-sensitive
         if not isinstance(module, (nn.Linear, nn.Embedding)) or not hasattr(module, "to_quantized"):

@@ -88,10 +88,11 @@ def _split_cache(prompt_cache, target: TargetAdapter, drafter):
     n = target.num_cache_entries
     if len(prompt_cache) > n:
         draft_cache = list(prompt_cache[n:])
-        if len(draft_cache) != len(drafter.make_cache()):
+        expected = len(drafter.make_cache())
+        if len(draft_cache) != expected:
             raise ValueError(
                 f"prompt_cache has {len(prompt_cache)} entries: expected {n} for the target "
-                f"(+{len(drafter.make_cache())} for the drafter)."
+                f"(+{expected} for the drafter)."
             )
         return list(prompt_cache[:n]), draft_cache
     if len(prompt_cache) != n:
