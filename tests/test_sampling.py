@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_lm_dspark.sampling import GREEDY, MATCH, PQ, SamplerSettings, accept_pq, distribution, rule_for
-from test_speculative_sampling import chi_square_p
+from goodness import chi_square_p
 
 V = 6
 
