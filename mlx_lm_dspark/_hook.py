@@ -15,6 +15,7 @@ HOST_PATCHES = {
     "mlx_lm.sample_utils": "mlx_lm_dspark.patch_mlx_lm:patch_sample_utils",
     "mlx_lm.utils": "mlx_lm_dspark.patch_mlx_lm:patch_utils",
     "mlx_lm.generate": "mlx_lm_dspark.patch_mlx_lm:patch_generate",
+    "mlx_lm.server": "mlx_lm_dspark.patch_mlx_lm:patch_server",
 }
 
 

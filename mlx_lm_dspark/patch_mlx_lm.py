@@ -7,6 +7,10 @@
 - ``mlx_lm.generate``: ``speculative_generate_step`` dispatches to our round
   loop for our drafters; ``setup_arg_parser`` gains the drafter options;
   ``generate(verbose=True)`` also prints the acceptance statistics.
+- ``mlx_lm.server``: the command line gains the drafter options and
+  ``--num-draft-tokens`` defaults to "not given" (a request may still set
+  it); each request's acceptance statistics are logged and returned in its
+  ``usage`` as ``speculative`` (OpenAI clients ignore unknown fields).
 
 Each patch first checks that the host function still looks the way this
 code expects, and raises ``HostMismatchError`` otherwise: a silent mismatch
@@ -16,6 +20,9 @@ could change what users' generations return.
 import argparse
 import functools
 import inspect
+import logging
+import threading
+import types
 from pathlib import Path
 
 from . import loader
@@ -243,3 +250,124 @@ def patch_generate(generate_module) -> None:
     generate_module.speculative_generate_step = speculative_generate_step
     generate_module.setup_arg_parser = setup_arg_parser_with_drafter
     generate_module.generate = generate
+
+
+def _expect_method(cls, name: str, params):
+    """Like ``_expect_params`` for a method of a host class."""
+    func = getattr(cls, name, None)
+    what = f"{cls.__module__}.{cls.__name__}.{name}"
+    if not callable(func):
+        _fail(what, "the method no longer exists")
+    have = list(inspect.signature(func).parameters)
+    missing = [p for p in params if p not in have]
+    if missing:
+        _fail(what, f"parameters {missing} are gone (it now takes {have})")
+    return func
+
+
+_handler_request = threading.local()  # the HTTP handler thread's current request context
+
+
+class _ReportingQueue:
+    """A request's response queue as the generation thread sees it: when the
+    request ends (its ``None`` marker), the drafter's statistics for it are
+    logged and attached to the request's context for the handler thread."""
+
+    def __init__(self, queue, context_type, model_provider):
+        self._queue = queue
+        self._context_type = context_type
+        self._provider = model_provider
+        self._context = None
+
+    def put(self, item, *args, **kwargs):
+        from .speculative import is_drafter
+
+        draft = self._provider.draft_model
+        if isinstance(item, self._context_type):
+            self._context = item
+            if is_drafter(draft):
+                draft.stats = None  # only this request's rounds are reported
+        elif item is None and self._context is not None and is_drafter(draft):
+            stats = getattr(draft, "stats", None)
+            if stats is not None:
+                self._context.dspark_usage = stats.as_dict()
+                logging.info(stats.summary())
+        return self._queue.put(item, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
+
+
+def _with_speculative_usage(response: dict) -> dict:
+    context = getattr(_handler_request, "context", None)
+    extra = getattr(context, "dspark_usage", None)
+    if extra is not None and isinstance(response.get("usage"), dict):
+        response["usage"]["speculative"] = extra
+    return response
+
+
+def patch_server(server) -> None:
+    if not _once(server):
+        return
+    _expect_calls(server, "main", ["argparse", "ArgumentParser", "parse_args", "ModelProvider", "run"])
+    responder, handler = server.ResponseGenerator, server.APIHandler
+    for name in ("GenerationContext", "ResponseGenerator", "APIHandler"):
+        if not isinstance(getattr(server, name, None), type):
+            _fail(f"mlx_lm.server.{name}", "the class no longer exists")
+    serve_single = _expect_method(responder, "_serve_single", ["request", "stream"])
+    _expect_calls(responder, "_serve_single", ["stream_generate", "put"])
+    generate = _expect_method(responder, "generate", ["request", "generation_args", "progress_callback"])
+    validate = _expect_method(handler, "validate_model_parameters", [])
+    generate_response = _expect_method(handler, "generate_response", ["prompt_token_count"])
+    usage_response = _expect_method(handler, "completion_usage_response", ["prompt_token_count"])
+    _expect_calls(handler, "do_POST", ["num_draft_tokens", "validate_model_parameters"])
+
+    class ArgumentParser(argparse.ArgumentParser):
+        """The server's parser, with the drafter options added at parse time."""
+
+        def parse_args(self, args=None, namespace=None):
+            if not any("--draft-bits" in a.option_strings for a in self._actions):
+                add_drafter_arguments(self)
+            return super().parse_args(args, namespace)
+
+    server_argparse = types.ModuleType("argparse")
+    server_argparse.__dict__.update(argparse.__dict__)
+    server_argparse.ArgumentParser = ArgumentParser
+
+    @functools.wraps(serve_single)
+    def _serve_single(self, request, stream):
+        queue, body, args = request
+        reporting = _ReportingQueue(queue, server.GenerationContext, self.model_provider)
+        return serve_single(self, (reporting, body, args), stream)
+
+    @functools.wraps(generate)
+    def generate_remembering_context(self, request, generation_args, progress_callback=None):
+        context, tokens = generate(self, request, generation_args, progress_callback)
+        _handler_request.context = context
+        return context, tokens
+
+    @functools.wraps(validate)
+    def validate_model_parameters(self):
+        if self.num_draft_tokens is not None:
+            return validate(self)
+        # Not given: the drafter's own cap (ordinary draft models: 3).
+        self.num_draft_tokens = 0
+        try:
+            return validate(self)
+        finally:
+            self.num_draft_tokens = None
+
+    @functools.wraps(generate_response)
+    def generate_response_with_usage(self, *args, **kwargs):
+        return _with_speculative_usage(generate_response(self, *args, **kwargs))
+
+    @functools.wraps(usage_response)
+    def usage_response_with_speculative(self, *args, **kwargs):
+        return _with_speculative_usage(usage_response(self, *args, **kwargs))
+
+    server.argparse = server_argparse
+    responder._serve_single = _serve_single
+    responder.generate = generate_remembering_context
+    handler.validate_model_parameters = validate_model_parameters
+    handler.generate_response = generate_response_with_usage
+    handler.completion_usage_response = usage_response_with_speculative

@@ -51,6 +51,16 @@ class SpeculativeStats:
         """τ: mean over rounds of accepted drafts + 1."""
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
+    def as_dict(self) -> dict:
+        """The statistics as JSON-ready values (the server's ``usage``)."""
+        return {
+            "acceptance_rule": self.rule,
+            "rounds": self.rounds,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+        }
+
     def summary(self) -> str:
         rate = self.accepted / self.drafted if self.drafted else 0.0
         return (
@@ -140,14 +150,8 @@ def speculative_generate_step(
     drafter = draft_model
     target = bind(drafter, model)
     sampler = sampler or greedy_sampler
-    max_drafts = drafter.max_drafts
-    if num_draft_tokens is None:
-        cap = max_drafts
-    elif num_draft_tokens < 0:
+    if num_draft_tokens is not None and num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
-    else:
-        cap = min(int(num_draft_tokens), max_drafts)
-    threshold = drafter.confidence_threshold
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids.")
 
@@ -158,21 +162,100 @@ def speculative_generate_step(
     position = cache_length(target_cache)
     _trim_drafter(draft_cache, draft_cache[0].offset - position)
 
+    def quantize_cache():
+        maybe_quantize_kv_cache(target_cache, quantized_kv_start, kv_group_size, kv_bits)
+
+    history = None  # token history for logits processors (mirrors generate_step)
+    with mx.stream(stream):
+        # Prefill exactly like generate_step: prompt[:-1] in chunks, then the
+        # last token alone (keeps logits bit-identical to plain decoding).
+        prompt = prompt.astype(mx.uint32)
+        total = prompt.size
+        done = 0
+        while total - done > 1:
+            n = min(prefill_step_size, total - done - 1)
+            chunk = prompt[done : done + n]
+            _, features = target(chunk[None], target_cache)
+            quantize_cache()
+            drafter.add_context(draft_cache, features, position)
+            if logits_processors:
+                history = mx.concatenate([history, chunk]) if history is not None else chunk
+            mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
+            position += n
+            done += n
+            mx.clear_cache()
+        last = prompt[done:]
+        logits, features = target(last[None], target_cache)
+        quantize_cache()
+        drafter.add_context(draft_cache, features, position)
+        logits = logits[0]
+        if logits_processors:
+            history = mx.concatenate([history, last]) if history is not None else last
+            for processor in logits_processors:
+                logits = processor(history, logits)
+        position += 1
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        anchor = sampler(logprobs).astype(mx.uint32)
+        mx.eval(anchor, logprobs)
+
+    try:
+        yield from decode(
+            target, drafter, target_cache, draft_cache, anchor, logprobs[0], position,
+            stream=stream, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens, sampler=sampler,
+            logits_processors=logits_processors, history=history, after_forward=quantize_cache,
+        )
+    finally:
+        if prompt_cache is not None:
+            # KV quantization may have replaced target entries: hand them back
+            # to the caller's list and keep the drafter context attached.
+            prompt_cache[: len(target_cache)] = target_cache
+            if len(prompt_cache) == len(target_cache):
+                _draft_caches[target_cache[0]] = draft_cache
+
+
+def decode(
+    target: TargetAdapter,
+    drafter,
+    target_cache: list,
+    draft_cache: list,
+    anchor: mx.array,
+    logprobs: mx.array,
+    position: int,
+    *,
+    stream=generation_stream,
+    num_draft_tokens: Optional[int] = None,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    history: Optional[mx.array] = None,
+    after_forward: Callable[[], None] = lambda: None,
+) -> Generator[Tuple[int, mx.array, bool], None, None]:
+    """The round loop after a prefill, shared by every host.
+
+    ``target_cache`` and the drafter context hold ``position`` positions;
+    ``anchor`` [1] is the token sampled after them (with ``logprobs``, its
+    distribution) and is yielded first.  ``history`` is the token history the
+    logits processors have seen so far.  On close the caches hold exactly the
+    positions of everything yielded.
+    """
+    sampler = sampler or greedy_sampler
+    max_drafts = drafter.max_drafts
+    if num_draft_tokens is None:
+        cap = max_drafts
+    elif num_draft_tokens < 0:
+        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
+    else:
+        cap = min(int(num_draft_tokens), max_drafts)
+    threshold = drafter.confidence_threshold
     settings = settings_of(sampler)
     rule = rule_for(sampler)
     stats = SpeculativeStats(rule=rule)
     drafter.stats = stats
-    history = None  # token history for logits processors (mirrors generate_step)
 
-    def quantize_cache():
-        maybe_quantize_kv_cache(target_cache, quantized_kv_start, kv_group_size, kv_bits)
-
-    def forward(tokens, start, commit=True):
-        """Target forward; committed positions also extend the drafter context."""
+    def forward(tokens, start):
+        """Target forward over a verify block (not yet committed)."""
         logits, features = target(tokens[None], target_cache)
-        quantize_cache()
-        if commit:
-            drafter.add_context(draft_cache, features, start)
+        after_forward()
         return logits[0], features
 
     def process(logits, inputs):
@@ -188,29 +271,6 @@ def speculative_generate_step(
                 row = processor(history, row)
             rows.append(row)
         return mx.concatenate(rows, axis=0)
-
-    with mx.stream(stream):
-        # Prefill exactly like generate_step: prompt[:-1] in chunks, then the
-        # last token alone (keeps logits bit-identical to plain decoding).
-        prompt = prompt.astype(mx.uint32)
-        total = prompt.size
-        done = 0
-        while total - done > 1:
-            n = min(prefill_step_size, total - done - 1)
-            chunk = prompt[done : done + n]
-            forward(chunk, position)
-            if logits_processors:
-                history = mx.concatenate([history, chunk]) if history is not None else chunk
-            mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
-            position += n
-            done += n
-            mx.clear_cache()
-        last = prompt[done:]
-        logits = process(forward(last, position)[0], last)
-        position += 1
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        anchor = sampler(logprobs).astype(mx.uint32)
-        mx.eval(anchor, logprobs)
 
     cached = position  # positions held by the target cache (and drafter context)
     last_pos = position  # position of the last token yielded
@@ -264,7 +324,7 @@ def speculative_generate_step(
     try:
         n, proposal = propose(1)
         produced += 1
-        yield anchor.item(), logprobs[0], False
+        yield anchor.item(), logprobs, False
         while max_tokens < 0 or produced < max_tokens:
             in_round = True
             with mx.stream(stream):
@@ -278,7 +338,7 @@ def speculative_generate_step(
                     if n == 0:
                         drafts = q = None
                 verify_in = mx.concatenate([anchor, drafts]) if n > 0 else anchor
-                logits, features = forward(verify_in, position, commit=False)
+                logits, features = forward(verify_in, position)
                 logits = process(logits, verify_in)
                 cached += n + 1
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -319,11 +379,6 @@ def speculative_generate_step(
                     rollback(target_cache, excess)
                     _trim_drafter(draft_cache, excess)
                 elif excess == -1:
-                    forward(anchor, last_pos)
+                    _, features = forward(anchor, last_pos)
+                    drafter.add_context(draft_cache, features, last_pos)
                 mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
-        if prompt_cache is not None:
-            # KV quantization may have replaced target entries: hand them back
-            # to the caller's list and keep the drafter context attached.
-            prompt_cache[: len(target_cache)] = target_cache
-            if len(prompt_cache) == len(target_cache):
-                _draft_caches[target_cache[0]] = draft_cache

@@ -1,0 +1,262 @@
+"""mlx_lm.server with a DSpark drafter, in process on a loopback port.
+
+Every answer is compared with a second server that has no drafter (greedy:
+the same text), including repeated requests and conversations continued
+turn after turn (prompt-cache reuse), concurrent and cancelled clients, and
+malformed requests; sampled answers are checked against the distribution
+plain decoding samples from.
+"""
+
+import http.client
+import importlib
+import json
+import sys
+import threading
+from http.server import ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from mlx_lm_dspark.tiny import build_pair
+
+server = importlib.import_module("mlx_lm.server")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} | {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+class Server:
+    """mlx_lm.server's own CLI parsing, provider, generator and handler, on a
+    free port; ``stop()`` shuts it down."""
+
+    def __init__(self, argv, monkeypatch):
+        captured = []
+        monkeypatch.setattr(server, "run", lambda host, port, provider: captured.append(provider))
+        monkeypatch.setattr(sys, "argv", ["mlx_lm.server"] + argv)
+        server.main()
+        provider = captured[0]
+        self.generator = server.ResponseGenerator(provider, server.LRUPromptCache(provider.cli_args.prompt_cache_size))
+        fingerprint = server.get_system_fingerprint()
+        self.httpd = ThreadingHTTPServer(
+            ("127.0.0.1", 0),
+            lambda *a, **k: server.APIHandler(self.generator, *a, system_fingerprint=fingerprint, **k),
+        )
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.generator.stop_and_join()
+
+    def post(self, path, body, raw=None):
+        """(status, parsed JSON or the list of streamed chunks)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        data = raw if raw is not None else json.dumps(body).encode()
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = response.read().decode()
+        conn.close()
+        if response.status != 200:
+            return response.status, payload
+        if isinstance(body, dict) and body.get("stream"):
+            chunks = [json.loads(line[6:]) for line in payload.splitlines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+            return 200, chunks
+        return 200, json.loads(payload)
+
+    def healthy(self) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", "/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+
+
+def text_of(path, body, result) -> str:
+    """The generated text of a response, streamed or not."""
+    key = "message" if path.endswith("chat/completions") else None
+    if not body.get("stream"):
+        choice = result["choices"][0]
+        return choice[key]["content"] or "" if key else choice["text"]
+    parts = []
+    for chunk in result:
+        for choice in chunk.get("choices", []):
+            parts.append((choice.get("delta") or {}).get("content") or "" if key else choice.get("text") or "")
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    target, drafter = build_pair(tmp_path_factory.mktemp("server"), "qwen3", vocab_size=128, num_layers=4,
+                                 hidden_size=32, head_dim=16, intermediate_size=64, target_layer_ids=(0, 2),
+                                 num_drafter_layers=1, block_size=4)
+    config = target / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}))
+    return target, drafter
+
+
+@pytest.fixture(scope="module")
+def servers(pair):
+    """(with drafter, without drafter)."""
+    monkeypatch = pytest.MonkeyPatch()
+    target, drafter = pair
+    common = ["--model", str(target), "--max-tokens", "24", "--temp", "0.0"]
+    spec = Server(common + ["--draft-model", str(drafter), "--draft-bits", "none"], monkeypatch)
+    plain = Server(common, monkeypatch)
+    monkeypatch.undo()
+    yield spec, plain
+    spec.stop()
+    plain.stop()
+
+
+CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
+
+
+def request(path, content, **extra):
+    body = {"messages": [{"role": "user", "content": content}]} if path == CHAT else {"prompt": content}
+    return {**body, "max_tokens": 24, "temperature": 0.0, **extra}
+
+
+@pytest.mark.parametrize("path", [CHAT, TEXT])
+@pytest.mark.parametrize("stream", [False, True])
+def test_greedy_answers_equal_a_server_without_drafter(servers, path, stream):
+    spec, plain = servers
+    body = request(path, "the quick brown fox jumps over the lazy dog", stream=stream)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    status, got = spec.post(path, body)
+    assert status == 200, got
+    _, want = plain.post(path, body)
+    assert text_of(path, body, got) == text_of(path, body, want) != ""
+    usage = got[-1]["usage"] if stream else got["usage"]
+    stats = usage["speculative"]
+    assert stats["acceptance_rule"] == "greedy" and stats["rounds"] > 0
+    assert "speculative" not in (want[-1]["usage"] if stream else want["usage"])
+
+
+def test_same_request_twice_and_a_conversation(servers):
+    """Prompt-cache reuse: the second identical request is served from the
+    cache (drafter context included) and still equals the plain server; so
+    does every turn of a continued conversation."""
+    spec, plain = servers
+    body = request(CHAT, "a cat sat on the warm mat")
+    first, second = spec.post(CHAT, body)[1], spec.post(CHAT, body)[1]
+    want = text_of(CHAT, body, plain.post(CHAT, body)[1])
+    assert text_of(CHAT, body, first) == text_of(CHAT, body, second) == want
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+    messages = [{"role": "user", "content": "tell me about the river"}]
+    for turn in range(3):
+        body = {"messages": messages, "max_tokens": 16, "temperature": 0.0}
+        got = spec.post(CHAT, body)[1]
+        want = plain.post(CHAT, body)[1]
+        reply = got["choices"][0]["message"]["content"]
+        assert reply == want["choices"][0]["message"]["content"], f"turn {turn}"
+        if turn:
+            assert got["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        messages = messages + [{"role": "assistant", "content": reply},
+                               {"role": "user", "content": f"and then what happened {turn}"}]
+
+
+def test_num_draft_tokens_per_request(servers):
+    spec, plain = servers
+    body = request(TEXT, "one two three four five six", num_draft_tokens=1)
+    got = spec.post(TEXT, body)[1]
+    stats = got["usage"]["speculative"]
+    assert stats["drafted_tokens"] <= stats["rounds"]
+    assert got["choices"][0]["text"] == plain.post(TEXT, body)[1]["choices"][0]["text"]
+    full = spec.post(TEXT, request(TEXT, "one two three four five six"))[1]["usage"]["speculative"]
+    assert full["drafted_tokens"] > full["rounds"]  # not given: the drafter's whole block
+
+
+def _cancel_mid_stream(port, body):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", TEXT, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.fp.readline()  # the first streamed line, then hang up
+    response.close()
+    conn.close()
+
+
+def test_concurrent_clients_with_cancellations(servers):
+    spec, plain = servers
+    prompts = [f"story number {i} about a small green frog" for i in range(8)]
+    bodies = [request(TEXT, p, stream=(i % 2 == 1), max_tokens=20 + i) for i, p in enumerate(prompts)]
+    want = [text_of(TEXT, b, plain.post(TEXT, b)[1]) for b in bodies]
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            if i in (3, 6):
+                _cancel_mid_stream(spec.port, {**bodies[i], "stream": True, "max_tokens": 200})
+            else:
+                status, got = spec.post(TEXT, bodies[i])
+                results[i] = (status, text_of(TEXT, bodies[i], got))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i, (status, text) in results.items():
+        assert status == 200 and text == want[i], f"client {i}"
+    assert len(results) == 6
+    # Still up and still right after the cancelled streams.
+    assert spec.healthy()
+    assert text_of(TEXT, bodies[0], spec.post(TEXT, bodies[0])[1]) == want[0]
+
+
+@pytest.mark.parametrize("bad", ["json", "negative", "type", "unknown-drafter"])
+def test_malformed_requests_get_a_4xx_and_the_server_stays_up(servers, bad, monkeypatch):
+    spec, plain = servers
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    body = request(TEXT, "hello there")
+    if bad == "json":
+        status, _ = spec.post(TEXT, body, raw=b'{"prompt": "hello", ')
+    elif bad == "negative":
+        status, _ = spec.post(TEXT, {**body, "num_draft_tokens": -2})
+    elif bad == "type":
+        status, _ = spec.post(TEXT, {**body, "num_draft_tokens": "many"})
+    else:
+        status, _ = spec.post(TEXT, {**body, "draft_model": "/nonexistent/drafter"})
+    assert 400 <= status < 500
+    assert spec.healthy()
+    assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+
+
+def test_sampled_answers_are_distributed_like_plain_sampling(servers, pair):
+    """Tokens of long sampled answers (temperature, top-p, repetition
+    penalty; returned through ``logprobs``) against the conditionals of plain
+    decoding, with the statistics of test_speculative_sampling (PIT only: the
+    128-token vocabulary is too sparse for per-token counts)."""
+    from mlx_lm.sample_utils import make_logits_processors
+    from mlx_lm.utils import load
+
+    from mlx_lm_dspark.sampling import SamplerSettings
+    from test_speculative_sampling import Sample, assert_plain_distribution, conditionals
+
+    spec, _ = servers
+    knobs = dict(temperature=0.9, top_p=0.95, repetition_penalty=1.3, repetition_context_size=8)
+    runs, prompts = [], []
+    for seed in range(2):
+        body = request(TEXT, "the quick brown fox", max_tokens=1000, logprobs=True, seed=seed, **knobs)
+        got = spec.post(TEXT, body)[1]
+        assert got["usage"]["speculative"]["acceptance_rule"] == "p/q"
+        runs.append(np.array([t["id"] for t in got["choices"][0]["logprobs"]["content"]]))
+        prompts.append(got["usage"]["prompt_tokens"])
+    model, tokenizer = load(str(pair[0]))
+    prompt = tokenizer.encode("the quick brown fox")
+    assert prompts == [len(prompt)] * 2
+    breaks = list(np.cumsum([len(r) for r in runs])[:-1])
+    sample = Sample(np.concatenate(runs), np.zeros(sum(map(len, runs)), dtype=int), breaks, 0, 0)
+    processors = make_logits_processors(repetition_penalty=1.3, repetition_context_size=8)
+    probs = conditionals(model, sample, SamplerSettings(temp=0.9, top_p=0.95), processors, prompt=prompt)
+    assert_plain_distribution(probs, sample, per_token=False)
