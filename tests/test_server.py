@@ -260,3 +260,56 @@ def test_sampled_answers_are_distributed_like_plain_sampling(servers, pair):
     processors = make_logits_processors(repetition_penalty=1.3, repetition_context_size=8)
     probs = conditionals(model, sample, SamplerSettings(temp=0.9, top_p=0.95), processors, prompt=prompt)
     assert_plain_distribution(probs, sample, per_token=False)
+
+
+def _fake_server(serve_single=None, validate=True):
+    """A module shaped like mlx_lm.server where the patch looks."""
+    import argparse
+    import types
+
+    module = types.ModuleType("mlx_lm.server_fake")
+
+    class GenerationContext:
+        pass
+
+    class ResponseGenerator:
+        def _serve_single(self, request, stream):
+            request[0].put(self.stream_generate())  # only the names are inspected
+
+        def generate(self, request, generation_args, progress_callback=None):
+            pass
+
+    class APIHandler:
+        def do_POST(self):
+            self.num_draft_tokens = 1
+            self.validate_model_parameters()
+
+        def generate_response(self, text, finish_reason, prompt_token_count=None):
+            pass
+
+        def completion_usage_response(self, prompt_token_count=None):
+            pass
+
+    if validate:
+        APIHandler.validate_model_parameters = lambda self: None
+    if serve_single is not None:
+        ResponseGenerator._serve_single = serve_single
+
+    module.__dict__.update(GenerationContext=GenerationContext, ResponseGenerator=ResponseGenerator,
+                           APIHandler=APIHandler, argparse=argparse)
+    exec("def main():\n    run(None, None, ModelProvider(argparse.ArgumentParser().parse_args()))", module.__dict__)
+    return module
+
+
+def test_server_patch_fails_loudly_when_the_host_changes():
+    from mlx_lm_dspark import patch_mlx_lm
+
+    patch_mlx_lm.patch_server(_fake_server())  # the expected shape patches fine
+
+    def serve_single(self, request, stream):
+        return None  # no longer generates through stream_generate
+
+    with pytest.raises(patch_mlx_lm.HostMismatchError, match="_serve_single"):
+        patch_mlx_lm.patch_server(_fake_server(serve_single=serve_single))
+    with pytest.raises(patch_mlx_lm.HostMismatchError, match="validate_model_parameters"):
+        patch_mlx_lm.patch_server(_fake_server(validate=False))
