@@ -163,6 +163,36 @@ def test_same_request_twice_and_a_conversation(servers):
                                {"role": "user", "content": f"and then what happened {turn}"}]
 
 
+def test_gemma4_sliding_window_target_repeat_and_conversation(tmp_path_factory):
+    """A Gemma-4 target with a sliding window of 8 (so every answer wraps it)
+    and KV-shared layers: repeated requests and a continued conversation
+    equal a server without drafter."""
+    target, drafter = build_pair(tmp_path_factory.mktemp("server-gemma4"), "gemma4", vocab_size=128,
+                                 num_layers=4, sliding_window_pattern=2, num_kv_shared_layers=2,
+                                 target_layer_ids=(0, 2),
+                                 num_drafter_layers=1, block_size=4)
+    config = target / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}))
+    monkeypatch = pytest.MonkeyPatch()
+    common = ["--model", str(target), "--max-tokens", "20", "--temp", "0.0"]
+    spec = Server(common + ["--draft-model", str(drafter), "--draft-bits", "none"], monkeypatch)
+    plain = Server(common, monkeypatch)
+    monkeypatch.undo()
+    try:
+        messages = [{"role": "user", "content": "the river runs past the old mill"}]
+        for turn in range(3):
+            body = {"messages": messages, "max_tokens": 20, "temperature": 0.0}
+            got, again = spec.post(CHAT, body)[1], spec.post(CHAT, body)[1]
+            want = plain.post(CHAT, body)[1]["choices"][0]["message"]["content"]
+            reply = got["choices"][0]["message"]["content"]
+            assert reply == again["choices"][0]["message"]["content"] == want, f"turn {turn}"
+            messages = messages + [{"role": "assistant", "content": reply},
+                                   {"role": "user", "content": f"what next {turn}"}]
+    finally:
+        spec.stop()
+        plain.stop()
+
+
 def test_num_draft_tokens_per_request(servers):
     spec, plain = servers
     body = request(TEXT, "one two three four five six", num_draft_tokens=1)
