@@ -343,3 +343,10 @@ def test_server_patch_fails_loudly_when_the_host_changes():
         patch_mlx_lm.patch_server(_fake_server(serve_single=serve_single))
     with pytest.raises(patch_mlx_lm.HostMismatchError, match="validate_model_parameters"):
         patch_mlx_lm.patch_server(_fake_server(validate=False))
+
+
+def test_acceptance_statistics_are_logged_per_request(servers, caplog):
+    spec, _ = servers
+    with caplog.at_level("INFO"):
+        spec.post(TEXT, request(TEXT, "a log line please"))
+    assert "Speculative: τ=" in caplog.text and "acceptance rule: greedy" in caplog.text
