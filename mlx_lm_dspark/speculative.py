@@ -13,6 +13,8 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from .autocap import DraftLength
+from .cost import load_or_measure
 from .sampling import PQ, accept_pq, distribution, rule_for, sample, settings_of
 from .target import (
     TargetAdapter,
@@ -31,8 +33,9 @@ class SpeculativeStats:
     """Acceptance statistics of the most recent generation with a drafter."""
 
     rule: str = "greedy"
-    proposal_lengths: List[int] = field(default_factory=list)
+    proposal_lengths: List[int] = field(default_factory=list)  # drafts verified per round
     accepted_lengths: List[int] = field(default_factory=list)
+    cap: Optional[int] = None  # the fixed cap, or None when chosen per round
 
     @property
     def rounds(self) -> int:
@@ -59,13 +62,25 @@ class SpeculativeStats:
             "drafted_tokens": self.drafted,
             "accepted_tokens": self.accepted,
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+            "draft_cap": self.cap if self.cap is not None else "auto",
         }
 
     def summary(self) -> str:
         rate = self.accepted / self.drafted if self.drafted else 0.0
+        if self.cap is not None:
+            caps = f"draft cap {self.cap}"
+        elif self.rounds:
+            counts = {}
+            for n in self.proposal_lengths:
+                counts[n] = counts.get(n, 0) + 1
+            spread = " ".join(f"{n}:{counts[n]}" for n in sorted(counts))
+            caps = f"draft cap auto (mean {self.drafted / self.rounds:.2f}; cap:rounds {spread})"
+        else:
+            caps = "draft cap auto"
         return (
             f"Speculative: τ={self.mean_acceptance_length:.2f} over {self.rounds} rounds, "
-            f"drafted {self.drafted}, accepted {self.accepted} ({rate:.1%}), acceptance rule: {self.rule}"
+            f"drafted {self.drafted}, accepted {self.accepted} ({rate:.1%}), acceptance rule: {self.rule}, "
+            f"{caps}"
         )
 
 
@@ -85,6 +100,16 @@ def bind(drafter, model) -> TargetAdapter:
         drafter.borrow_embeddings(*target.embedding_functions())
     drafter._bound_target = (weakref.ref(model), target)
     return target
+
+
+def cost_model(drafter, target: TargetAdapter):
+    """The pair's cost model (cached on disk; measured on first use)."""
+    memo = getattr(drafter, "_cost_model", None)
+    if memo is not None and memo[0]() is target.model:
+        return memo[1]
+    cost = load_or_measure(target, drafter)
+    drafter._cost_model = (weakref.ref(target.model), cost)
+    return cost
 
 
 # Drafter context that travels with a target-only prompt cache the caller
@@ -145,7 +170,8 @@ def speculative_generate_step(
     draft; with any other sampler a draft is kept when it equals the token the
     sampler draws from the target (sample-and-match).  Every rule yields an
     exact sample of what plain decoding would produce.  ``num_draft_tokens``
-    caps the drafts per round (default: the drafter's effective block).
+    caps the drafts per round; not given, each round's cap is chosen from the
+    machine's cost model and the drafter's confidence (``autocap.py``).
     """
     drafter = draft_model
     target = bind(drafter, model)
@@ -249,7 +275,9 @@ def decode(
     threshold = drafter.confidence_threshold
     settings = settings_of(sampler)
     rule = rule_for(sampler)
-    stats = SpeculativeStats(rule=rule)
+    auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
+    lengths = DraftLength(cost_model(drafter, target), max_drafts) if auto else None
+    stats = SpeculativeStats(rule=rule, cap=None if auto else cap)
     drafter.stats = stats
 
     def forward(tokens, start):
@@ -303,8 +331,8 @@ def decode(
             return 0, None
         remaining = max_tokens - produced_after if max_tokens >= 0 else cap + 1
         n = min(cap, remaining - 1)
-        if n <= 0:
-            return n, None
+        if n <= 0 or (lengths is not None and not lengths.should_draft()):
+            return 0, None
         with mx.stream(stream):
             proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
         mx.async_eval(*(x for x in proposal if x is not None))
@@ -328,12 +356,18 @@ def decode(
         while max_tokens < 0 or produced < max_tokens:
             in_round = True
             with mx.stream(stream):
-                drafts = q = None
+                drafts = q = scores = None
                 if n > 0:
                     drafts, confidence, q = proposal
                     if threshold is not None and confidence is not None:
                         below = (confidence < threshold).tolist()
                         n = below.index(True) if True in below else n
+                        drafts, q = drafts[:n], (q[:n] if q is not None else None)
+                    if lengths is not None and n > 0:
+                        # The proposal was queued last round; its confidences
+                        # are ready (or nearly) and pick this round's cap.
+                        scores = confidence[:n].tolist() if confidence is not None else None
+                        n = lengths.choose(n, scores)
                         drafts, q = drafts[:n], (q[:n] if q is not None else None)
                     if n == 0:
                         drafts = q = None
@@ -358,6 +392,8 @@ def decode(
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
             stats.accepted_lengths.append(a)
+            if lengths is not None and n > 0:
+                lengths.update(n, a, scores)
             anchor = next_token
             start = position
             position += a + 1

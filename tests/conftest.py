@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ SHARED = Path(os.environ.get("MLX_LM_DSPARK_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "deepspec"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Cost models measured by the tests (and their subprocesses) stay out of the
+# user's cache directory.
+os.environ.setdefault("MLX_LM_DSPARK_CACHE", tempfile.mkdtemp(prefix="mlx-lm-dspark-test-cache-"))
 
 
 @pytest.fixture(scope="session")

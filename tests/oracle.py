@@ -72,6 +72,7 @@ class ModelDrafter(OracleDrafter):
     """
 
     kind = "model-oracle"
+    auto_draft_length = False  # it tracks one generation; the cost model cannot probe it
 
     def __init__(self, model, target_args: dict, block_size=3, distort=lambda logits: logits):
         super().__init__(target_args, [], block_size=block_size)

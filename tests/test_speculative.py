@@ -26,6 +26,9 @@ def plain(model, prompt, max_tokens, **kw):
 
 
 def speculative(model, drafter, prompt, max_tokens, **kw):
+    """The round loop with the drafter's whole block per round unless a cap
+    is given (the automatic cap is tested in test_autocap)."""
+    kw.setdefault("num_draft_tokens", drafter.max_drafts)
     gen = speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens, **kw)
     return [(t, d) for t, _, d in gen]
 
@@ -137,6 +140,8 @@ def test_eos_inside_accepted_block(pairs, family):
     def run(draft):
         kw = {"draft_model": draft} if draft else {}
         cache = make_prompt_cache(model)
+        if draft:
+            kw["num_draft_tokens"] = draft.max_drafts
         out = list(stream_generate(model, tokenizer, mx.array(PROMPT_LONG), max_tokens=MAX,
                                    prompt_cache=cache, **kw))
         return [r.token for r in out], out[-1].finish_reason, cache_length(cache)

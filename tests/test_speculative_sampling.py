@@ -75,7 +75,7 @@ def generate(model, drafter, sampler, processors=None, tokens=TOKENS, seed=0) ->
             drafter.reset(PROMPT)
         run = [t for t, _, _ in speculative_generate_step(
             mx.array(PROMPT), model, drafter, max_tokens=RUN_LENGTH, sampler=sampler,
-            logits_processors=processors)]
+            logits_processors=processors, num_draft_tokens=drafter.max_drafts)]
         stats = drafter.stats
         run_slots = [0] + [k for a in stats.accepted_lengths for k in range(a + 1)]
         assert len(run_slots) == len(run) == RUN_LENGTH

@@ -1,0 +1,169 @@
+"""What a speculative round costs on this machine, measured once and cached.
+
+Verifying K tokens costs more than verifying one (on CPUs roughly K times as
+much, on Apple GPUs far less), so the best number of drafts per round depends
+on the machine, the target's size and precision, and the drafter.  The cost
+model holds the target's forward time for every verify width 1..block+1 and
+the drafter's time per round, measured in a few seconds on first use and
+kept in the user's cache directory, keyed by everything that changes them.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+
+FORMAT = 1  # bump when what is measured changes
+
+
+@dataclass
+class CostModel:
+    verify_ms: List[float]  # [w - 1]: one target forward over w tokens
+    draft_ms: float  # one drafter round: context update + a full-block proposal
+
+    @property
+    def max_drafts(self) -> int:
+        return len(self.verify_ms) - 1
+
+    def round_ms(self, drafts: int) -> float:
+        return self.verify_ms[drafts] + (self.draft_ms if drafts else 0.0)
+
+    def expected_tokens(self, accept: List[float], drafts: int) -> float:
+        """1 + E[accepted] when draft k is kept with conditional probability
+        ``accept[k]`` given all before it were."""
+        total, alive = 1.0, 1.0
+        for a in accept[:drafts]:
+            alive *= a
+            total += alive
+        return total
+
+    def tokens_per_ms(self, accept: List[float], drafts: int) -> float:
+        return self.expected_tokens(accept, drafts) / self.round_ms(drafts)
+
+    def best_cap(self, accept: List[float], limit: Optional[int] = None) -> int:
+        """The number of drafts with the highest expected tokens per second."""
+        limit = min(self.max_drafts, len(accept) if limit is None else limit)
+        return max(range(limit + 1), key=lambda k: self.tokens_per_ms(accept, k))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MLX_LM_DSPARK_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlx-lm-dspark"
+
+
+def _nbytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in sorted(d.items()) if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+
+
+def cache_key(target, drafter) -> str:
+    """Everything that changes the costs: both models' shapes, sizes in bytes
+    (precision, quantization), the mlx version and the machine."""
+    from .target import text_args
+
+    facts = {
+        "format": FORMAT,
+        "target": _jsonable(text_args(target.model)),
+        "target_bytes": _nbytes(target.model),
+        "drafter": _jsonable(vars(drafter.args)),
+        "drafter_bytes": _nbytes(drafter) if hasattr(drafter, "parameters") else 0,
+        "drafter_kind": getattr(drafter, "kind", None),
+        "max_drafts": drafter.max_drafts,
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "machine": [platform.machine(), platform.processor(), os.cpu_count()],
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def measure(target, drafter, context: int = 32, reps: int = 5) -> CostModel:
+    """Time the target at every verify width and one drafter round, after a
+    short context (each width warmed up once, median of ``reps``)."""
+    vocab = target.vocab_size or 2
+    cache, draft_cache = target.make_cache(), drafter.make_cache()
+    # Own keys: measuring must not move the global RNG (seeded runs stay
+    # reproducible whether or not the costs were cached).
+    keys = iter(mx.random.split(mx.random.key(0), 64))
+    prompt = mx.random.randint(0, vocab, (1, context), key=next(keys)).astype(mx.uint32)
+    _, features = target(prompt, cache)
+    drafter.add_context(draft_cache, features, 0)
+    mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
+
+    key = next(keys)
+
+    snapshot = [c.state for c in cache]
+
+    def verify(width):
+        tokens = mx.random.randint(0, vocab, (1, width), key=key).astype(mx.uint32)
+        mx.eval(tokens)
+        start = time.perf_counter()
+        logits, features = target(tokens, cache)
+        mx.eval(logits, features)
+        elapsed = time.perf_counter() - start
+        for c, state in zip(cache, snapshot):  # back to the context alone
+            c.state = state
+        return elapsed, features
+
+    verify_ms = []
+    for width in range(1, drafter.max_drafts + 2):
+        verify(width)
+        verify_ms.append(1000 * _median([verify(width)[0] for _ in range(reps)]))
+
+    _, features = verify(2)
+    anchor = mx.array([1], dtype=mx.uint32)
+
+    def draft_round():
+        start = time.perf_counter()
+        drafter.add_context(draft_cache, features, context)
+        proposal = drafter.propose(draft_cache, anchor, context + 1, drafter.max_drafts)
+        mx.eval([x for x in proposal if x is not None])
+        elapsed = time.perf_counter() - start
+        for c in draft_cache:
+            c.trim(features.shape[1])
+        return elapsed
+
+    draft_round()
+    draft_ms = 1000 * _median([draft_round() for _ in range(reps)])
+    return CostModel(verify_ms=verify_ms, draft_ms=draft_ms)
+
+
+def load_or_measure(target, drafter) -> CostModel:
+    """The cached cost model of this pair on this machine, measured if absent.
+
+    Concurrent processes may both measure; each writes its file atomically
+    (temporary file + rename), so readers never see a partial one."""
+    path = cache_dir() / f"cost-{cache_key(target, drafter)}.json"
+    try:
+        return CostModel(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    model = measure(target, drafter)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cost-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(model), f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs a re-measure next time
+    return model

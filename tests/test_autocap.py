@@ -1,0 +1,94 @@
+"""The automatic draft length: caps chosen from the cost model and the
+acceptance estimates, exact output whatever the caps."""
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_lm_dspark import load_drafter
+from mlx_lm_dspark.autocap import PROBE_EVERY, DraftLength
+from mlx_lm_dspark.cost import CostModel
+from mlx_lm_dspark.speculative import speculative_generate_step
+from mlx_lm_dspark.target import text_args
+from mlx_lm_dspark.tiny import build_pair
+from oracle import OracleDrafter
+
+GPU_LIKE = CostModel(verify_ms=[10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5], draft_ms=2.0)
+CPU_LIKE = CostModel(verify_ms=[10.0 * w for w in range(1, 9)], draft_ms=2.0)
+
+
+def test_best_cap_follows_costs_and_acceptance():
+    assert GPU_LIKE.best_cap([0.9] * 7) == 7  # verifying more is nearly free
+    assert CPU_LIKE.best_cap([0.9] * 7) == 0  # each token costs a full forward: never pays
+    cheap_second = CostModel(verify_ms=[10.0, 11.0] + [10.0 * w for w in range(3, 9)], draft_ms=1.0)
+    assert cheap_second.best_cap([0.9] * 7) == 1
+    assert GPU_LIKE.best_cap([0.0] * 7) == 0  # a drafter that is never right
+    assert GPU_LIKE.best_cap([0.95, 0.95, 0.05, 0.9, 0.9, 0.9, 0.9]) == 2  # nothing survives slot 3
+    # Expected tokens and rate as defined in the docs.
+    assert GPU_LIKE.expected_tokens([0.5, 0.5], 2) == 1 + 0.5 + 0.25
+    assert GPU_LIKE.tokens_per_ms([0.5, 0.5], 2) == pytest.approx(1.75 / (11.0 + 2.0))
+
+
+def test_confidence_sets_the_cap_of_each_round():
+    lengths = DraftLength(GPU_LIKE, 7)
+    assert lengths.choose(7, [0.95] * 7) == 7
+    assert lengths.choose(7, [0.95, 0.9, 0.02, 0.9, 0.9, 0.9, 0.9]) == 2
+    assert lengths.choose(3, [0.95] * 7) == 3  # never more than proposed
+
+
+def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay():
+    lengths = DraftLength(GPU_LIKE, 7)
+    for _ in range(40):  # slot 1 always right, slot 2 never
+        lengths.update(7, 1)
+    rates = lengths.acceptance()
+    assert rates[0] > 0.9 and rates[1] < 0.1
+    assert lengths.choose(7) == 1
+    # A drafter that is never right: drafting stops, with a probe now and then.
+    lengths = DraftLength(GPU_LIKE, 7)
+    for _ in range(40):
+        lengths.update(7, 0)
+    decisions = [lengths.should_draft() for _ in range(3 * PROBE_EVERY)]
+    assert decisions.count(True) == 3 and not any(decisions[: PROBE_EVERY - 1])
+    # The calibration corrects a confidence head that is twice too hopeful.
+    lengths = DraftLength(GPU_LIKE, 7)
+    for _ in range(60):
+        lengths.update(1, 0, [0.8])  # confident, but only right when ...
+        lengths.update(1, 1, [0.8])  # ... half of the time
+    assert lengths.acceptance([0.8] * 7)[0] == pytest.approx(0.5, abs=0.08)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for family in ("qwen3", "gemma4"):
+        target_dir, drafter_dir = build_pair(tmp_path_factory.mktemp(family), family)
+        out[family] = (mlx_lm.load(str(target_dir))[0], drafter_dir)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma4"])
+@pytest.mark.parametrize("drafter_kind", ["random", "perfect", "partial"])
+def test_exact_with_the_automatic_cap(models, family, drafter_kind):
+    model, drafter_dir = models[family]
+    prompt = [(7 * i + 3) % 300 + 5 for i in range(21)]
+    expected = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=60)]
+    if drafter_kind == "random":
+        drafter = load_drafter(drafter_dir, bits=None)
+    else:
+        right = (lambda pos: True) if drafter_kind == "perfect" else (lambda pos: pos % 3 != 0)
+        more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
+        drafter = OracleDrafter(text_args(model), prompt + more, right=right)
+    got = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60)]
+    assert got == expected
+    stats = drafter.stats
+    assert stats.cap is None and "draft cap auto" in stats.summary()
+    assert all(0 <= n <= drafter.max_drafts for n in stats.proposal_lengths)
+
+
+def test_an_explicit_cap_wins(models):
+    model, drafter_dir = models["qwen3"]
+    drafter = load_drafter(drafter_dir, bits=None)
+    list(speculative_generate_step(mx.array([5, 6, 7]), model, drafter, max_tokens=20, num_draft_tokens=2))
+    assert drafter.stats.cap == 2 and set(drafter.stats.proposal_lengths[:-2]) == {2}  # the last two: max_tokens
+    assert "draft cap 2" in drafter.stats.summary()

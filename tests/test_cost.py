@@ -1,0 +1,102 @@
+"""The per-machine cost model: measured once per pair, cached on disk."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+
+from mlx_lm_dspark import cost, load_drafter
+from mlx_lm_dspark.speculative import bind
+from mlx_lm_dspark.tiny import build_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    target_dir, drafter_dir = build_pair(tmp_path_factory.mktemp("cost"), "gemma4", num_layers=4,
+                                         sliding_window_pattern=2, target_layer_ids=(0, 2), block_size=4)
+    model, _ = mlx_lm.load(str(target_dir))
+    return model, drafter_dir
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_LM_DSPARK_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_measures_every_verify_width_and_a_drafter_round(pair):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    target = bind(drafter, model)
+    model_costs = cost.measure(target, drafter, reps=2)
+    assert len(model_costs.verify_ms) == drafter.max_drafts + 1  # widths 1 .. max_drafts + 1
+    assert all(t > 0 for t in model_costs.verify_ms) and model_costs.draft_ms > 0
+
+
+def test_measuring_leaves_the_global_rng_alone(pair):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    target = bind(drafter, model)
+    mx.random.seed(5)
+    expected = mx.random.uniform(shape=(4,)).tolist()
+    mx.random.seed(5)
+    cost.measure(target, drafter, reps=1)
+    assert mx.random.uniform(shape=(4,)).tolist() == expected
+
+
+def test_cached_on_disk_and_keyed_by_what_changes_costs(pair, cache_dir, monkeypatch):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    target = bind(drafter, model)
+    first = cost.load_or_measure(target, drafter)
+    files = list(cache_dir.glob("cost-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["verify_ms"] == first.verify_ms
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again although cached")
+
+    monkeypatch.setattr(cost, "measure", no_measuring)
+    assert cost.load_or_measure(target, drafter) == first
+    # A 4-bit drafter costs differently: another key.
+    quantized = load_drafter(drafter_dir, bits=4)
+    assert cost.cache_key(bind(quantized, model), quantized) != cost.cache_key(target, drafter)
+
+
+def test_a_damaged_cache_file_is_measured_again(pair, cache_dir):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    target = bind(drafter, model)
+    path = cache_dir / f"cost-{cost.cache_key(target, drafter)}.json"
+    path.write_text('{"verify_ms": [1.0')  # e.g. a crash mid-write by an older version
+    model_costs = cost.load_or_measure(target, drafter)
+    assert json.loads(path.read_text())["verify_ms"] == model_costs.verify_ms
+
+
+MEASURE_SCRIPT = """
+import sys
+import mlx_lm
+from mlx_lm_dspark import cost, load_drafter
+from mlx_lm_dspark.speculative import bind
+model, _ = mlx_lm.load(sys.argv[1])
+drafter = load_drafter(sys.argv[2], bits=None)
+print(cost.load_or_measure(bind(drafter, model), drafter).draft_ms)
+"""
+
+
+def test_concurrent_processes_leave_one_valid_file(tmp_path_factory, cache_dir):
+    import os
+    import subprocess
+    import sys
+
+    target_dir, drafter_dir = build_pair(tmp_path_factory.mktemp("cost-procs"), "qwen3", num_layers=2,
+                                         target_layer_ids=(0, 1), block_size=4)
+    env = {**os.environ, "MLX_LM_DSPARK_CACHE": str(cache_dir)}
+    procs = [subprocess.Popen([sys.executable, "-c", MEASURE_SCRIPT, str(target_dir), str(drafter_dir)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    files = list(cache_dir.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["draft_ms"] > 0
+    assert not list(cache_dir.glob(".cost-*"))  # no temporary files left behind
