@@ -26,6 +26,7 @@ from .target import (
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
 DEFAULT_QUANTIZED_KV_START = 5000
+CONTEXT_BATCH = 64  # committed positions queued at most before the drafter context takes them
 
 
 @dataclass
@@ -324,6 +325,19 @@ def decode(
 
         return choose
 
+    pending = []  # (features, start) committed but not yet in the drafter context
+
+    def commit_context(features, start, flush=False):
+        """Queue committed positions for the drafter context; they are added
+        in one batch when the drafter next drafts (rounds that skip drafting
+        then cost no drafter work) or when the queue grows long."""
+        if features is not None:
+            pending.append((features, start))
+        if pending and (flush or sum(f.shape[1] for f, _ in pending) >= CONTEXT_BATCH):
+            joined = mx.concatenate([f for f, _ in pending], axis=1) if len(pending) > 1 else pending[0][0]
+            drafter.add_context(draft_cache, joined, pending[0][1])
+            pending.clear()
+
     def propose(produced_after):
         """Queue the next round's drafts (they depend only on committed state)
         so the device works while the caller consumes this round's tokens."""
@@ -334,6 +348,7 @@ def decode(
         if n <= 0 or (lengths is not None and not lengths.should_draft()):
             return 0, None
         with mx.stream(stream):
+            commit_context(None, None, flush=True)
             proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
         mx.async_eval(*(x for x in proposal if x is not None))
         return n, proposal
@@ -387,7 +402,7 @@ def decode(
             # Only the now-committed positions (anchor + accepted) enter the
             # drafter context; their projection is queued with the next proposal.
             with mx.stream(stream):
-                drafter.add_context(draft_cache, features[:, : a + 1], position)
+                commit_context(features[:, : a + 1], position)
             if logits_processors and rejected:
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
@@ -411,6 +426,7 @@ def decode(
             # caller that reuses them continues correctly.
             excess = cached - (last_pos + 1)
             with mx.stream(stream):
+                commit_context(None, None, flush=True)
                 if excess > 0:
                     rollback(target_cache, excess)
                     _trim_drafter(draft_cache, excess)
