@@ -326,17 +326,21 @@ def decode(
         return choose
 
     pending = []  # (features, start) committed but not yet in the drafter context
+    pending_positions = 0
 
     def commit_context(features, start, flush=False):
         """Queue committed positions for the drafter context; they are added
         in one batch when the drafter next drafts (rounds that skip drafting
         then cost no drafter work) or when the queue grows long."""
+        nonlocal pending_positions
         if features is not None:
             pending.append((features, start))
-        if pending and (flush or sum(f.shape[1] for f, _ in pending) >= CONTEXT_BATCH):
+            pending_positions += features.shape[1]
+        if pending and (flush or pending_positions >= CONTEXT_BATCH):
             joined = mx.concatenate([f for f, _ in pending], axis=1) if len(pending) > 1 else pending[0][0]
             drafter.add_context(draft_cache, joined, pending[0][1])
             pending.clear()
+            pending_positions = 0
 
     def propose(produced_after):
         """Queue the next round's drafts (they depend only on committed state)
@@ -364,11 +368,53 @@ def decode(
         accepted = mx.cumprod((sampled[:n] == drafts).astype(mx.int32)).sum()
         return accepted, mx.take(sampled, accepted[None])
 
+    def queue_plain_step(token, start):
+        """Forward one token and sample the next, lazily (a round without drafts)."""
+        nonlocal cached
+        with mx.stream(stream):
+            logits, features = forward(token, start)
+            cached += 1
+            logits = process(logits, token)
+            step_logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            _, following = accept(step_logprobs, None, None)
+            commit_context(features, start)
+        mx.async_eval(following, step_logprobs)
+        return following, step_logprobs
+
+    def undrafted_rounds():
+        """Rounds without drafts (drafting paused, or a cap of 0), pipelined
+        like plain decoding: the next forward is queued before this round's
+        token is read, so the device never waits on Python."""
+        nonlocal anchor, position, produced, last_pos, n, proposal
+        step = queue_plain_step(anchor, position)
+        while True:
+            following, step_logprobs = step
+            start = position
+            position += 1
+            anchor = following
+            stats.proposal_lengths.append(0)
+            stats.accepted_lengths.append(0)
+            n, proposal = propose(produced + 1)
+            more = max_tokens < 0 or produced + 1 < max_tokens
+            if more and n == 0:
+                step = queue_plain_step(anchor, position)
+            token = following.item()
+            produced += 1
+            last_pos = start + 1
+            yield token, step_logprobs[0], False
+            if stats.rounds % 256 == 0:
+                mx.clear_cache()
+            if not (more and n == 0):
+                return
+
     try:
         n, proposal = propose(1)
         produced += 1
         yield anchor.item(), logprobs, False
         while max_tokens < 0 or produced < max_tokens:
+            if n == 0:
+                yield from undrafted_rounds()
+                continue
             in_round = True
             with mx.stream(stream):
                 drafts = q = scores = None
