@@ -5,6 +5,7 @@ DSpark/DFlash drafter, with the same call signature and the same yields:
 ``(token, logprobs, from_draft)`` per generated token.
 """
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, List, Optional, Tuple
@@ -37,6 +38,12 @@ class SpeculativeStats:
     proposal_lengths: List[int] = field(default_factory=list)  # drafts verified per round
     accepted_lengths: List[int] = field(default_factory=list)
     cap: Optional[int] = None  # the fixed cap, or None when chosen per round
+    host_seconds: float = 0.0  # loop time outside waits for the device (and outside the caller)
+    wait_seconds: float = 0.0  # time blocked on device results
+
+    @property
+    def host_ms_per_round(self) -> float:
+        return 1000 * self.host_seconds / self.rounds if self.rounds else 0.0
 
     @property
     def rounds(self) -> int:
@@ -325,6 +332,18 @@ def decode(
 
         return choose
 
+    def waited(since):
+        """Count the time since ``since`` as waiting for the device."""
+        now = time.perf_counter()
+        stats.wait_seconds += now - since
+        return now
+
+    def waited_for(read):
+        """(time after, value) of a call that blocks on the device."""
+        start = time.perf_counter()
+        value = read()
+        return waited(start), value
+
     pending = []  # (features, start) committed but not yet in the drafter context
     pending_positions = 0
 
@@ -354,7 +373,9 @@ def decode(
         with mx.stream(stream):
             commit_context(None, None, flush=True)
             proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
+        start = time.perf_counter()
         mx.async_eval(*(x for x in proposal if x is not None))
+        waited(start)
         return n, proposal
 
     def accept(logprobs, drafts, q):
@@ -378,7 +399,9 @@ def decode(
             step_logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             _, following = accept(step_logprobs, None, None)
             commit_context(features, start)
+        start = time.perf_counter()
         mx.async_eval(following, step_logprobs)
+        waited(start)
         return following, step_logprobs
 
     def undrafted_rounds():
@@ -388,6 +411,8 @@ def decode(
         nonlocal anchor, position, produced, last_pos, n, proposal
         step = queue_plain_step(anchor, position)
         while True:
+            round_start = time.perf_counter()
+            wait_before = stats.wait_seconds
             following, step_logprobs = step
             start = position
             position += 1
@@ -398,7 +423,9 @@ def decode(
             more = max_tokens < 0 or produced + 1 < max_tokens
             if more and n == 0:
                 step = queue_plain_step(anchor, position)
-            token = following.item()
+            end = waited_for(following.item)
+            token = end[1]
+            stats.host_seconds += (end[0] - round_start) - (stats.wait_seconds - wait_before)
             produced += 1
             last_pos = start + 1
             yield token, step_logprobs[0], False
@@ -416,18 +443,20 @@ def decode(
                 yield from undrafted_rounds()
                 continue
             in_round = True
+            round_start = time.perf_counter()
+            wait_before = stats.wait_seconds
             with mx.stream(stream):
                 drafts = q = scores = None
                 if n > 0:
                     drafts, confidence, q = proposal
                     if threshold is not None and confidence is not None:
-                        below = (confidence < threshold).tolist()
+                        below = waited_for((confidence < threshold).tolist)[1]
                         n = below.index(True) if True in below else n
                         drafts, q = drafts[:n], (q[:n] if q is not None else None)
                     if lengths is not None and n > 0:
                         # The proposal was queued last round; its confidences
                         # are ready (or nearly) and pick this round's cap.
-                        scores = confidence[:n].tolist() if confidence is not None else None
+                        scores = waited_for(confidence[:n].tolist)[1] if confidence is not None else None
                         n = lengths.choose(n, scores)
                         drafts, q = drafts[:n], (q[:n] if q is not None else None)
                     if n == 0:
@@ -438,7 +467,7 @@ def decode(
                 cached += n + 1
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 accepted, next_token = accept(logprobs, drafts, q)
-                mx.eval(accepted, next_token, verify_in)  # the round's one host sync
+                waited_for(lambda: mx.eval(accepted, next_token, verify_in))  # the round's one host sync
             a = accepted.item()
             tokens = verify_in[1 : a + 1].tolist() + next_token.tolist()
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
@@ -460,6 +489,7 @@ def decode(
             position += a + 1
             in_round = False
             n, proposal = propose(produced + a + 1)
+            stats.host_seconds += (time.perf_counter() - round_start) - (stats.wait_seconds - wait_before)
             for k in range(a + 1):
                 produced += 1
                 last_pos = start + 1 + k
