@@ -22,12 +22,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 
-FORMAT = 1  # bump when what is measured changes
+FORMAT = 2  # bump when what is measured changes
 
 
 @dataclass
 class CostModel:
-    verify_ms: List[float]  # [w - 1]: one target forward over w tokens
+    verify_ms: List[float]  # [w - 1]: a round verifying w tokens (w = 1: a pipelined plain step)
     draft_ms: float  # one drafter round: context update + a full-block proposal
 
     @property
@@ -113,19 +113,43 @@ def measure(target, drafter, context: int = 32, reps: int = 5) -> CostModel:
 
     snapshot = [c.state for c in cache]
 
+    def restore():
+        for c, state in zip(cache, snapshot):  # back to the context alone
+            c.state = state
+
     def verify(width):
+        """A round with drafts: forward, the acceptance ops, one sync."""
         tokens = mx.random.randint(0, vocab, (1, width), key=key).astype(mx.uint32)
         mx.eval(tokens)
         start = time.perf_counter()
         logits, features = target(tokens, cache)
-        mx.eval(logits, features)
+        logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
+        choice = mx.argmax(logprobs, axis=-1)
+        kept = mx.cumprod((choice[:-1] == tokens[0, 1:]).astype(mx.int32)).sum()
+        mx.eval(kept, choice, features)
         elapsed = time.perf_counter() - start
-        for c, state in zip(cache, snapshot):  # back to the context alone
-            c.state = state
+        restore()
         return elapsed, features
 
-    verify_ms = []
-    for width in range(1, drafter.max_drafts + 2):
+    def plain_steps(steps=8):
+        """Per-token time of rounds without drafts, which are pipelined like
+        plain decoding (the next forward queued before the token is read)."""
+        token = mx.array([[1]], dtype=mx.uint32)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits, _ = target(token, cache)
+            following = mx.argmax(logits[0, -1:] - mx.logsumexp(logits[0, -1:], axis=-1, keepdims=True), axis=-1)
+            mx.async_eval(following)
+            token.item()
+            token = following[None]
+        token.item()
+        elapsed = (time.perf_counter() - start) / steps
+        restore()
+        return elapsed
+
+    plain_steps()
+    verify_ms = [1000 * _median([plain_steps() for _ in range(reps)])]
+    for width in range(2, drafter.max_drafts + 2):
         verify(width)
         verify_ms.append(1000 * _median([verify(width)[0] for _ in range(reps)]))
 
