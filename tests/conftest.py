@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Cost models measured by the tests (and their subprocesses) stay out of the
 # user's cache directory.
-os.environ.setdefault("MLX_LM_DSPARK_CACHE", tempfile.mkdtemp(prefix="mlx-lm-dspark-test-cache-"))
+if "MLX_LM_DSPARK_CACHE" not in os.environ:
+    os.environ["MLX_LM_DSPARK_CACHE"] = tempfile.mkdtemp(prefix="mlx-lm-dspark-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MLX_LM_DSPARK_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
