@@ -1,0 +1,578 @@
+"""Benchmark speculative decoding with a DSpark/DFlash drafter against plain decoding.
+
+    python -m mlx_lm_dspark.benchmark --model T --draft-model D --prompts all
+
+Per prompt and trial it runs plain decoding (mlx-lm's ``generate_step``) and
+speculative decoding with the same sampler alternately, times generation
+only (tokens per second from the first yielded token to the last; the
+prefill is reported on its own) and checks that greedy outputs are
+identical.  It reports plain and speculative tokens/s, the speed-up, τ
+(mean accepted drafts + 1 per round), the acceptance of each draft position,
+the drafts verified per round, the machine's cost model and the speed-up
+that cost model predicts for the acceptance and caps measured
+(efficiency = measured / predicted).
+
+``--oracle-acceptance F`` replaces the drafter by a benchmark-only oracle
+(``oracle_drafter.py``) that is right at each position with probability F;
+with ``--draft-model`` too, the real drafter still runs every round (its
+cost is kept, its tokens replaced).  ``--sweep-caps`` also runs every fixed
+cap 0..max to compare with the automatic cap.
+
+``--json PATH`` writes everything; top-level keys:
+
+- ``config``: the options, versions and device;
+- ``cost_model``: ``verify_ms`` (by verify width 1..max_drafts+1) and ``draft_ms``;
+- ``prompts``: per prompt ``name``, ``category``, ``prompt_tokens``, ``plain``,
+  ``speculative`` and (with --sweep-caps) ``sweep`` (cap -> speculative);
+- ``by_category``: per category ``plain``, ``speculative``, ``sweep``, ``best_fixed_cap``;
+- ``overall``: the same over every prompt.
+
+``plain`` has ``tokens_per_s``, ``prefill_ms``, ``generated_tokens``, ``runs``;
+``speculative`` has those and ``cap``, ``speedup``, ``tau``, ``rounds``,
+``drafted``, ``accepted``, ``drafts_per_round``, ``cap_counts``,
+``acceptance_by_position`` (rounds where slot k was verified and kept /
+rounds where it was verified), ``conditional_acceptance`` (kept / reached:
+verified with every slot before it kept), ``predicted_speedup``,
+``efficiency`` and ``host_ms_per_round``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx_lm.generate  # noqa: F401  (first: importing .speculative before mlx-lm is circular)
+
+from .speculative import bind, cost_model, speculative_generate_step
+
+PROMPTS = {
+    "chat": [
+        "Give me three tips for keeping houseplants alive through a dry winter.",
+        "Explain to a ten year old why the sky turns orange at sunset.",
+        "Write a short, friendly note inviting my neighbours to a garden party on Saturday.",
+        "What are the pros and cons of working from home? Answer in a few bullet points.",
+    ],
+    "code": [
+        "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",
+        "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces.",
+        "Implement a small stack class in Python with push, pop and peek methods and a short usage example.",
+        "Write a shell one-liner that counts the lines of every .py file under a directory, then explain it.",
+    ],
+    "math": [
+        "A train covers 180 km in 2.5 hours. What is its average speed in km/h? Show your steps.",
+        "Solve for x: 3x + 7 = 22. Explain each step.",
+        "What is the sum of the first 50 positive even numbers? Reason step by step.",
+        "A rectangle has a perimeter of 36 cm and its length is twice its width. Find its area.",
+    ],
+}
+
+WARMUP_TOKENS = 8
+
+
+class OutputMismatch(RuntimeError):
+    """Speculative greedy output differs from plain greedy output."""
+
+
+@dataclass
+class Prompt:
+    name: str
+    category: str
+    text: str
+    tokens: List[int] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One generation: its tokens, prefill and generation time, and (for
+    speculative runs) the drafts verified and kept per round."""
+
+    tokens: List[int]
+    prefill_s: float
+    decode_s: float
+    proposal_lengths: List[int] = field(default_factory=list)
+    accepted_lengths: List[int] = field(default_factory=list)
+    host_s: float = 0.0
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(description="Benchmark DSpark/DFlash speculative decoding against plain decoding.")
+    parser.add_argument("--model", required=True, help="The target model (local path or Hugging Face repo).")
+    parser.add_argument("--draft-model", default=None, help="The DSpark/DFlash drafter.")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", choices=[*PROMPTS, "all"], default="all", help="Built-in prompt set.")
+    prompts.add_argument("--prompts-file", default=None, help='JSONL file of {"turns": [...]}; the first turn is used.')
+    parser.add_argument("--num-prompts", type=int, default=None, help="Use at most this many prompts (of each built-in category).")
+    parser.add_argument("--max-tokens", "-m", type=int, default=128, help="Tokens to generate per run.")
+    parser.add_argument("--trials", type=int, default=1, help="Runs of each prompt (plain and speculative).")
+    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0: greedy).")
+    parser.add_argument("--top-p", type=float, default=0.0, help="Sampling top-p.")
+    parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k.")
+    parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p.")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (and the oracle's pattern).")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="Fixed cap on drafts per round (default: automatic).")
+    parser.add_argument("--sweep-caps", action="store_true", help="Also run every fixed cap 0..max drafts.")
+    parser.add_argument("--draft-bits", default="4", help="Quantize the drafter on load ('none': stored precision).")
+    parser.add_argument("--oracle-acceptance", type=float, default=None,
+                        help="Replace the drafter by an oracle right at each position with this probability.")
+    parser.add_argument("--draft-block-size", type=int, default=None,
+                        help="Effective drafter block (at most the trained one; the oracle's block, default 7).")
+    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                        help="Apply the tokenizer's chat template when it has one.")
+    parser.add_argument("--json", default=None, help="Write all results to this JSON file.")
+    parser.add_argument("--plot", default=None, help="Write a PNG plot of the speed-ups (needs matplotlib).")
+    return parser
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def read_prompts_file(path) -> List[Prompt]:
+    """The first turn of each ``{"turns": [...]}`` line of a JSONL file."""
+    path = Path(path)
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        turns = record.get("turns") if isinstance(record, dict) else None
+        if not turns or not isinstance(turns[0], str):
+            raise ValueError(f"{path}:{i + 1}: expected {{\"turns\": [\"...\", ...]}}")
+        out.append(Prompt(f"{path.stem}-{len(out) + 1}", path.stem, turns[0]))
+    return out
+
+
+def load_prompts(args) -> List[Prompt]:
+    """The prompts to run: the file's first ``--num-prompts``, or that many of
+    each built-in category."""
+    limit = args.num_prompts
+    if args.prompts_file:
+        prompts = read_prompts_file(args.prompts_file)[:limit]
+    else:
+        names = list(PROMPTS) if args.prompts == "all" else [args.prompts]
+        prompts = [Prompt(f"{c}-{i + 1}", c, t) for c in names for i, t in enumerate(PROMPTS[c][:limit])]
+    if not prompts:
+        raise ValueError("No prompts to run.")
+    return prompts
+
+
+def encode(tokenizer, text: str, chat_template: bool) -> List[int]:
+    """Token ids of ``text``, in the chat template when asked and available."""
+    if chat_template and getattr(tokenizer, "has_chat_template", False):
+        messages = [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text))
+
+
+# ---------------------------------------------------------------- runs
+
+
+def parse_bits(value) -> Optional[int]:
+    return None if value is None or str(value).lower() == "none" else int(value)
+
+
+def make_drafter(args, model):
+    """The drafter to benchmark: loaded, the oracle, or the oracle around it."""
+    from .loader import load_drafter
+    from .oracle_drafter import OracleDrafter
+
+    inner = None
+    if args.draft_model:
+        inner = load_drafter(args.draft_model, bits=parse_bits(args.draft_bits), block_size=args.draft_block_size)
+    if args.oracle_acceptance is None:
+        if inner is None:
+            raise ValueError("--draft-model is required (or --oracle-acceptance).")
+        return inner
+    return OracleDrafter(model, args.oracle_acceptance, block_size=args.draft_block_size or 7,
+                         inner=inner, seed=args.seed)
+
+
+def timed(generator, eos_ids) -> Run:
+    """Consume a generator of (token, ...) and time it: prefill until the
+    first token, generation from the first token to the last."""
+    tokens = []
+    start = time.perf_counter()
+    first = last = start
+    try:
+        for item in generator:
+            now = time.perf_counter()
+            token = int(item[0])
+            if not tokens:
+                first = now
+            last = now
+            tokens.append(token)
+            if token in eos_ids:
+                break
+    finally:
+        generator.close()
+    return Run(tokens, prefill_s=first - start, decode_s=last - first)
+
+
+def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids) -> Run:
+    from mlx_lm.generate import generate_step
+
+    gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler)
+    return timed(gen, eos_ids)
+
+
+def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids) -> Run:
+    gen = speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens,
+                                    sampler=sampler, num_draft_tokens=cap)
+    run = timed(gen, eos_ids)
+    stats = getattr(drafter, "stats", None)
+    if stats is not None:
+        run.proposal_lengths = list(stats.proposal_lengths)
+        run.accepted_lengths = list(stats.accepted_lengths)
+        run.host_s = stats.host_seconds
+    return run
+
+
+def check_same(plain: Run, spec: Run, tokenizer, label: str) -> None:
+    """Fail loudly, with where and how they differ, unless the tokens match."""
+    a, b = plain.tokens, spec.tokens
+    if a == b:
+        return
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo, hi = max(0, i - 8), i + 8
+
+    def show(tokens):
+        try:
+            text = repr(tokenizer.decode(tokens[lo:hi]))
+        except Exception:  # a diff must never fail on decoding
+            text = "?"
+        return f"ids {tokens[lo:hi]} text {text}"
+
+    raise OutputMismatch(
+        f"Greedy speculative output differs from plain decoding for {label} at generated token {i} "
+        f"(plain {len(a)} tokens, speculative {len(b)}), shown from token {lo}:\n"
+        f"  plain:       {show(a)}\n"
+        f"  speculative: {show(b)}"
+    )
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def acceptance(runs: List[Run], max_drafts: int):
+    """Per draft slot k: kept / verified, and kept / reached (verified with
+    every slot before it kept: the conditional acceptance the cost model uses)."""
+    rounds = [(n, a) for r in runs for n, a in zip(r.proposal_lengths, r.accepted_lengths)]
+    by_position, conditional = [], []
+    for k in range(1, max_drafts + 1):
+        verified = sum(1 for n, _ in rounds if n >= k)
+        reached = sum(1 for n, a in rounds if n >= k and a >= k - 1)
+        kept = sum(1 for _, a in rounds if a >= k)
+        by_position.append(kept / verified if verified else None)
+        conditional.append(kept / reached if reached else None)
+    return by_position, conditional
+
+
+def predicted_speedup(cost, runs: List[Run], conditional) -> Optional[float]:
+    """The cost model's speed-up for the caps used and the measured acceptance:
+    per round draft_ms + verify_ms[cap] for 1 + E[accepted | cap] tokens,
+    against verify_ms[0] per plain token."""
+    caps = [min(n, cost.max_drafts) for r in runs for n in r.proposal_lengths]
+    if not caps:
+        return None
+    accept = [c or 0.0 for c in conditional]
+    tokens = sum(cost.expected_tokens(accept, c) for c in caps)
+    ms = sum(cost.round_ms(c) for c in caps)
+    return (tokens / ms) * cost.verify_ms[0]
+
+
+def rate(runs: List[Run]) -> float:
+    """Generated tokens per second after the first token, over all runs."""
+    seconds = sum(r.decode_s for r in runs)
+    return sum(len(r.tokens) - 1 for r in runs) / seconds if seconds > 0 else 0.0
+
+
+def summarize_plain(runs: List[Run]) -> dict:
+    return {
+        "tokens_per_s": rate(runs),
+        "prefill_ms": 1000 * sum(r.prefill_s for r in runs) / len(runs),
+        "generated_tokens": sum(len(r.tokens) for r in runs),
+        "runs": len(runs),
+    }
+
+
+def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, cap) -> dict:
+    out = summarize_plain(runs)
+    proposals = [n for r in runs for n in r.proposal_lengths]
+    accepted = [a for r in runs for a in r.accepted_lengths]
+    rounds = len(proposals)
+    by_position, conditional = acceptance(runs, max_drafts)
+    counts = {}
+    for n in proposals:
+        counts[str(n)] = counts.get(str(n), 0) + 1
+    speedup = out["tokens_per_s"] / plain["tokens_per_s"] if plain["tokens_per_s"] else None
+    predicted = predicted_speedup(cost, runs, conditional) if cost is not None else None
+    out.update(
+        cap="auto" if cap is None else cap,
+        speedup=speedup,
+        tau=(sum(accepted) + rounds) / rounds if rounds else None,
+        rounds=rounds,
+        drafted=sum(proposals),
+        accepted=sum(accepted),
+        drafts_per_round=sum(proposals) / rounds if rounds else None,
+        cap_counts=dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+        acceptance_by_position=by_position,
+        conditional_acceptance=conditional,
+        predicted_speedup=predicted,
+        efficiency=speedup / predicted if speedup is not None and predicted else None,
+        host_ms_per_round=1000 * sum(r.host_s for r in runs) / rounds if rounds else None,
+    )
+    return out
+
+
+def summarize(plain: List[Run], spec: Dict, cost, max_drafts: int, main_key) -> dict:
+    """Plain, main speculative configuration and sweep (if any) of a set of runs."""
+    p = summarize_plain(plain)
+    out = {"plain": p, "speculative": summarize_speculative(spec[main_key], p, cost, max_drafts, main_key)}
+    sweep = {k: summarize_speculative(v, p, cost, max_drafts, k) for k, v in spec.items() if k != "auto"}
+    if len(spec) > 1:
+        out["sweep"] = {str(k): sweep[k] for k in sorted(sweep)}
+        best = max(sweep, key=lambda k: sweep[k]["tokens_per_s"])
+        out["best_fixed_cap"] = {"cap": best, "speedup": sweep[best]["speedup"]}
+    return out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def configurations(args, max_drafts: int) -> list:
+    """Caps to run: the main one (None = automatic) first, then the sweep."""
+    main_cap = args.num_draft_tokens
+    caps = [main_cap]
+    if args.sweep_caps:
+        caps += [c for c in range(max_drafts + 1) if c != main_cap]
+    return caps
+
+
+def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=True) -> dict:
+    """Run every prompt, trial and cap; return the results (see the module docstring)."""
+    from mlx_lm.sample_utils import make_sampler
+    from tqdm import tqdm
+
+    sampler = make_sampler(args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k)
+    greedy = args.temp == 0
+    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    oracle = hasattr(drafter, "set_continuation")
+    max_drafts = drafter.max_drafts
+    caps = configurations(args, max_drafts)
+    key = lambda cap: "auto" if cap is None else cap  # noqa: E731
+
+    for p in prompts:
+        p.tokens = encode(tokenizer, p.text, args.chat_template)
+    cost = cost_model(drafter, bind(drafter, model))  # measured once per machine, outside the timings
+
+    # Warm up both paths once.
+    first = prompts[0].tokens
+    warm = run_plain(model, first, min(WARMUP_TOKENS, args.max_tokens), sampler, eos_ids)
+    if oracle:
+        drafter.set_continuation(first + warm.tokens)
+    run_speculative(model, drafter, first, min(WARMUP_TOKENS, args.max_tokens), sampler, caps[0], eos_ids)
+
+    runs = {p.name: ([], {key(c): [] for c in caps}) for p in prompts}
+    total = len(prompts) * args.trials * (1 + len(caps))
+    with tqdm(total=total, desc="benchmark", unit="run", disable=not progress, file=sys.stderr) as bar:
+        for p in prompts:
+            plain_runs, spec_runs = runs[p.name]
+            for trial in range(args.trials):
+                plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids)
+                plain_runs.append(plain)
+                bar.update()
+                if oracle:
+                    drafter.set_continuation(p.tokens + plain.tokens)
+                for cap in caps:
+                    spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids)
+                    if greedy:
+                        check_same(plain, spec, tokenizer, f"prompt {p.name!r} (cap {key(cap)}, trial {trial + 1})")
+                    spec_runs[key(cap)].append(spec)
+                    bar.update()
+                mx.clear_cache()
+
+    main_key = key(caps[0])
+    results = {"cost_model": {"verify_ms": list(cost.verify_ms), "draft_ms": cost.draft_ms}, "prompts": []}
+    for p in prompts:
+        plain_runs, spec_runs = runs[p.name]
+        entry = {"name": p.name, "category": p.category, "prompt_tokens": len(p.tokens)}
+        entry.update(summarize(plain_runs, spec_runs, cost, max_drafts, main_key))
+        results["prompts"].append(entry)
+
+    def pooled(names):
+        plain = [r for n in names for r in runs[n][0]]
+        spec = {key(c): [r for n in names for r in runs[n][1][key(c)]] for c in caps}
+        return summarize(plain, spec, cost, max_drafts, main_key)
+
+    categories = list(dict.fromkeys(p.category for p in prompts))
+    results["by_category"] = {c: pooled([p.name for p in prompts if p.category == c]) for c in categories}
+    results["overall"] = pooled([p.name for p in prompts])
+    results["greedy_checked"] = greedy
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def _num(x, fmt="{:.2f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def _acceptance_cells(values) -> str:
+    return " ".join("  - " if v is None else f"{v:.2f}" for v in values)
+
+
+def format_report(results: dict) -> str:
+    """The results as readable tables."""
+    lines = []
+    config = results.get("config", {})
+    if config:
+        drafter = config.get("draft_model") or "-"
+        if config.get("oracle_acceptance") is not None:
+            drafter = f"oracle F={config['oracle_acceptance']}" + (f" around {config['draft_model']}"
+                                                                   if config.get("draft_model") else "")
+        lines.append(f"target {config.get('model')}, drafter {drafter}, {config.get('max_tokens')} tokens, "
+                     f"{config.get('trials')} trial(s), temp {config.get('temp')}, "
+                     f"cap {config.get('num_draft_tokens') or 'auto'}, device {config.get('device')}")
+    cost = results["cost_model"]
+    lines.append(f"cost model: draft {cost['draft_ms']:.2f} ms/round; verify ms by width 1..{len(cost['verify_ms'])}: "
+                 + " ".join(f"{v:.2f}" for v in cost["verify_ms"]))
+    header = (f"{'prompt':<16}{'prefill ms':>11}{'plain tok/s':>12}{'spec tok/s':>11}{'speedup':>8}{'τ':>6}"
+              f"{'drafts/rd':>10}{'pred':>7}{'eff':>6}{'host ms/rd':>11}  acceptance by position")
+    lines += ["", header, "-" * len(header)]
+
+    def row(name, s):
+        p, q = s["plain"], s["speculative"]
+        return (f"{name:<16}{p['prefill_ms']:>11.1f}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
+                f"{_num(q['speedup'], '{:.2f}x'):>8}{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}"
+                f"{_num(q['predicted_speedup'], '{:.2f}x'):>7}{_num(q['efficiency']):>6}"
+                f"{_num(q['host_ms_per_round']):>11}  {_acceptance_cells(q['acceptance_by_position'])}")
+
+    for entry in results["prompts"]:
+        lines.append(row(entry["name"], entry))
+    lines.append("-" * len(header))
+    if len(results["by_category"]) > 1:
+        for name, s in results["by_category"].items():
+            lines.append(row(name, s))
+    lines.append(row("overall", results["overall"]))
+
+    if "sweep" in results["overall"]:
+        caps = list(results["overall"]["sweep"])
+        main = results["overall"]["speculative"]["cap"]
+        head = f"{'speed-up':<16}{str(main):>8}" + "".join(f"{'cap ' + c:>8}" for c in caps) + "   best fixed"
+        lines += ["", head, "-" * len(head)]
+        groups = dict(results["by_category"])
+        groups["overall"] = results["overall"]
+        for name, s in groups.items():
+            cells = "".join(f"{_num(s['sweep'][c]['speedup'], '{:.2f}x'):>8}" for c in caps)
+            best = s["best_fixed_cap"]
+            lines.append(f"{name:<16}{_num(s['speculative']['speedup'], '{:.2f}x'):>8}{cells}"
+                         f"   {best['cap']} ({_num(best['speedup'], '{:.2f}x')})")
+        overall = results["overall"]
+        for label, field_name, fmt in (("τ", "tau", "{:.2f}"), ("pred.", "predicted_speedup", "{:.2f}x"),
+                                       ("eff.", "efficiency", "{:.2f}")):
+            cells = "".join(f"{_num(overall['sweep'][c][field_name], fmt):>8}" for c in caps)
+            lines.append(f"{'overall ' + label:<16}{_num(overall['speculative'][field_name], fmt):>8}{cells}")
+    return "\n".join(lines)
+
+
+def import_pyplot():
+    """matplotlib's pyplot (headless), or None when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def write_plot(results: dict, path, plt) -> None:
+    """Speed-up vs fixed cap per category (with the main cap dashed) when
+    swept, else measured and predicted speed-up per prompt."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    groups = dict(results["by_category"])
+    if "sweep" in results["overall"]:
+        groups["overall"] = results["overall"]
+        for i, (name, s) in enumerate(groups.items()):
+            caps = [int(c) for c in s["sweep"]]
+            line, = ax.plot(caps, [s["sweep"][str(c)]["speedup"] for c in caps], marker="o", label=name)
+            ax.axhline(s["speculative"]["speedup"], color=line.get_color(), linestyle="--", linewidth=1)
+        ax.set_xlabel("fixed draft cap (dashed: automatic cap)")
+    else:
+        names = [e["name"] for e in results["prompts"]]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [e["speculative"]["speedup"] or 0 for e in results["prompts"]], 0.4,
+               label="measured")
+        ax.bar([i + 0.2 for i in x], [e["speculative"]["predicted_speedup"] or 0 for e in results["prompts"]], 0.4,
+               label="predicted")
+        ax.set_xticks(list(x), names, rotation=45, ha="right")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylabel("speed-up over plain decoding")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(argv=None) -> dict:
+    """Parse ``argv``, run the benchmark, print and write the report; return the results."""
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.max_tokens < 1:
+        parser.error("--trials and --max-tokens must be at least 1")
+    if args.num_draft_tokens is not None and args.num_draft_tokens < 0:
+        parser.error("--num-draft-tokens must be >= 0")
+    if args.draft_model is None and args.oracle_acceptance is None:
+        parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter)")
+    if args.oracle_acceptance is not None and args.temp > 0:
+        print("--oracle-acceptance drafts the plain run's tokens: with sampling the speculative run leaves "
+              "them, so acceptance falls below F.", file=sys.stderr)
+    plt = None
+    if args.plot:
+        plt = import_pyplot()
+        if plt is None:
+            print(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib); "
+                  "running the benchmark without the plot.", file=sys.stderr)
+
+    import mlx_lm
+
+    mx.random.seed(args.seed)
+    model, tokenizer = mlx_lm.load(args.model)
+    drafter = make_drafter(args, model)
+    prompts = load_prompts(args)
+    results = benchmark(model, tokenizer, drafter, prompts, args)
+    results = {
+        "config": {
+            **{k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+            "num_draft_tokens": args.num_draft_tokens if args.num_draft_tokens is not None else "auto",
+            "max_drafts": drafter.max_drafts,
+            "drafter_kind": getattr(drafter, "kind", None),
+            "mlx": mx.__version__,
+            "mlx_lm": getattr(mlx_lm, "__version__", None),
+            "device": str(mx.default_device()),
+        },
+        **results,
+    }
+    print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    if plt is not None:
+        write_plot(results, args.plot, plt)
+        print(f"wrote {args.plot}")
+    return results
+
+
+def main(argv=None) -> None:
+    run(argv)  # a console script's main must not return the results (sys.exit would print them)
+
+
+if __name__ == "__main__":
+    main()

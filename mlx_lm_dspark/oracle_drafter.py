@@ -1,0 +1,139 @@
+"""A benchmark-only drafter that is right with a chosen probability.
+
+It proposes the target's own plain-decoding continuation (set with
+``set_continuation`` after a plain run), each position right with
+probability ``acceptance`` and wrong otherwise.  Whether a position is right
+is a hash of (seed, the continuation, position), so every run over the same
+prompt and continuation sees the same pattern and different prompts see
+independent ones.  Its confidence is ``acceptance`` for every slot: the per-slot
+acceptance the automatic cap should expect.
+
+Wrapping a real drafter (``inner``) keeps that drafter's work in every round
+(context updates and the full proposal are computed, then its tokens
+replaced), so timings include a realistic drafting cost; without one the
+oracle costs almost nothing.  It is meant for greedy decoding: with a
+sampler the speculative run leaves the plain continuation and the drafts
+stop matching it.
+"""
+
+import struct
+import zlib
+from types import SimpleNamespace
+from typing import List, Optional
+
+import mlx.core as mx
+
+MASK64 = (1 << 64) - 1
+
+
+def uniform(seed: int, position: int) -> float:
+    """A deterministic value in [0, 1) for (seed, position) (splitmix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    z ^= z >> 31
+    return z / 2.0**64
+
+
+class PositionCache:
+    """The oracle's drafter context: only a count of positions."""
+
+    def __init__(self):
+        self.offset = 0
+
+    @property
+    def state(self):
+        return []
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+class OracleDrafter:
+    """Proposes the plain continuation, right at each position with
+    probability ``acceptance`` (see the module docstring)."""
+
+    kind = "benchmark-oracle"
+
+    def __init__(self, model, acceptance: float, *, block_size: int = 7, inner=None, seed: int = 0):
+        if not 0.0 <= acceptance <= 1.0:
+            raise ValueError(f"acceptance must be between 0 and 1, got {acceptance}.")
+        self.acceptance = float(acceptance)
+        self.seed = int(seed)
+        self.inner = inner
+        self.continuation: List[int] = []
+        self.salt = 0
+        self.confidence_threshold = None
+        if inner is not None:
+            self.args = inner.args
+            self.target_layer_ids = list(inner.target_layer_ids)
+            self.max_drafts = inner.max_drafts
+        else:
+            from .target import family_of, text_args  # not at import: importing it before mlx-lm is circular
+
+            args = text_args(model)
+            self.args = SimpleNamespace(
+                family=family_of(model),
+                vocab_size=args["vocab_size"],
+                hidden_size=args["hidden_size"],
+                num_target_layers=None,
+                has_embeddings=True,
+                block_size=block_size,
+            )
+            self.target_layer_ids = [0]
+            self.max_drafts = block_size
+        self.block_size = self.max_drafts
+
+    def set_continuation(self, tokens) -> None:
+        """The sequence to draft from: prompt + the plain run's tokens."""
+        self.continuation = [int(t) for t in tokens]
+        self.salt = zlib.crc32(struct.pack(f"<{len(self.continuation)}q", *self.continuation))
+
+    def right(self, position: int) -> bool:
+        return uniform(self.seed + (self.salt << 20), position) < self.acceptance
+
+    def drafts(self, start: int, num_drafts: int) -> List[int]:
+        """The tokens proposed for positions start + 1 ... start + num_drafts."""
+        vocab = self.args.vocab_size
+        out = []
+        for pos in range(start + 1, start + 1 + num_drafts):
+            true = self.continuation[pos] if pos < len(self.continuation) else 0
+            out.append(true if self.right(pos) else (true + 1) % vocab)
+        return out
+
+    # The drafter protocol -------------------------------------------------
+
+    def make_cache(self) -> list:
+        return self.inner.make_cache() if self.inner is not None else [PositionCache()]
+
+    def add_context(self, cache: list, features: mx.array, start: int) -> None:
+        if self.inner is not None:
+            self.inner.add_context(cache, features, start)
+        else:
+            cache[0].offset += features.shape[1]
+
+    def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int, choose=None):
+        tokens = mx.array(self.drafts(start, num_drafts), dtype=mx.uint32)
+        confidence = mx.full((num_drafts,), self.acceptance, dtype=mx.float32)
+        if self.inner is not None:
+            # Keep the real drafter's work in the graph (its tokens are replaced).
+            inner_tokens, inner_confidence, _ = self.inner.propose(cache, anchor, start, num_drafts)
+            tokens = mx.where(inner_tokens >= 0, tokens, inner_tokens)
+            if inner_confidence is not None:
+                confidence = confidence + 0 * inner_confidence
+        q = None
+        if choose is not None:  # a deterministic drafter: q is a point mass on its draft
+            point = mx.arange(self.args.vocab_size)[None] == tokens[:, None]
+            q = mx.where(point, 0.0, -mx.inf)
+        return tokens, confidence, q
+
+    def borrow_embeddings(self, embed, head) -> None:
+        self.inner.borrow_embeddings(embed, head)
+
+    def parameters(self) -> dict:
+        return self.inner.parameters() if self.inner is not None else {}

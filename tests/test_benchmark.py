@@ -1,0 +1,161 @@
+"""The benchmark command: end to end on a tiny pair, its checks and its oracle drafter."""
+
+import json
+import sys
+
+import pytest
+
+import mlx_lm_dspark.benchmark as bench
+from mlx_lm_dspark.cost import CostModel
+from mlx_lm_dspark.oracle_drafter import uniform
+from mlx_lm_dspark.tiny import build_pair
+
+SPEC_KEYS = {
+    "tokens_per_s", "prefill_ms", "generated_tokens", "runs", "cap", "speedup", "tau", "rounds", "drafted",
+    "accepted", "drafts_per_round", "cap_counts", "acceptance_by_position", "conditional_acceptance",
+    "predicted_speedup", "efficiency", "host_ms_per_round",
+}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    target, drafter = build_pair(tmp_path_factory.mktemp("bench"), family="qwen3")
+    return str(target), str(drafter)
+
+
+def run(pair, *extra, drafter=True, tokens=12):
+    argv = ["--model", pair[0], "--max-tokens", str(tokens), "--num-prompts", "2", *extra]
+    if "--prompts" not in extra and "--prompts-file" not in extra:
+        argv += ["--prompts", "chat"]
+    if drafter:
+        argv += ["--draft-model", pair[1]]
+    return bench.run(argv)
+
+
+def test_end_to_end_writes_the_documented_json(pair, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    run(pair, "--prompts", "code", "--sweep-caps", "--json", str(out))
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "best fixed" in printed
+    results = json.loads(out.read_text())
+    assert {"config", "cost_model", "prompts", "by_category", "overall", "greedy_checked"} <= set(results)
+    assert results["greedy_checked"] is True
+    assert results["config"]["num_draft_tokens"] == "auto" and results["config"]["max_drafts"] == 7
+    cost = results["cost_model"]
+    assert len(cost["verify_ms"]) == 8 and cost["draft_ms"] > 0
+    assert [p["name"] for p in results["prompts"]] == ["code-1", "code-2"]
+    for entry in results["prompts"] + [results["overall"], results["by_category"]["code"]]:
+        assert entry["plain"]["tokens_per_s"] > 0 and entry["plain"]["generated_tokens"] >= 12
+        spec = entry["speculative"]
+        assert SPEC_KEYS <= set(spec) and spec["cap"] == "auto"
+        assert len(spec["acceptance_by_position"]) == 7 and spec["tau"] >= 1.0
+        assert set(entry["sweep"]) == {str(c) for c in range(8)}
+        assert SPEC_KEYS <= set(entry["sweep"]["3"]) and entry["sweep"]["3"]["cap"] == 3
+        assert entry["best_fixed_cap"]["cap"] in range(8)
+    # Every round of a fixed cap verifies exactly that many drafts (fewer only near the end).
+    assert results["overall"]["sweep"]["3"]["cap_counts"]["3"] >= 4
+
+
+def test_greedy_mismatch_fails_loudly(pair, monkeypatch):
+    real = bench.speculative_generate_step
+
+    def broken(*args, **kwargs):
+        for i, (token, logprobs, from_draft) in enumerate(real(*args, **kwargs)):
+            yield (token + 1 if i == 5 else token), logprobs, from_draft
+
+    monkeypatch.setattr(bench, "speculative_generate_step", broken)
+    with pytest.raises(bench.OutputMismatch, match=r"at generated token 5") as err:
+        run(pair, "--num-draft-tokens", "2")
+    assert "plain:" in str(err.value) and "speculative:" in str(err.value)
+
+
+def test_prompt_files_are_read(tmp_path):
+    path = tmp_path / "evals.jsonl"
+    lines = [{"turns": ["first question", "a follow-up"]}, {"turns": ["second"]}, {"turns": ["third"]}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    prompts = bench.read_prompts_file(path)
+    assert [(p.name, p.category, p.text) for p in prompts] == [
+        ("evals-1", "evals", "first question"), ("evals-2", "evals", "second"), ("evals-3", "evals", "third")]
+    args = bench.setup_arg_parser().parse_args(["--model", "m", "--prompts-file", str(path), "--num-prompts", "2"])
+    assert [p.text for p in bench.load_prompts(args)] == ["first question", "second"]
+    args = bench.setup_arg_parser().parse_args(["--model", "m", "--prompts", "math"])
+    assert len(bench.load_prompts(args)) == len(bench.PROMPTS["math"])
+    args = bench.setup_arg_parser().parse_args(["--model", "m", "--num-prompts", "1"])  # per built-in category
+    assert [p.name for p in bench.load_prompts(args)] == ["chat-1", "code-1", "math-1"]
+    path.write_text('{"question": "no turns"}\n')
+    with pytest.raises(ValueError, match="turns"):
+        bench.read_prompts_file(path)
+
+
+def test_prompt_file_end_to_end(pair, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"turns": ["the cat sat on the mat"]}) + "\n")
+    results = run(pair, "--prompts-file", str(path), "--num-draft-tokens", "3", tokens=8)
+    assert [p["name"] for p in results["prompts"]] == ["mine-1"]
+    assert list(results["by_category"]) == ["mine"]
+
+
+def test_oracle_acceptance_sets_tau(pair):
+    perfect = run(pair, "--oracle-acceptance", "1.0", "--num-draft-tokens", "3", drafter=False, tokens=25)
+    spec = perfect["overall"]["speculative"]
+    assert spec["tau"] == pytest.approx(4.0, abs=0.3)  # cap + 1 (the last round may be shorter)
+    assert spec["acceptance_by_position"][:3] == [1.0, 1.0, 1.0]
+    assert perfect["config"]["drafter_kind"] == "benchmark-oracle"
+    never = run(pair, "--oracle-acceptance", "0.0", "--num-draft-tokens", "3", drafter=False, tokens=25)
+    assert never["overall"]["speculative"]["tau"] == 1.0
+    # Around a real drafter (its cost kept, its tokens replaced), with the automatic cap.
+    wrapped = run(pair, "--oracle-acceptance", "1.0", tokens=25)
+    assert wrapped["overall"]["speculative"]["tau"] >= 1.0 and wrapped["config"]["max_drafts"] == 7
+
+
+def test_oracle_pattern_is_deterministic_with_the_chosen_rate():
+    values = [uniform(0, pos) for pos in range(20000)]
+    assert values == [uniform(0, pos) for pos in range(20000)]
+    assert sum(v < 0.3 for v in values) / len(values) == pytest.approx(0.3, abs=0.02)
+    assert values != [uniform(1, pos) for pos in range(20000)]
+
+
+def test_predicted_speedup_from_costs_and_acceptance():
+    cost = CostModel(verify_ms=[10.0, 10.0, 10.0, 10.0], draft_ms=0.0)
+    perfect = [bench.Run([0] * 9, 0.0, 1.0, proposal_lengths=[3, 3], accepted_lengths=[3, 3])]
+    by_position, conditional = bench.acceptance(perfect, 3)
+    assert by_position == conditional == [1.0, 1.0, 1.0]
+    assert bench.predicted_speedup(cost, perfect, conditional) == pytest.approx(4.0)
+    # Slot 1 kept half the time, slot 2 never reached when slot 1 failed.
+    half = [bench.Run([0] * 5, 0.0, 1.0, proposal_lengths=[2, 2], accepted_lengths=[2, 0])]
+    by_position, conditional = bench.acceptance(half, 2)
+    assert by_position == [0.5, 0.5] and conditional == [0.5, 1.0]
+    slow_draft = CostModel(verify_ms=[10.0, 10.0, 10.0], draft_ms=10.0)
+    assert bench.predicted_speedup(slow_draft, half, conditional) == pytest.approx((1 + 0.5 + 0.5) / 2)
+
+
+def test_plot_without_matplotlib_says_so(pair, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    png, out = tmp_path / "speedup.png", tmp_path / "r.json"
+    run(pair, "--num-draft-tokens", "2", "--plot", str(png), "--json", str(out), tokens=6)
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not png.exists() and out.exists()
+
+
+def test_bad_options_are_refused(pair):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", pair[0]])  # neither a drafter nor an oracle
+    with pytest.raises(SystemExit):
+        bench.main(["--model", pair[0], "--draft-model", pair[1], "--prompts", "poems"])
+
+
+def test_oracle_pattern_depends_on_the_continuation():
+    from types import SimpleNamespace
+
+    from mlx_lm_dspark.oracle_drafter import OracleDrafter
+
+    inner = SimpleNamespace(args=SimpleNamespace(vocab_size=100), target_layer_ids=[0], max_drafts=7)
+    oracle = OracleDrafter(None, 0.5, inner=inner)
+    oracle.set_continuation([5, 6, 7])
+    first = [oracle.right(p) for p in range(300)]
+    assert oracle.drafts(0, 2) == [6 if first[1] else 7, 7 if first[2] else 8]
+    oracle.set_continuation([5, 6, 8])
+    assert [oracle.right(p) for p in range(300)] != first
+    oracle.set_continuation([5, 6, 7])
+    assert [oracle.right(p) for p in range(300)] == first
