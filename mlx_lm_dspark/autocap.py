@@ -6,8 +6,10 @@ acceptance of each draft slot is estimated per round from the drafter's
 confidence head (trained to predict exactly that), scaled by a running
 calibration against what the target really accepted; without a confidence
 head, from running per-slot acceptance rates.  When even the best cap is
-predicted slower than plain decoding, the round skips drafting, probing
-again now and then so a drafter that improves is noticed.
+predicted slower than plain decoding, the round skips drafting.  Every so
+often a probe round verifies a whole proposal whatever the estimates say:
+the only way to learn that a drafter (or a pessimistic confidence head) is
+better than believed.  Probes that find nothing come less often.
 """
 
 from typing import List, Optional
@@ -17,7 +19,8 @@ from .cost import CostModel
 DECAY = 0.95  # weight of the past in the running estimates (per round)
 PRIOR = 0.5  # acceptance assumed for a slot never tried
 PRIOR_WEIGHT = 2.0  # ... worth this many rounds of evidence
-PROBE_EVERY = 8  # rounds between drafting probes when drafting does not pay
+PROBE_EVERY = 8  # rounds verifying less than all drafts before a probe ...
+MAX_PROBE_EVERY = 128  # ... doubling, up to this, while probes find nothing more
 
 
 class DraftLength:
@@ -28,7 +31,9 @@ class DraftLength:
         self.tried = [0.0] * n  # decayed number of rounds slot k was verified
         self.kept = [0.0] * n  # ... and kept
         self.predicted = [0.0] * n  # ... sum of its confidence when verified
-        self.skipped = 0
+        self.idle = 0  # rounds since the slots past the cap were last verified
+        self.probed_cap = None  # the cap a probe round overrode
+        self.probe_every = PROBE_EVERY
 
     def _rates(self) -> List[float]:
         return [(k + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT) for k, t in zip(self.kept, self.tried)]
@@ -40,27 +45,39 @@ class DraftLength:
             return rates
         out = []
         for k, c in enumerate(confidence[: self.max_drafts]):
-            scale = (self.kept[k] + PRIOR_WEIGHT) / (self.predicted[k] + PRIOR_WEIGHT)
+            # Prior: PRIOR_WEIGHT rounds in which the head was right on
+            # average; in its own units, so a few probes correct even a
+            # head that is far too pessimistic.
+            prior = PRIOR_WEIGHT * max(c, 1e-3)
+            scale = (self.kept[k] + prior) / (self.predicted[k] + prior)
             out.append(min(1.0, max(0.0, c * scale)))
         return out
 
     def should_draft(self) -> bool:
-        """Whether the next round proposes at all (from running rates)."""
-        if self.cost.best_cap(self._rates()) > 0:
-            self.skipped = 0
+        """Whether the next round proposes at all (from running rates, or a
+        probe is due); a proposal is followed by ``choose``."""
+        if self.idle >= self.probe_every or self.cost.best_cap(self._rates()) > 0:
             return True
-        self.skipped += 1
-        if self.skipped >= PROBE_EVERY:
-            self.skipped = 0
-            return True
+        self.idle += 1
         return False
 
     def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
         """How many of the ``proposed`` drafts to verify this round."""
-        return self.cost.best_cap(self.acceptance(confidence), limit=min(proposed, self.max_drafts))
+        limit = min(proposed, self.max_drafts)
+        cap = self.cost.best_cap(self.acceptance(confidence), limit=limit)
+        if cap < limit and self.idle >= self.probe_every:  # a probe: verify all
+            self.idle, self.probe_every = 0, min(2 * self.probe_every, MAX_PROBE_EVERY)
+            self.probed_cap = cap
+            return limit
+        self.idle = 0 if cap == limit else self.idle + 1
+        return cap
 
     def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
         """Record a round: ``verified`` drafts, the first ``accepted`` kept."""
+        if self.probed_cap is not None:
+            if accepted > self.probed_cap:  # the probe found more: keep probing often
+                self.probe_every = PROBE_EVERY
+            self.probed_cap = None
         for k in range(self.max_drafts):
             self.tried[k] *= DECAY
             self.kept[k] *= DECAY

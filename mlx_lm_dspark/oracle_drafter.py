@@ -19,7 +19,7 @@ stop matching it.
 import struct
 import zlib
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import List
 
 import mlx.core as mx
 

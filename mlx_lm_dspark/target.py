@@ -56,14 +56,32 @@ def tap(layer) -> None:
     layer.__class__ = _tapped_class(cls)
 
 
+def _settings(module):
+    # mlx-lm models keep their ModelArgs in `args`, mlx-vlm language models in `config`.
+    if module is None:
+        return None
+    return getattr(module, "args", None) or getattr(module, "config", None)
+
+
 def text_args(model) -> dict:
-    """The text-model settings of an mlx-lm model (Gemma-4 nests them)."""
-    lm = getattr(model, "language_model", None)
-    args = getattr(lm, "args", None) if lm is not None else None
-    args = args or getattr(model, "args", None)
+    """The text-model settings of an mlx-lm or mlx-vlm model (Gemma-4 nests them)."""
+    args = _settings(getattr(model, "language_model", None)) or _settings(model)
+    if args is not None and not isinstance(args, dict) and hasattr(args, "text_config"):
+        args = args.text_config
     if args is None:
-        raise TypeError(f"{type(model).__name__} has no `args`; not an mlx-lm model.")
+        raise TypeError(f"{type(model).__name__} has no `args`/`config`; not an mlx-lm or mlx-vlm model.")
     return vars(args) if not isinstance(args, dict) else args
+
+
+def from_mlx_vlm(model) -> bool:
+    return type(model).__module__.startswith("mlx_vlm.")
+
+
+def forward_module(model):
+    """What a decode step calls.  mlx-vlm decodes through the language model
+    (its multimodal wrapper would re-embed for vision); mlx-lm through the model."""
+    lm = getattr(model, "language_model", None)
+    return lm if lm is not None and from_mlx_vlm(model) else model
 
 
 def family_of(model) -> Optional[str]:
@@ -76,6 +94,7 @@ class TargetAdapter:
 
     def __init__(self, model, layer_ids: List[int]):
         self.model = model
+        self.forward = forward_module(model)
         layers = getattr(model, "layers", None)
         if layers is None:
             raise TypeError(
@@ -106,7 +125,7 @@ class TargetAdapter:
         outer = getattr(_capture, "sink", None)
         _capture.sink = sink
         try:
-            logits = self.model(tokens, cache=cache)
+            out = self.forward(tokens, cache=cache)
         finally:
             _capture.sink = outer
         missing = [i for i, k in zip(self.layer_ids, self._tap_keys) if sink[k] is None]
@@ -115,6 +134,7 @@ class TargetAdapter:
                 f"The target model did not call its layers {missing} through the objects in "
                 "`model.layers`; the host model's structure changed and mlx-lm-dspark needs an update."
             )
+        logits = getattr(out, "logits", out)  # mlx-vlm returns an output record
         return logits, mx.concatenate([sink[k] for k in self._tap_keys], axis=-1)
 
     def make_cache(self):
@@ -160,9 +180,22 @@ def validate_pair(drafter, target: TargetAdapter) -> None:
         )
 
 
+def _is_a(c, name: str) -> bool:
+    # mlx-vlm has its own cache classes with mlx-lm's names and internals.
+    return any(k.__name__ == name for k in type(c).__mro__)
+
+
+def _is_rotating(c) -> bool:
+    return (
+        isinstance(c, cache_lib.RotatingKVCache)
+        or _is_a(c, "RotatingKVCache")
+        or _is_a(c, "BatchRotatingKVCache")  # a server's one-row batch
+    )
+
+
 def _leaf_caches(cache):
     for c in cache:
-        if isinstance(c, cache_lib.CacheList):
+        if isinstance(c, cache_lib.CacheList) or _is_a(c, "CacheList"):
             yield from _leaf_caches(c.caches)
         else:
             yield c
@@ -171,13 +204,13 @@ def _leaf_caches(cache):
 def check_rollback(cache) -> None:
     """Every cache entry must support removing rejected tokens."""
     for i, c in enumerate(_leaf_caches(cache)):
-        if isinstance(c, cache_lib.ArraysCache):
+        if isinstance(c, cache_lib.ArraysCache) or _is_a(c, "ArraysCache"):
             raise UnsupportedCacheError(
                 f"Cache entry {i} is a recurrent-state ArraysCache: rejected draft tokens cannot be "
                 "rolled back out of it, so speculative decoding with a DSpark/DFlash drafter is not "
                 "available for this (hybrid/recurrent) target. Generate without --draft-model."
             )
-        if isinstance(c, cache_lib.RotatingKVCache):
+        if _is_rotating(c):
             continue
         if not (hasattr(c, "trim") and hasattr(c, "is_trimmable") and c.is_trimmable()):
             raise UnsupportedCacheError(
@@ -197,6 +230,8 @@ def _rollback_rotating(c, n: int) -> None:
         )
     c.offset -= n
     c._idx -= n
+    if hasattr(c, "_offset"):  # batch variant: scalar count beside per-row offsets
+        c._offset -= n
     c.keys = c.keys[..., : c._idx, :]
     c.values = c.values[..., : c._idx, :]
 
@@ -206,7 +241,7 @@ def rollback(cache, n: int) -> None:
     if n <= 0:
         return
     for c in _leaf_caches(cache):
-        if isinstance(c, cache_lib.RotatingKVCache):
+        if _is_rotating(c):
             _rollback_rotating(c, n)
         elif c.trim(n) != n:
             raise RuntimeError(f"{type(c).__name__} trimmed fewer than {n} tokens.")
@@ -215,5 +250,7 @@ def rollback(cache, n: int) -> None:
 def cache_length(cache) -> int:
     """Number of positions the target cache holds (total, not window size)."""
     for c in _leaf_caches(cache):
-        return c.offset
+        offset = c.offset
+        # A batch cache keeps one offset per row; speculative rounds run one row.
+        return int(offset.item()) if isinstance(offset, mx.array) else offset
     return 0

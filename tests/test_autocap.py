@@ -44,18 +44,41 @@ def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay(
     rates = lengths.acceptance()
     assert rates[0] > 0.9 and rates[1] < 0.1
     assert lengths.choose(7) == 1
-    # A drafter that is never right: drafting stops, with a probe now and then.
+    # A drafter that is never right: drafting stops, with probes (verifying a
+    # whole proposal) coming less often while they find nothing.
     lengths = DraftLength(GPU_LIKE, 7)
     for _ in range(40):
         lengths.update(7, 0)
-    decisions = [lengths.should_draft() for _ in range(3 * PROBE_EVERY)]
-    assert decisions.count(True) == 3 and not any(decisions[: PROBE_EVERY - 1])
+    verified = []
+    for _ in range(PROBE_EVERY * (1 + 2 + 4 + 8) + 4):
+        cap = lengths.choose(7) if lengths.should_draft() else 0
+        verified.append(cap)
+        if cap:
+            lengths.update(cap, 0)
+    probes = [i for i, cap in enumerate(verified) if cap]
+    assert all(verified[i] == 7 for i in probes)
+    assert [b - a for a, b in zip(probes, probes[1:])] == [2 * PROBE_EVERY + 1, 4 * PROBE_EVERY + 1, 8 * PROBE_EVERY + 1]
+    assert probes[0] == PROBE_EVERY
     # The calibration corrects a confidence head that is twice too hopeful.
     lengths = DraftLength(GPU_LIKE, 7)
     for _ in range(60):
         lengths.update(1, 0, [0.8])  # confident, but only right when ...
         lengths.update(1, 1, [0.8])  # ... half of the time
     assert lengths.acceptance([0.8] * 7)[0] == pytest.approx(0.5, abs=0.08)
+
+
+def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
+    lengths = DraftLength(GPU_LIKE, 7)
+    caps = []
+    for _ in range(80):
+        cap = lengths.choose(7, [0.05] * 7) if lengths.should_draft() else 0
+        caps.append(cap)
+        if cap:
+            lengths.update(cap, cap, [0.05] * cap)  # every draft kept
+    first = caps.index(7)
+    assert first == PROBE_EVERY and all(c == 0 for c in caps[:first])
+    assert all(c > 0 for c in caps[first:])  # drafting every round since the probe ...
+    assert caps[-10:] == [7] * 10  # ... and soon with the full block
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,359 @@
+"""Runtime hook for mlx-vlm: our drafters as draft kind ``mlx-lm-dspark``.
+
+mlx-vlm (0.7.10) resolves a drafter with ``load_drafter(path, kind)``,
+prefills the target itself (vision tower included) while capturing the
+layers in ``drafter.config.target_layer_ids``, then hands the prefilled cache
+to a round loop chosen by kind.  We hook in at three places:
+
+- ``mlx_vlm.speculative.drafters.load_drafter``: ``kind="mlx-lm-dspark"``
+  loads with :func:`mlx_lm_dspark.load_drafter`; without a kind, checkpoints
+  mlx-vlm loads and runs natively stay mlx-vlm's, and only those it cannot
+  run (it fails to load them, or a Gemma-4 DSpark drafter with
+  ``attention_k_eq_v``, whose missing ``v_proj`` its loop reads) come to us.
+  To mlx-vlm the drafter reports its ``"dflash"`` kind, so its prefill
+  plumbing (capture ids, whole-prompt prefill, hidden concatenation) runs
+  unchanged.
+- ``mlx_vlm.generate.ar.run_speculative_rounds`` / ``run_speculative_server_rounds``:
+  our drafter object (not the kind string) sends the rounds to our loop
+  (:func:`mlx_lm_dspark.speculative.decode`); anything else goes to mlx-vlm.
+- the ``--draft-kind`` choices of ``mlx_vlm.generate`` and ``mlx_vlm.server``.
+
+Every hook first checks that the host still looks the way it is patched
+and raises ``HostMismatchError`` if not.
+"""
+
+import argparse
+import functools
+import inspect
+import json
+import logging
+import types
+from pathlib import Path
+
+import mlx.core as mx
+
+from .patch_mlx_lm import HostMismatchError
+
+KIND = "mlx-lm-dspark"
+HOST_KIND = "dflash"  # the mlx-vlm kind whose prefill our drafters need
+SUPPORTED_MLX_VLM = "0.7.10"
+
+logger = logging.getLogger(__name__)
+
+
+def _fail(what: str, detail: str):
+    try:
+        from mlx_vlm.version import __version__ as version
+    except Exception:
+        version = "unknown"
+    raise HostMismatchError(
+        f"mlx-lm-dspark cannot patch {what}: {detail}. Installed mlx-vlm is {version}; this "
+        f"release supports mlx-vlm {SUPPORTED_MLX_VLM}. Install that version, upgrade "
+        "mlx-lm-dspark, or set MLX_LM_DSPARK_DISABLE=1 to run mlx-vlm without it."
+    )
+
+
+def _expect_params(module, name: str, params):
+    func = getattr(module, name, None)
+    if not callable(func):
+        _fail(f"{module.__name__}.{name}", "the function no longer exists")
+    have = list(inspect.signature(func).parameters)
+    missing = [p for p in params if p not in have]
+    if missing:
+        _fail(f"{module.__name__}.{name}", f"parameters {missing} are gone (it now takes {have})")
+    return func
+
+
+def _expect_calls(func, where: str, callees):
+    names = set(func.__code__.co_names)
+    missing = [c for c in callees if c not in names]
+    if missing:
+        _fail(where, f"it no longer calls {missing} through module globals")
+
+
+def _once(module) -> bool:
+    if getattr(module, "_mlx_lm_dspark_patched", False):
+        return False
+    module._mlx_lm_dspark_patched = True
+    return True
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _local_config(path_or_repo) -> dict:
+    try:
+        return json.loads((Path(path_or_repo) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _ours(config: dict) -> bool:
+    from .registry import kind_for
+
+    return bool(config) and kind_for(config) is not None
+
+
+def _native_cannot_run(config: dict) -> bool:
+    """A drafter mlx-vlm 0.7.10 loads but whose round loop would crash."""
+    nested = config.get("dflash_config") or {}
+    return "Gemma4DSparkModel" in (config.get("architectures") or []) and bool(
+        nested.get("attention_k_eq_v", config.get("attention_k_eq_v"))
+    )
+
+
+class _HostKind(str):
+    """mlx-vlm's ``"dflash"`` (whose prefill plumbing our drafters use) that
+    also answers to our kind's name, so mlx-vlm does not report overriding
+    the kind the user chose."""
+
+    def __new__(cls):
+        return super().__new__(cls, HOST_KIND)
+
+    def __eq__(self, other):
+        return other == KIND or str.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+    def __repr__(self):
+        return repr(KIND)
+
+
+def _load_ours(path_or_repo):
+    from .loader import load_drafter
+
+    drafter = load_drafter(path_or_repo, bits=None)
+    logger.info("Loaded %s as an mlx-lm-dspark %s drafter.", path_or_repo, drafter.kind)
+    return drafter, _HostKind()
+
+
+def patch_drafters(drafters) -> None:
+    if not _once(drafters):
+        return
+    original = _expect_params(drafters, "load_drafter", ["path_or_repo", "kind"])
+    known = getattr(drafters, "KNOWN_DRAFTER_KINDS", None)
+    if not isinstance(known, set):
+        _fail(f"{drafters.__name__}.KNOWN_DRAFTER_KINDS", "it is no longer a set of kind names")
+
+    @functools.wraps(original)
+    def load_drafter(path_or_repo, kind=None, **kwargs):
+        if kind == KIND:
+            return _load_ours(path_or_repo)
+        if kind is None:
+            config = _local_config(path_or_repo)
+            if _ours(config) and _native_cannot_run(config):
+                return _load_ours(path_or_repo)
+            try:
+                return original(path_or_repo, kind=kind, **kwargs)
+            except Exception as native_error:
+                if not _ours(config):
+                    raise
+                logger.info("mlx-vlm cannot load %s (%s); using mlx-lm-dspark.", path_or_repo, native_error)
+                return _load_ours(path_or_repo)
+        return original(path_or_repo, kind=kind, **kwargs)
+
+    drafters.load_drafter = load_drafter
+    known.add(KIND)
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def _is_ours(draft_model) -> bool:
+    from .speculative import is_drafter
+
+    return is_drafter(draft_model)
+
+
+def _prompt_features(hidden_states, layer_ids) -> mx.array:
+    """mlx-vlm captures each tapped layer once, in layer order; the drafter
+    wants them in its own ``target_layer_ids`` order."""
+    order = sorted(set(layer_ids))
+    if len(hidden_states) != len(order):
+        raise RuntimeError(
+            f"mlx-vlm captured {len(hidden_states)} hidden states for taps {layer_ids}; "
+            "its capture contract changed and mlx-lm-dspark needs an update."
+        )
+    return mx.concatenate([hidden_states[order.index(i)] for i in layer_ids], axis=-1)
+
+
+def _num_drafts(draft_block_size):
+    """mlx-vlm's ``--draft-block-size`` counts the verified block with its
+    anchor; unset, our automatic draft length decides."""
+    if draft_block_size is None:
+        return None
+    if int(draft_block_size) < 1:
+        raise ValueError(f"draft_block_size must be at least 1, got {draft_block_size}.")
+    return int(draft_block_size) - 1
+
+
+def our_rounds(model, drafter, prompt_cache, features, first_token, logprobs, *, max_tokens,
+               sampler, greedy, num_draft_tokens):
+    """Our round loop on a target mlx-vlm has prefilled: ``prompt_cache``
+    holds the prompt, ``features`` [1, L, n_taps·H] are the tapped states of
+    its last L positions, ``first_token`` was sampled after them.  Yields
+    (token, logprobs) from ``first_token`` on."""
+    from .sampling import greedy_sampler
+    from .speculative import bind, decode
+    from .target import cache_length, check_rollback
+
+    target = bind(drafter, model)
+    check_rollback(prompt_cache)
+    position = cache_length(prompt_cache)
+    draft_cache = drafter.make_cache()
+    # A reused prompt cache was prefilled only past its cached part: the drafter
+    # sees the captured positions (fewer drafts kept, never a wrong token).
+    drafter.add_context(draft_cache, features, position - features.shape[1])
+    anchor = mx.array(first_token).reshape(1).astype(mx.uint32)
+    if logprobs.ndim > 1:
+        logprobs = logprobs.reshape(-1)
+    rounds = decode(
+        target, drafter, prompt_cache, draft_cache, anchor, logprobs, position,
+        num_draft_tokens=num_draft_tokens, max_tokens=max_tokens,
+        sampler=greedy_sampler if greedy else sampler,
+    )
+    try:
+        for token, token_logprobs, _ in rounds:
+            yield token, token_logprobs
+    finally:
+        rounds.close()
+
+
+def _plain_batch_rounds(model, prompt_cache, first_bonus, *, max_tokens, sampler, stop_check):
+    """Coalesced server requests: plain batched decoding (our loop runs one
+    sequence), exact like mlx-vlm's own batched decoding."""
+    y = first_bonus.reshape(-1)
+    done = [False] * y.shape[0]
+    for _ in range(max_tokens):
+        out = model(y[:, None], cache=prompt_cache)
+        logits = getattr(out, "logits", out)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = sampler(logprobs).reshape(-1)
+        tokens = y.tolist()
+        row_tokens = []
+        for row, token in enumerate(tokens):
+            if done[row]:
+                row_tokens.append(None)
+                continue
+            row_tokens.append(int(token))
+            if stop_check is not None and stop_check(row, int(token)):
+                done[row] = True
+        yield row_tokens, None
+        if all(done):
+            return
+
+
+def patch_ar(ar) -> None:
+    if not _once(ar):
+        return
+    rounds = _expect_params(
+        ar, "run_speculative_rounds",
+        ["model", "draft_model", "prompt_cache", "first_token", "logprobs", "last_outputs", "max_tokens",
+         "sampler", "draft_block_size", "sampler_is_greedy"],
+    )
+    server_rounds = _expect_params(
+        ar, "run_speculative_server_rounds",
+        ["model", "draft_model", "prompt_cache", "hidden", "first_bonus", "max_tokens", "sampler",
+         "draft_block_size", "stop_check", "greedy_sampling"],
+    )
+    _expect_calls(ar.generate_step, "mlx_vlm.generate.ar.generate_step", ["run_speculative_rounds"])
+    batch = getattr(ar, "SpeculativeGenerationBatch", None)
+    if not isinstance(batch, type) or not hasattr(batch, "_start_rounds"):
+        _fail("mlx_vlm.generate.ar.SpeculativeGenerationBatch", "the class or its _start_rounds is gone")
+    _expect_calls(batch._start_rounds, "SpeculativeGenerationBatch._start_rounds",
+                  ["run_speculative_server_rounds"])
+
+    @functools.wraps(rounds)
+    def run_speculative_rounds(model, draft_model, prompt_cache, input_ids, first_token, logprobs,
+                               last_outputs, *, draft_kind, max_tokens, sampler, draft_block_size=None,
+                               sampler_is_greedy=False, **kwargs):
+        if not _is_ours(draft_model):
+            yield from rounds(model, draft_model, prompt_cache, input_ids, first_token, logprobs,
+                              last_outputs, draft_kind=draft_kind, max_tokens=max_tokens, sampler=sampler,
+                              draft_block_size=draft_block_size, sampler_is_greedy=sampler_is_greedy,
+                              **kwargs)
+            return
+        features = _prompt_features(last_outputs.hidden_states, draft_model.target_layer_ids)
+        yield from our_rounds(model, draft_model, prompt_cache, features, first_token, logprobs,
+                              max_tokens=max_tokens, sampler=sampler, greedy=sampler_is_greedy,
+                              num_draft_tokens=_num_drafts(draft_block_size))
+
+    @functools.wraps(server_rounds)
+    def run_speculative_server_rounds(model, draft_model, prompt_cache, hidden, *, first_bonus, max_tokens,
+                                      sampler, draft_block_size=None, stop_check=None,
+                                      greedy_sampling=False, **kwargs):
+        if not _is_ours(draft_model):
+            yield from server_rounds(model, draft_model, prompt_cache, hidden, first_bonus=first_bonus,
+                                     max_tokens=max_tokens, sampler=sampler, draft_block_size=draft_block_size,
+                                     stop_check=stop_check, greedy_sampling=greedy_sampling, **kwargs)
+            return
+        if first_bonus.size > 1:
+            yield from _plain_batch_rounds(model, prompt_cache, first_bonus, max_tokens=max_tokens,
+                                           sampler=sampler, stop_check=stop_check)
+            return
+        # The batch sends the first token itself; our loop yields it first.
+        taps = draft_model.target_layer_ids
+        features = _prompt_features(mx.split(hidden, len(set(taps)), axis=-1), taps)
+        tokens = our_rounds(model, draft_model, prompt_cache, features, first_bonus, mx.zeros((1,)),
+                            max_tokens=max_tokens, sampler=sampler, greedy=greedy_sampling,
+                            num_draft_tokens=_num_drafts(draft_block_size))
+        try:
+            next(tokens)
+            for token, _ in tokens:
+                yield [token], None
+                if stop_check is not None and stop_check(0, token):
+                    return
+        finally:
+            tokens.close()
+            if getattr(draft_model, "stats", None) is not None:
+                logger.info("mlx-lm-dspark: %s", draft_model.stats.summary())
+
+    ar.run_speculative_rounds = run_speculative_rounds
+    ar.run_speculative_server_rounds = run_speculative_server_rounds
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def _argparse_with_our_kind(module_name: str) -> types.ModuleType:
+    """A copy of ``argparse`` whose parsers add our kind to ``--draft-kind``'s
+    choices when they parse (the host builds its parser inside a function)."""
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def parse_known_args(self, args=None, namespace=None):
+            actions = [a for a in self._actions if "--draft-kind" in a.option_strings]
+            if len(actions) != 1 or not actions[0].choices:
+                _fail(f"{module_name}'s --draft-kind option", "it is gone or no longer has choices")
+            if KIND not in actions[0].choices:
+                actions[0].choices = [*actions[0].choices, KIND]
+                actions[0].help = (actions[0].help or "") + f" '{KIND}': an mlx-lm-dspark DSpark/DFlash drafter."
+            return super().parse_known_args(args, namespace)
+
+    module = types.ModuleType("argparse")
+    module.__dict__.update(argparse.__dict__)
+    module.ArgumentParser = ArgumentParser
+    return module
+
+
+def _patch_parser(module, function: str) -> None:
+    func = getattr(module, function, None)
+    if not callable(func):
+        _fail(f"{module.__name__}.{function}", "the function no longer exists")
+    _expect_calls(func, f"{module.__name__}.{function}", ["argparse", "ArgumentParser"])
+    if getattr(module, "argparse", None) is not argparse:
+        _fail(f"{module.__name__}", "it no longer imports argparse as a module")
+    module.argparse = _argparse_with_our_kind(module.__name__)
+
+
+def patch_dispatch(dispatch) -> None:
+    if _once(dispatch):
+        _patch_parser(dispatch, "parse_arguments")
+
+
+def patch_server_cli(cli) -> None:
+    if _once(cli):
+        _patch_parser(cli, "main")
+
