@@ -625,3 +625,32 @@ def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
     target_weights = mx.load(str(target_dir / "model.safetensors"))
     save_drafter(drafter_dir, config, layout=layout, target_weights=target_weights, **drafter_kw)
     return target_dir, drafter_dir
+
+
+# Shapes for benchmarks: "tiny" as in the tests, "qwen3-0.6b" Qwen3-0.6B's
+# shape (random weights, 32k vocabulary) with a released-style drafter.
+PRESETS = {
+    "tiny": dict(family="qwen3", block_size=7),
+    "qwen3-0.6b": dict(
+        family="qwen3", vocab_size=32000, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+        head_dim=128, intermediate_size=3072, tie_word_embeddings=True, block_size=7, markov_rank=256,
+        target_layer_ids=(1, 7, 13, 19, 25), num_drafter_layers=5,
+    ),
+}
+
+
+def main(argv=None) -> None:
+    """Write a random target + drafter pair: python -m mlx_lm_dspark.tiny DIR [--preset P] [--bits B]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a random target and DSpark drafter (offline).")
+    parser.add_argument("out", help="Directory for target/ and drafter/.")
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    parser.add_argument("--bits", type=int, default=None, help="Quantize the target (e.g. 4).")
+    args = parser.parse_args(argv)
+    target, drafter = build_pair(args.out, bits=args.bits, **PRESETS[args.preset])
+    print(f"target: {target}\ndrafter: {drafter}")
+
+
+if __name__ == "__main__":
+    main()
