@@ -9,9 +9,11 @@ head, from running per-slot acceptance rates.  When even the best cap is
 predicted slower than plain decoding, the round skips drafting.  Every so
 often a probe round verifies a whole proposal whatever the estimates say:
 the only way to learn that a drafter (or a pessimistic confidence head) is
-better than believed.  Probes that find nothing come less often.
+better than believed.  Probes are spaced so that they cost at most 2 % of
+plain decoding time, and those that find nothing come less often.
 """
 
+import math
 from typing import List, Optional
 
 from .cost import CostModel
@@ -19,8 +21,9 @@ from .cost import CostModel
 DECAY = 0.95  # weight of the past in the running estimates (per round)
 PRIOR = 0.5  # acceptance assumed for a slot never tried
 PRIOR_WEIGHT = 2.0  # ... worth this many rounds of evidence
-PROBE_EVERY = 8  # rounds verifying less than all drafts before a probe ...
-MAX_PROBE_EVERY = 128  # ... doubling, up to this, while probes find nothing more
+PROBE_EVERY = 8  # at least this many rounds verifying less than all drafts before a probe ...
+PROBE_BUDGET = 0.02  # ... and enough that probes cost at most this share of plain decoding time ...
+PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
 
 
 class DraftLength:
@@ -33,7 +36,10 @@ class DraftLength:
         self.predicted = [0.0] * n  # ... sum of its confidence when verified
         self.idle = 0  # rounds since the slots past the cap were last verified
         self.probed_cap = None  # the cap a probe round overrode
-        self.probe_every = PROBE_EVERY
+        # A probe costs a draft and a full-width verify instead of one step.
+        extra = cost.round_ms(self.max_drafts) - cost.verify_ms[0]
+        self.min_probe_every = max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * cost.verify_ms[0])))
+        self.probe_every = self.min_probe_every
 
     def _rates(self) -> List[float]:
         return [(k + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT) for k, t in zip(self.kept, self.tried)]
@@ -66,7 +72,8 @@ class DraftLength:
         limit = min(proposed, self.max_drafts)
         cap = self.cost.best_cap(self.acceptance(confidence), limit=limit)
         if cap < limit and self.idle >= self.probe_every:  # a probe: verify all
-            self.idle, self.probe_every = 0, min(2 * self.probe_every, MAX_PROBE_EVERY)
+            self.idle = 0
+            self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
             self.probed_cap = cap
             return limit
         self.idle = 0 if cap == limit else self.idle + 1
@@ -76,7 +83,7 @@ class DraftLength:
         """Record a round: ``verified`` drafts, the first ``accepted`` kept."""
         if self.probed_cap is not None:
             if accepted > self.probed_cap:  # the probe found more: keep probing often
-                self.probe_every = PROBE_EVERY
+                self.probe_every = self.min_probe_every
             self.probed_cap = None
         for k in range(self.max_drafts):
             self.tried[k] *= DECAY

@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_lm_dspark import load_drafter
-from mlx_lm_dspark.autocap import PROBE_EVERY, DraftLength
+from mlx_lm_dspark.autocap import PROBE_BUDGET, PROBE_EVERY, DraftLength
 from mlx_lm_dspark.cost import CostModel
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
@@ -49,16 +49,21 @@ def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay(
     lengths = DraftLength(GPU_LIKE, 7)
     for _ in range(40):
         lengths.update(7, 0)
+    every = lengths.min_probe_every
+    assert every >= PROBE_EVERY
+    # Probes cost at most PROBE_BUDGET of the time of plain decoding meanwhile.
+    probe_extra = GPU_LIKE.round_ms(7) - GPU_LIKE.verify_ms[0]
+    assert probe_extra / (every * GPU_LIKE.verify_ms[0]) <= PROBE_BUDGET
     verified = []
-    for _ in range(PROBE_EVERY * (1 + 2 + 4 + 8) + 4):
+    for _ in range(every * (1 + 2 + 4 + 8) + 4):
         cap = lengths.choose(7) if lengths.should_draft() else 0
         verified.append(cap)
         if cap:
             lengths.update(cap, 0)
     probes = [i for i, cap in enumerate(verified) if cap]
     assert all(verified[i] == 7 for i in probes)
-    assert [b - a for a, b in zip(probes, probes[1:])] == [2 * PROBE_EVERY + 1, 4 * PROBE_EVERY + 1, 8 * PROBE_EVERY + 1]
-    assert probes[0] == PROBE_EVERY
+    assert [b - a for a, b in zip(probes, probes[1:])] == [2 * every + 1, 4 * every + 1, 8 * every + 1]
+    assert probes[0] == every
     # The calibration corrects a confidence head that is twice too hopeful.
     lengths = DraftLength(GPU_LIKE, 7)
     for _ in range(60):
@@ -70,13 +75,13 @@ def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay(
 def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
     lengths = DraftLength(GPU_LIKE, 7)
     caps = []
-    for _ in range(80):
+    for _ in range(3 * lengths.min_probe_every + 40):
         cap = lengths.choose(7, [0.05] * 7) if lengths.should_draft() else 0
         caps.append(cap)
         if cap:
             lengths.update(cap, cap, [0.05] * cap)  # every draft kept
     first = caps.index(7)
-    assert first == PROBE_EVERY and all(c == 0 for c in caps[:first])
+    assert first == lengths.min_probe_every and all(c == 0 for c in caps[:first])
     assert all(c > 0 for c in caps[first:])  # drafting every round since the probe ...
     assert caps[-10:] == [7] * 10  # ... and soon with the full block
 
