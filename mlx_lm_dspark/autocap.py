@@ -36,8 +36,9 @@ class DraftLength:
         self.predicted = [0.0] * n  # ... sum of its confidence when verified
         self.idle = 0  # rounds since the slots past the cap were last verified
         self.probed_cap = None  # the cap a probe round overrode
-        # A probe costs a draft and a full-width verify instead of one step.
-        extra = cost.round_ms(self.max_drafts) - cost.verify_ms[0]
+        # A probe costs a draft and a full-width verify, unpipelined: count the
+        # whole round plus about one step of lost overlap.
+        extra = cost.round_ms(self.max_drafts) + cost.verify_ms[0]
         self.min_probe_every = max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * cost.verify_ms[0])))
         self.probe_every = self.min_probe_every
 
@@ -49,13 +50,16 @@ class DraftLength:
         rates = self._rates()
         if confidence is None:
             return rates
+        # Calibration scale per slot, shrunk towards the scale of all slots
+        # together (slots past the usual cap are seldom verified).  Priors
+        # are in the head's own units, so a few probes correct even a head
+        # that is far too pessimistic.
+        confidence = [max(c, 1e-3) for c in confidence[: self.max_drafts]]
+        prior = PRIOR_WEIGHT * sum(confidence) / len(confidence) if confidence else 0.0
+        pooled = (sum(self.kept) + prior) / (sum(self.predicted) + prior) if confidence else 1.0
         out = []
-        for k, c in enumerate(confidence[: self.max_drafts]):
-            # Prior: PRIOR_WEIGHT rounds in which the head was right on
-            # average; in its own units, so a few probes correct even a
-            # head that is far too pessimistic.
-            prior = PRIOR_WEIGHT * max(c, 1e-3)
-            scale = (self.kept[k] + prior) / (self.predicted[k] + prior)
+        for k, c in enumerate(confidence):
+            scale = (self.kept[k] + PRIOR_WEIGHT * c * pooled) / (self.predicted[k] + PRIOR_WEIGHT * c)
             out.append(min(1.0, max(0.0, c * scale)))
         return out
 
