@@ -1,0 +1,807 @@
+"""Train a DSpark / DFlash drafter for an mlx-lm target (Qwen3, Gemma-4).
+
+The recipe is DSpark's: the target is frozen and run on each training
+sequence to get its tapped hidden states (the drafter's context) and its own
+next-token distributions.  Random anchors are drawn per sequence and every
+block ``[x_a, MASK, …]`` is trained in one forward pass with a mask that lets
+it see the context before its anchor and its own block only, which is exactly
+what one inference round sees.  The loss mixes cross-entropy on the data with
+the L1 distance to the target's distribution (what acceptance depends on),
+plus a BCE for the confidence head.  The result is written in DeepSpec's
+released layout, so ``load_drafter`` (and mlx-lm's ``--draft-model``) load it.
+
+    python -m mlx_lm_dspark.train --model Qwen/Qwen3-4B --data chats.jsonl --output my-drafter
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from .config import FAMILY_OF_MODEL_TYPE, drafter_args
+from .drafter import Drafter, ModelArgs
+from .target import DrafterMismatchError, TargetAdapter, family_of, text_args, validate_pair
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class TrainingError(ValueError):
+    """A problem with the user's input (data, options, target); the CLI
+    reports it without a traceback."""
+
+
+@dataclass
+class TrainingArgs:
+    markov_rank: int = 256  # 0 trains a DFlash drafter (no Markov / confidence head)
+    block_size: int = 7
+    num_layers: int = 5
+    target_layer_ids: Optional[List[int]] = None  # None: spread over the target like the released drafters
+    mask_token_id: Optional[int] = None  # None: see pick_mask_token_id
+    iters: int = 1000  # optimizer steps
+    batch_size: int = 4  # sequences per micro-batch
+    grad_accumulation: int = 1
+    learning_rate: float = 6e-4
+    warmup_steps: Optional[int] = None  # None: 5% of iters
+    min_learning_rate: float = 0.0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seq_length: int = 2048  # longer sequences are split into chunks of this length
+    anchors_per_seq: int = 16
+    loss_decay: float = 4.0  # slot weight exp(-k / loss_decay), k = 0 for the first draft
+    ce_weight: float = 0.1
+    l1_weight: float = 0.9
+    confidence_weight: float = 1.0
+    save_every: int = 100
+    eval_every: int = 100  # 0 turns held-out evaluation off
+    eval_sequences: int = 16  # held out of the data (at most a tenth of it)
+    eval_tokens: int = 32  # tokens generated per held-out prompt for τ
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "TrainingArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise TrainingError(f"Unknown training options {unknown}; valid options: {sorted(names)}.")
+        return cls(**params)
+
+    def check(self) -> None:
+        """Refuse settings that cannot train, naming the option."""
+        positive = ("block_size", "num_layers", "iters", "batch_size", "grad_accumulation", "seq_length",
+                    "anchors_per_seq", "loss_decay")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        for name in ("markov_rank", "save_every", "eval_every", "eval_sequences", "eval_tokens"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise TrainingError(f"--learning-rate must be positive, got {self.learning_rate}.")
+        if self.seq_length < 3:
+            raise TrainingError("--seq-length must be at least 3 (context, anchor, one target).")
+
+
+# ---------------------------------------------------------------- target
+
+
+def default_layer_ids(num_target_layers: int, n: int = 5) -> List[int]:
+    """Taps spread from layer 1 to layer L-3, as the released Qwen3 drafters
+    ([1, 9, 17, 25, 33] of 36, [1, 10, 19, 28, 37] of 40)."""
+    last = max(1, num_target_layers - 3)
+    n = min(n, last)
+    ids = sorted({int(round(1 + i * (last - 1) / max(1, n - 1))) for i in range(n)})
+    return [min(i, num_target_layers - 1) for i in ids]
+
+
+def _float_matrix(module) -> mx.array:
+    """A float32 copy of an Embedding/Linear weight, dequantized if packed."""
+    w = module.weight
+    if hasattr(module, "scales"):
+        w = mx.dequantize(w, module.scales, getattr(module, "biases", None), group_size=module.group_size,
+                          bits=module.bits, mode=getattr(module, "mode", "affine"))
+    return w.astype(mx.float32)
+
+
+def target_embeddings(model):
+    """(embedding matrix, LM-head matrix) of an mlx-lm target, float32."""
+    inner = getattr(model, "language_model", model)
+    embed = getattr(getattr(inner, "model", None), "embed_tokens", None)
+    if embed is None:
+        raise TypeError(f"{type(model).__name__} has no model.embed_tokens; cannot copy the target's embeddings.")
+    E = _float_matrix(embed)
+    head = getattr(inner, "lm_head", None)
+    return E, (_float_matrix(head) if head is not None else E)
+
+
+def target_family(model) -> str:
+    family = family_of(model)
+    if family is None:
+        model_type = getattr(model, "model_type", None) or text_args(model).get("model_type")
+        raise TrainingError(
+            f"Cannot train a drafter for a {model_type!r} target ({type(model).__name__}): DSpark drafters "
+            f"exist for {sorted(set(FAMILY_OF_MODEL_TYPE.values()))} targets (model_type one of "
+            f"{sorted(FAMILY_OF_MODEL_TYPE)}). Use a Qwen3 or Gemma-4 model."
+        )
+    return family
+
+
+def _json_ready(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+def drafter_config(target_config: dict, family: str, num_target_layers: int, args: TrainingArgs,
+                   mask_token_id: int) -> dict:
+    """DeepSpec's config.json: the target's text config plus the drafter fields."""
+    text = target_config.get("text_config", target_config)
+    if not isinstance(text, dict):
+        text = vars(text)
+    config = {k: v for k, v in _json_ready(text).items() if k not in ("quantization", "quantization_config")}
+    if "vocab_size" not in config and "vocab_size" in target_config:
+        config["vocab_size"] = target_config["vocab_size"]
+    layer_ids = list(args.target_layer_ids or default_layer_ids(num_target_layers))
+    bad = [i for i in layer_ids if not 0 <= i < num_target_layers]
+    if bad:
+        raise TrainingError(f"--target-layer-ids {layer_ids}: {bad} out of range for a {num_target_layers}-layer target.")
+    config.update({
+        "architectures": ["Qwen3DSparkModel" if family == "qwen3" else "Gemma4DSparkModel"],
+        "model_type": "qwen3" if family == "qwen3" else "gemma4_text",
+        "num_hidden_layers": args.num_layers,
+        "layer_types": ["full_attention"] * args.num_layers,
+        "tie_word_embeddings": False,
+        "num_target_layers": num_target_layers,
+        "block_size": args.block_size,
+        "mask_token_id": int(mask_token_id),
+        "target_layer_ids": layer_ids,
+        "markov_rank": args.markov_rank,
+        "enable_confidence_head": args.markov_rank > 0,
+    })
+    if family == "gemma4":
+        config["num_kv_shared_layers"] = 0
+        config["target_model_type"] = target_config.get("model_type")
+    if args.markov_rank > 0:
+        config.update({"markov_head_type": "vanilla", "confidence_head_with_markov": True})
+    return dict(sorted(config.items()))
+
+
+def build_drafter(config: dict, model, seed: int) -> Drafter:
+    """A fresh drafter with the target's (frozen) embeddings and LM head."""
+    mx.random.seed(seed)
+    drafter = Drafter(ModelArgs.from_dict(drafter_args(config)))
+    E, W = target_embeddings(model)
+    if E.shape != drafter.embed_tokens.weight.shape:
+        raise ValueError(f"Target embedding {E.shape} does not match the drafter's {drafter.embed_tokens.weight.shape}.")
+    drafter.embed_tokens.weight = E
+    drafter.lm_head.weight = W
+    if drafter.args.markov_rank > 0:
+        # Start with no correction, so the Markov head only adds what it learns.
+        drafter.markov_head.markov_w2.weight = mx.zeros_like(drafter.markov_head.markov_w2.weight)
+    drafter.kind = "dspark" if drafter.args.markov_rank > 0 else "dflash"
+    freeze_embeddings(drafter)
+    mx.eval(drafter.parameters())
+    return drafter
+
+
+def freeze_embeddings(drafter: Drafter) -> None:
+    """Embeddings and LM head are the target's: never trained."""
+    drafter.embed_tokens.freeze()
+    drafter.lm_head.freeze()
+
+
+# ---------------------------------------------------------------- training forward
+
+
+def _block_attention(attn, x, ctx_keys, ctx_values, offsets, mask):
+    """One layer's attention for many blocks at once.
+
+    x [N, A*B, H] are the normed block rows of N sequences with A blocks each;
+    blocks are laid out as a batch of N*A for RoPE (one offset per block) and
+    regrouped per sequence for attention over [context ; all blocks] under
+    ``mask``, so the context K/V are computed once per sequence."""
+    N, AB, _ = x.shape
+    A = offsets.size // N
+    B = AB // A
+    hd = attn.head_dim
+    xb = x.reshape(N * A, B, -1)
+    q = attn.q_proj(xb).reshape(N * A, B, attn.n_heads, hd)
+    q = attn.rope(attn.q_norm(q).transpose(0, 2, 1, 3), offset=offsets)
+    k, v = attn.keys_values(xb, offsets)
+
+    def per_sequence(t):  # [N*A, heads, B, hd] -> [N, heads, A*B, hd]
+        heads = t.shape[1]
+        return t.reshape(N, A, heads, B, hd).transpose(0, 2, 1, 3, 4).reshape(N, heads, AB, hd)
+
+    keys = mx.concatenate([ctx_keys, per_sequence(k)], axis=2)
+    values = mx.concatenate([ctx_values, per_sequence(v)], axis=2)
+    out = scaled_dot_product_attention(per_sequence(q), keys, values, cache=None, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(N, AB, -1))
+
+
+def _layer(layer, h, ctx_kv, offsets, mask):
+    """``DecoderLayer.__call__`` with the multi-block attention."""
+    attn = _block_attention(layer.self_attn, layer.input_layernorm(h), *ctx_kv, offsets, mask)
+    if not layer.gemma:
+        h = h + attn
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + layer.post_attention_layernorm(attn)
+    h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+    return h * layer.layer_scalar
+
+
+def block_mask(anchors: mx.array, context_len: int, block_size: int) -> mx.array:
+    """[N, 1, A*B, L+A*B] boolean: a block at anchor a sees context positions
+    < a (what the drafter cache holds when round a drafts) and its own block
+    (bidirectionally), nothing of the other blocks."""
+    N, A = anchors.shape
+    B = block_size
+    q_block = mx.repeat(mx.arange(A), B)  # block of each query row
+    ctx = mx.arange(context_len)[None, None, :] < mx.repeat(anchors, B, axis=1)[:, :, None]  # [N, AB, L]
+    own = (q_block[:, None] == q_block[None, :])[None]  # [1, AB, AB]
+    own = mx.broadcast_to(own, (N, A * B, A * B))
+    return mx.concatenate([ctx, own], axis=-1)[:, None]
+
+
+def _window_mask(mask, anchors, context_len, block_size, window):
+    """Restrict ``mask`` to keys fewer than ``window`` positions back."""
+    B = block_size
+    q_pos = (mx.repeat(anchors, B, axis=1) + mx.tile(mx.arange(B), anchors.shape[1])[None])  # [N, AB]
+    k_pos = mx.concatenate([mx.broadcast_to(mx.arange(context_len)[None], (anchors.shape[0], context_len)),
+                            q_pos], axis=1)  # [N, L+AB]
+    near = (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    return mx.logical_and(mask, near[:, None])
+
+
+def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchors: mx.array) -> dict:
+    """What inference computes for blocks anchored at ``anchors``, all at once.
+
+    features [N, L, n_taps*H] are the target's tapped states for tokens
+    [N, L]; anchors [N, A] index the anchor tokens (>= 1).  Returns
+    ``hidden`` (final-normed) and ``base_logits`` as [N, A, B, ...], and the
+    Markov-corrected ``corrected_logits`` and pre-sigmoid
+    ``confidence_logits`` teacher-forced on the true tokens: slot k is
+    corrected by x_{a+k}, the token inference would have drafted before it
+    if every earlier draft was right.
+    """
+    a = drafter.args
+    B = a.block_size
+    N, L = tokens.shape
+    A = anchors.shape[1]
+    c = drafter.hidden_norm(drafter.fc(features.astype(drafter.hidden_norm.weight.dtype)))
+    ctx = [layer.self_attn.keys_values(c, 0) for layer in drafter.layers]
+
+    anchor_ids = mx.take_along_axis(tokens, anchors, axis=1)  # [N, A]
+    ids = mx.concatenate([anchor_ids[..., None], mx.full((N, A, B - 1), a.mask_token_id, tokens.dtype)], axis=-1)
+    offsets = anchors.reshape(-1)
+    mask = block_mask(anchors, L, B)
+    h = drafter.embed(ids.reshape(N, A * B))
+    for layer, layer_ctx in zip(drafter.layers, ctx):
+        window = layer.self_attn.window
+        m = mask if window is None else _window_mask(mask, anchors, L, B, window)
+        h = _layer(layer, h, layer_ctx, offsets, m)
+    hidden = drafter.norm(h).reshape(N, A, B, -1)
+    logits = drafter.base_logits(hidden)
+
+    # Teacher forcing: slot k's previous token is x_{a+k} (the anchor for k = 0).
+    positions = mx.minimum(anchors[..., None] + mx.arange(B), L - 1)  # [N, A, B]
+    prev = mx.take_along_axis(tokens, positions.reshape(N, -1), axis=1).reshape(N, A, B)
+    corrected, embs = logits, None
+    if a.markov_rank > 0:
+        embs = drafter.markov_head.markov_w1(prev)
+        corrected = logits + drafter.markov_head.markov_w2(embs)
+    conf = None
+    head = getattr(drafter, "confidence_head", None)
+    if head is not None:
+        feats = hidden
+        if embs is not None and a.confidence_head_with_markov:
+            feats = mx.concatenate([hidden, embs.astype(hidden.dtype)], axis=-1)
+        conf = head.proj(feats)[..., 0]
+    return {"hidden": hidden, "base_logits": logits, "corrected_logits": corrected, "confidence_logits": conf}
+
+
+def slot_weights(block_size: int, decay: float) -> mx.array:
+    """exp(-k/decay) for the k-th draft of a block (k = 0 predicts x_{a+1}):
+    later drafts only count if every earlier one was accepted."""
+    return mx.exp(-mx.arange(block_size, dtype=mx.float32) / decay)
+
+
+def loss_fn(drafter: Drafter, features, tokens, target_logits, anchors, valid, args: TrainingArgs):
+    """DSpark's loss; returns (loss, number of supervised slots).
+
+    ``valid`` [N, A, B] marks slots whose target x_{a+k+1} exists."""
+    out = block_forward(drafter, features, tokens, anchors)
+    N, A, B = valid.shape
+    L = tokens.shape[1]
+    pos = anchors[..., None] + mx.arange(B)  # position a+k whose next token slot k predicts
+    pos_c = mx.minimum(pos, L - 1).reshape(N, -1)
+    labels = mx.take_along_axis(tokens, mx.minimum(pos_c + 1, L - 1), axis=1).reshape(N, A, B)
+    t_logits = mx.take_along_axis(target_logits, pos_c[..., None], axis=1).reshape(N, A, B, -1)
+    p_target = mx.softmax(t_logits.astype(mx.float32), axis=-1)
+
+    logits = out["corrected_logits"].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    ce = -mx.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    l1 = mx.abs(mx.exp(logp) - p_target).sum(axis=-1)
+    w = valid.astype(mx.float32) * slot_weights(B, args.loss_decay)
+    total = w.sum()
+    loss = ((args.ce_weight * ce + args.l1_weight * l1) * w).sum() / mx.maximum(total, 1e-6)
+    conf = out["confidence_logits"]
+    if conf is not None and args.confidence_weight:
+        # Target: the chance a p/q-sampled draft is accepted, 1 - TV(p_draft, p_target).
+        goal = mx.stop_gradient(mx.clip(1 - 0.5 * l1, 0.0, 1.0))
+        c = conf.astype(mx.float32)
+        bce = mx.logaddexp(0.0, c) - goal * c
+        m = valid.astype(mx.float32)
+        loss = loss + args.confidence_weight * (bce * m).sum() / mx.maximum(m.sum(), 1.0)
+    return loss, valid.sum()
+
+
+# ---------------------------------------------------------------- data
+
+
+def _messages(record: dict) -> Optional[list]:
+    """Chat messages of a record in any of the usual shapes, or None."""
+    turns = record.get("messages") or record.get("turns") or record.get("conversations")
+    if turns is None:
+        return None
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    messages = []
+    for i, t in enumerate(turns):
+        if isinstance(t, str):
+            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+        elif isinstance(t, dict):
+            role = t.get("role") or roles.get(t.get("from"), t.get("from"))
+            content = t.get("content", t.get("value"))
+            if role is None or content is None:
+                raise TrainingError(f"Chat turn {t!r} has no role/content (or from/value).")
+            messages.append({"role": role, "content": content})
+        else:
+            raise TrainingError(f"Chat turn {t!r} is neither a string nor an object.")
+    return messages
+
+
+def render(record, tokenizer) -> List[int]:
+    """Token ids of one data record: chats through the tokenizer's chat
+    template (non-thinking), text plainly tokenized, ids passed through."""
+    if isinstance(record, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in record):
+        return [int(t) for t in record]
+    if tokenizer is None:
+        raise TrainingError("Data given as text or chats needs the target's tokenizer (pass tokenizer=...).")
+    if isinstance(record, str):
+        return list(tokenizer.encode(record))
+    if not isinstance(record, dict):
+        raise TrainingError(f"Unsupported data record {str(record)[:80]!r}: expected an object, text or token ids.")
+    messages = _messages(record)
+    if messages is not None:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                                 enable_thinking=False)
+            return list(tokenizer.encode(text, add_special_tokens=False))
+        warnings.warn("The tokenizer has no chat template: chat turns are joined as plain text.", stacklevel=2)
+        return list(tokenizer.encode("\n\n".join(m["content"] for m in messages)))
+    if "text" in record:
+        return list(tokenizer.encode(record["text"]))
+    raise TrainingError(
+        f"Data record with keys {sorted(record)} has none of 'turns', 'messages', 'conversations' or 'text'."
+    )
+
+
+def read_records(path) -> list:
+    """Records of a .jsonl file (one object per line) or a .txt file
+    (documents separated by blank lines)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(
+            f"Data file {path} not found: pass --data a .jsonl file (one {{\"messages\"|\"turns\"|\"text\": ...}} "
+            "object per line) or a plain .txt file."
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise TrainingError(f"{path}:{n} is not valid JSON ({e}); expected one object per line.") from e
+        return records
+    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+
+
+def tokenize_data(data, tokenizer, seq_length: int) -> List[List[int]]:
+    """Token sequences of at most ``seq_length`` (longer ones are split)."""
+    records = read_records(data) if isinstance(data, (str, Path)) else list(data)
+    sequences = []
+    for record in records:
+        ids = render(record, tokenizer)
+        for i in range(0, len(ids), seq_length):
+            chunk = ids[i : i + seq_length]
+            if len(chunk) >= 3:  # context, anchor, one target
+                sequences.append(chunk)
+    if not sequences:
+        raise TrainingError(
+            f"No training sequences in the data ({len(records)} records): every record is empty or shorter "
+            "than 3 tokens. Give --data a file with text or chat turns."
+        )
+    return sequences
+
+
+def fingerprint(sequences) -> str:
+    h = hashlib.sha256()
+    for s in sequences:
+        h.update(np.asarray(s, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def split_data(sequences, args: TrainingArgs):
+    """(train, held-out): a seeded shuffle, at most a tenth held out."""
+    order = np.random.default_rng([args.seed, 7]).permutation(len(sequences))
+    n_eval = min(args.eval_sequences, len(sequences) // 10) if args.eval_every else 0
+    held = [sequences[i] for i in order[:n_eval]]
+    train = [sequences[i] for i in order[n_eval:]]
+    return train, held
+
+
+def micro_batch(train, index: int, args: TrainingArgs, pad_id: int):
+    """The ``index``-th micro-batch; a pure function of (seed, index), so a
+    resumed run sees exactly the data and anchors it would have seen."""
+    rows, anchor_rows, valid_rows = [], [], []
+    n, A, B = len(train), args.anchors_per_seq, args.block_size
+    for j in range(args.batch_size):
+        g = index * args.batch_size + j  # global sample number
+        epoch, i = divmod(g, n)
+        seq = train[int(np.random.default_rng([args.seed, 1, epoch]).permutation(n)[i])]
+        rng = np.random.default_rng([args.seed, 2, g])
+        candidates = np.arange(1, len(seq) - 1)  # anchor needs context before and a target after
+        chosen = np.sort(rng.choice(candidates, size=min(A, candidates.size), replace=False))
+        ok = np.zeros((A, B), dtype=bool)
+        ok[: chosen.size] = (chosen[:, None] + np.arange(B) + 1) < len(seq)
+        anchor_rows.append(np.pad(chosen, (0, A - chosen.size), constant_values=1))
+        valid_rows.append(ok)
+        rows.append(seq)
+    L = max(len(s) for s in rows)
+    tokens = np.full((len(rows), L), pad_id, dtype=np.int32)
+    for r, s in enumerate(rows):
+        tokens[r, : len(s)] = s
+    return mx.array(tokens), mx.array(np.stack(anchor_rows).astype(np.int32)), mx.array(np.stack(valid_rows))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(model, drafter: Drafter, held: Sequence[Sequence[int]], max_tokens: int = 32) -> dict:
+    """Held-out τ through the real round loop: greedy speculative generation
+    from the first half of each held-out sequence, full blocks."""
+    from .speculative import speculative_generate_step
+
+    accepted = rounds = 0
+    for seq in held:
+        prompt = mx.array(list(seq[: max(1, len(seq) // 2)]), dtype=mx.uint32)
+        for _ in speculative_generate_step(prompt, model, drafter, num_draft_tokens=drafter.max_drafts,
+                                           max_tokens=max_tokens):
+            pass
+        accepted += drafter.stats.accepted
+        rounds += drafter.stats.rounds
+    return {"tau": (accepted + rounds) / rounds if rounds else 0.0, "rounds": rounds}
+
+
+def heldout_loss(model_target: TargetAdapter, drafter, held, args: TrainingArgs, pad_id: int) -> float:
+    """Mean loss over the held-out sequences (fixed anchors)."""
+    if not held:
+        return float("nan")
+    losses = []
+    for start in range(0, len(held), args.batch_size):
+        batch = held[start : start + args.batch_size]
+        tokens, anchors, valid = micro_batch(batch, 0, dataclasses.replace(args, batch_size=len(batch)), pad_id)
+        logits, features = model_target(tokens, None)
+        loss, _ = loss_fn(drafter, features, tokens, logits, anchors, valid, args)
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(".tmp-" + path.name)  # same suffix: mx.save_safetensors insists on it
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_drafter(drafter: Drafter, config: dict, output: Path) -> None:
+    """Weights and config.json in DeepSpec's released layout."""
+    output.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(drafter.parameters()))
+    _atomic_write(output / WEIGHTS_FILE,
+                  lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}))
+    _atomic_write(output / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+
+
+def save_checkpoint(output: Path, drafter, config, optimizer, state: dict) -> None:
+    """Everything a resumed run needs: weights, optimizer, step (data and
+    anchors are pure functions of the seed and the step)."""
+    save_drafter(drafter, config, output)
+    opt_state = dict(tree_flatten(optimizer.state))
+    _atomic_write(output / OPTIMIZER_FILE, lambda p: mx.save_safetensors(str(p), opt_state))
+    # Written last: a checkpoint counts only once its state file names its step.
+    _atomic_write(output / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=2)))
+
+
+def load_checkpoint(output: Path) -> tuple:
+    """(drafter, config, optimizer state, trainer state) of a checkpoint."""
+    state_path = output / STATE_FILE
+    if not state_path.is_file():
+        raise TrainingError(
+            f"--resume: no checkpoint in {output} (no {STATE_FILE}); run without --resume to start afresh."
+        )
+    state = json.loads(state_path.read_text())
+    config = json.loads((output / CONFIG_FILE).read_text())
+    drafter = Drafter(ModelArgs.from_dict(drafter_args(config)))
+    drafter.load_weights(str(output / WEIGHTS_FILE), strict=True)
+    drafter.kind = "dspark" if drafter.args.markov_rank > 0 else "dflash"
+    freeze_embeddings(drafter)
+    opt_state = tree_unflatten(list(mx.load(str(output / OPTIMIZER_FILE)).items()))
+    mx.eval(drafter.parameters(), opt_state)
+    return drafter, config, opt_state, state
+
+
+# ---------------------------------------------------------------- training
+
+
+def make_loss_and_grad(drafter: Drafter, target: TargetAdapter, args: TrainingArgs):
+    """(tokens, anchors, valid) -> (loss, grads of the trainable drafter
+    weights).  The frozen target runs inside, outside the gradient."""
+
+    def loss(tokens, anchors, valid):
+        logits, features = target(tokens, None)
+        logits, features = mx.stop_gradient(logits), mx.stop_gradient(features)
+        return loss_fn(drafter, features, tokens, logits, anchors, valid, args)[0]
+
+    return nn.value_and_grad(drafter, loss)
+
+
+def lr_schedule(args: TrainingArgs):
+    """Linear warm-up (its first step already moves) then cosine decay."""
+    warmup = args.warmup_steps if args.warmup_steps is not None else args.iters // 20
+    peak, low = args.learning_rate, args.min_learning_rate
+    span = max(1, args.iters - warmup)
+
+    def schedule(step):
+        step = step.astype(mx.float32)
+        progress = mx.clip((step - warmup) / span, 0.0, 1.0)
+        cosine = low + (peak - low) * 0.5 * (1 + mx.cos(math.pi * progress))
+        return mx.where(step < warmup, peak * (step + 1) / (warmup + 1), cosine)
+
+    return schedule
+
+
+def make_optimizer(args: TrainingArgs):
+    return optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
+
+
+def pick_mask_token_id(tokenizer, vocab_size: int) -> int:
+    """A mask id the data never contains: the tokenizer's own mask token
+    (Gemma-4's ``<mask>`` = 4), else the first embedding row past the
+    tokenizer's ids (Qwen3: 151669, as released), else the last id."""
+    if tokenizer is not None:
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        unk = getattr(hf, "unk_token_id", None)
+        for token in ("<mask>", "<|mask|>", "[MASK]"):
+            try:
+                i = hf.convert_tokens_to_ids(token)
+            except Exception:
+                continue
+            if isinstance(i, int) and 0 <= i < vocab_size and i != unk:
+                return i
+        try:
+            n = len(hf)
+        except TypeError:
+            n = vocab_size
+        if n < vocab_size:
+            return n
+    return vocab_size - 1
+
+
+def _load_target(target):
+    """(model, tokenizer, config) from a path/repo or an already loaded model
+    (or a (model, tokenizer) pair)."""
+    if isinstance(target, (str, Path)):
+        from mlx_lm.utils import load
+
+        try:
+            model, tokenizer, config = load(str(target), return_config=True)
+        except Exception as e:  # a missing path, no network, an architecture mlx-lm lacks
+            raise TrainingError(f"Cannot load the target {target} with mlx-lm: {e}") from e
+        return model, tokenizer, config
+    model, tokenizer = target if isinstance(target, tuple) else (target, None)
+    return model, tokenizer, dict(text_args(model))
+
+
+def train(target, data, args: TrainingArgs, output="dspark-drafter", tokenizer=None) -> Path:
+    """Train a drafter for ``target`` on ``data`` and save it in ``output``.
+
+    ``target`` is a model path / Hugging Face repo, or a loaded mlx-lm model
+    (optionally as (model, tokenizer)); ``data`` a .jsonl/.txt path or a
+    list of records (chat/text objects, strings or token-id lists).
+    Returns the output directory, a drafter ``load_drafter`` loads.
+    """
+    args.check()
+    output = Path(output)
+    model, tok, target_config = _load_target(target)
+    tokenizer = tokenizer or tok
+    family = target_family(model)
+
+    sequences = tokenize_data(data, tokenizer, args.seq_length)
+    train_seqs, held = split_data(sequences, args)
+    if not train_seqs:
+        raise TrainingError("All data was held out for evaluation; give more data or --eval-every 0.")
+
+    if args.resume:
+        drafter, config, opt_state, state = load_checkpoint(output)
+        if state.get("data") != fingerprint(sequences):
+            warnings.warn("--resume: the data differs from the checkpoint's; data order will not match.",
+                          stacklevel=2)
+    else:
+        if (output / STATE_FILE).is_file():
+            warnings.warn(f"{output} holds a checkpoint; starting afresh over it (use --resume to continue).",
+                          stacklevel=2)
+        n_layers = len(model.layers)
+        vocab = target_config.get("text_config", target_config).get("vocab_size") or target_config.get("vocab_size")
+        mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token_id(tokenizer, vocab)
+        if not 0 <= mask_id < vocab:
+            raise TrainingError(f"--mask-token-id {mask_id} is outside the target vocabulary (0..{vocab - 1}).")
+        config = drafter_config(target_config, family, n_layers, args, mask_id)
+        drafter = build_drafter(config, model, args.seed)
+        opt_state, state = None, {"step": 0, "history": [], "data": fingerprint(sequences)}
+
+    try:
+        target_adapter = TargetAdapter(model, drafter.target_layer_ids)
+        validate_pair(drafter, target_adapter)
+    except DrafterMismatchError as e:
+        raise TrainingError(f"--resume: the checkpoint in {output} was trained for another target: {e}") from e
+    pad_id = 0
+    optimizer = make_optimizer(args)
+    if opt_state is not None:
+        optimizer.state = opt_state
+
+    loss_and_grad = make_loss_and_grad(drafter, target_adapter, args)
+
+    def record(entry):
+        state["history"].append(entry)
+
+    def run_eval(step):
+        loss = heldout_loss(target_adapter, drafter, held, args, pad_id)
+        tau = evaluate(model, drafter, held, args.eval_tokens)["tau"]
+        record({"step": step, "val_loss": loss, "tau": tau})
+        return loss, tau
+
+    def checkpoint(step):
+        state["step"] = step
+        state["args"] = _json_ready(dataclasses.asdict(args))
+        save_checkpoint(output, drafter, config, optimizer, state)
+
+    start = state["step"]
+    if held and args.eval_every and start == 0:
+        run_eval(0)
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.iters, initial=start, desc="train drafter", unit="step", dynamic_ncols=True)
+    tokens_seen, t0, last_eval = 0, time.perf_counter(), {}
+    for step in range(start, args.iters):
+        grads, loss_sum = None, 0.0
+        for m in range(args.grad_accumulation):
+            tokens, anchors, valid = micro_batch(train_seqs, step * args.grad_accumulation + m, args, pad_id)
+            loss, g = loss_and_grad(tokens, anchors, valid)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, grads)
+            loss_sum += loss.item()
+            tokens_seen += tokens.size
+        if args.grad_accumulation > 1:
+            grads = tree_map(lambda x: x / args.grad_accumulation, grads)
+        if args.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
+        optimizer.update(drafter, grads)
+        mx.eval(drafter.parameters(), optimizer.state)
+        train_loss = loss_sum / args.grad_accumulation
+        done = step + 1
+        record({"step": done, "loss": train_loss})
+        if held and args.eval_every and (done % args.eval_every == 0 or done == args.iters):
+            val_loss, tau = run_eval(done)
+            last_eval = {"val_loss": f"{val_loss:.3f}", "tau": f"{tau:.2f}"}
+        postfix = {"loss": f"{train_loss:.3f}", **last_eval}
+        if args.save_every and done % args.save_every == 0 and done < args.iters:
+            checkpoint(done)
+        if bar is not None:
+            postfix["tok/s"] = f"{tokens_seen / (time.perf_counter() - t0):.0f}"
+            bar.set_postfix(postfix)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    checkpoint(args.iters)
+    return output
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainingArgs()
+    p = argparse.ArgumentParser(prog="python -m mlx_lm_dspark.train", description="Train a DSpark/DFlash drafter for an mlx-lm Qwen3 or Gemma-4 target.")
+    p.add_argument("--model", required=True, help="Target model path or Hugging Face repo (frozen).")
+    p.add_argument("--data", required=True,
+                   help='JSONL ({"turns"|"messages": [...]} or {"text": ...} per line) or a plain .txt file.')
+    p.add_argument("--output", default="dspark-drafter", help="Directory for the drafter and its checkpoints.")
+    p.add_argument("--markov-rank", type=int, default=d.markov_rank, help="Markov head rank; 0 trains DFlash.")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--num-layers", type=int, default=d.num_layers, help="Drafter decoder layers.")
+    p.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
+                   help="Target layers to tap (default: spread like the released drafters).")
+    p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--iters", type=int, default=d.iters, help="Optimizer steps.")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seq-length", type=int, default=d.seq_length)
+    p.add_argument("--anchors-per-seq", type=int, default=d.anchors_per_seq)
+    p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --output.")
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="Held-out τ every N steps (0: never).")
+    p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    return p
+
+
+def run(argv=None) -> Path:
+    """The command line: parse ``argv``, train, return the output directory."""
+    p = build_parser()
+    ns = p.parse_args(argv)
+    options = {k: v for k, v in vars(ns).items() if k not in ("model", "data", "output", "quiet")}
+    options["progress"] = not ns.quiet
+    args = TrainingArgs.from_dict(options)
+    try:
+        args.check()
+        if not Path(ns.data).is_file():
+            raise TrainingError(f"--data {ns.data}: no such file (give a .jsonl or .txt file).")
+        out = train(ns.model, ns.data, args, output=ns.output)
+    except TrainingError as e:
+        p.error(str(e))
+    print(f"Saved drafter to {out}")
+    return out
+
+
+def main(argv=None) -> None:
+    run(argv)  # a console script's main must not return a value (sys.exit would print it)
+
+
+if __name__ == "__main__":
+    main()
