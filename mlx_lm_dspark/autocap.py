@@ -23,6 +23,7 @@ PRIOR = 0.5  # acceptance assumed for a slot never tried
 PRIOR_WEIGHT = 2.0  # ... worth this many rounds of evidence
 PROBE_EVERY = 8  # at least this many rounds verifying less than all drafts before a probe ...
 PROBE_BUDGET = 0.02  # ... and enough that probes cost at most this share of plain decoding time ...
+DECLINES = 2  # declined proposals in a row before rounds stop proposing (until a probe)
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
 
 
@@ -36,6 +37,7 @@ class DraftLength:
         self.predicted = [0.0] * n  # ... sum of its confidence when verified
         self.idle = 0  # rounds since the slots past the cap were last verified
         self.probed_cap = None  # the cap a probe round overrode
+        self.declined = 0  # consecutive proposals ``choose`` verified none of
         # A probe costs a draft and a full-width verify, unpipelined: count the
         # whole round plus about one step of lost overlap.
         extra = cost.round_ms(self.max_drafts) + cost.verify_ms[0]
@@ -64,9 +66,13 @@ class DraftLength:
         return out
 
     def should_draft(self) -> bool:
-        """Whether the next round proposes at all (from running rates, or a
-        probe is due); a proposal is followed by ``choose``."""
-        if self.idle >= self.probe_every or self.cost.best_cap(self._rates()) > 0:
+        """Whether the next round proposes at all: the running rates say
+        drafting pays and the last proposals were not declined (a declined
+        proposal costs a drafter run for nothing), or a probe is due.  A
+        proposal is followed by ``choose``."""
+        if self.idle >= self.probe_every:
+            return True
+        if self.declined < DECLINES and self.cost.best_cap(self._rates()) > 0:
             return True
         self.idle += 1
         return False
@@ -81,6 +87,7 @@ class DraftLength:
             self.probed_cap = cap
             return limit
         self.idle = 0 if cap == limit else self.idle + 1
+        self.declined = 0 if cap > 0 else self.declined + 1
         return cap
 
     def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
@@ -88,6 +95,7 @@ class DraftLength:
         if self.probed_cap is not None:
             if accepted > self.probed_cap:  # the probe found more: keep probing often
                 self.probe_every = self.min_probe_every
+                self.declined = 0
             self.probed_cap = None
         for k in range(self.max_drafts):
             self.tried[k] *= DECAY

@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_lm_dspark import load_drafter
-from mlx_lm_dspark.autocap import PROBE_BUDGET, PROBE_EVERY, DraftLength
+from mlx_lm_dspark.autocap import DECLINES, PROBE_BUDGET, PROBE_EVERY, DraftLength
 from mlx_lm_dspark.cost import CostModel
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
@@ -70,6 +70,20 @@ def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay(
         lengths.update(1, 0, [0.8])  # confident, but only right when ...
         lengths.update(1, 1, [0.8])  # ... half of the time
     assert lengths.acceptance([0.8] * 7)[0] == pytest.approx(0.5, abs=0.08)
+
+
+def test_declined_proposals_stop_proposing_until_a_probe():
+    # The running rates say drafting pays (GPU-like costs, no evidence yet), but
+    # the confidence head says this drafter is hopeless: after DECLINES
+    # proposals verified none, rounds stop paying for proposals.
+    lengths = DraftLength(GPU_LIKE, 7)
+    proposed = []
+    for _ in range(40):
+        drafting = lengths.should_draft()
+        proposed.append(drafting)
+        if drafting:
+            assert lengths.choose(7, [0.01] * 7) == 0
+    assert proposed[:DECLINES] == [True] * DECLINES and not any(proposed[DECLINES:])
 
 
 def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
