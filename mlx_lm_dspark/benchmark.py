@@ -135,10 +135,15 @@ def read_prompts_file(path) -> List[Prompt]:
     """The first turn of each ``{"turns": [...]}`` line of a JSONL file."""
     path = Path(path)
     out = []
-    for i, line in enumerate(path.read_text().splitlines()):
+    # Split on "\n" only: str.splitlines() also splits on Unicode line
+    # separators that JSON strings may contain (the arena-hard prompts do).
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not a JSON line ({e}).") from None
         turns = record.get("turns") if isinstance(record, dict) else None
         if not turns or not isinstance(turns[0], str):
             raise ValueError(f"{path}:{i + 1}: expected {{\"turns\": [\"...\", ...]}}")

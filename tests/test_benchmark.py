@@ -85,6 +85,23 @@ def test_prompt_files_are_read(tmp_path):
     path.write_text('{"question": "no turns"}\n')
     with pytest.raises(ValueError, match="turns"):
         bench.read_prompts_file(path)
+    path.write_text('{"turns": ["ok"]}\n{"turns": ["broken\n')
+    with pytest.raises(ValueError, match=r"evals.jsonl:2: not a JSON line"):
+        bench.read_prompts_file(path)
+    # A line separator inside a JSON string is not a line break.
+    path.write_text(json.dumps({"turns": ["one\u2028two"]}, ensure_ascii=False) + "\n")
+    assert [p.text for p in bench.read_prompts_file(path)] == ["one\u2028two"]
+
+
+def test_the_shared_eval_prompt_sets_are_read():
+    from conftest import SHARED
+
+    root = SHARED / "data" / "eval_prompts"
+    files = sorted(root.glob("*.jsonl"))
+    assert files, f"no eval prompt sets under {root}"
+    for f in files:
+        prompts = bench.read_prompts_file(f)
+        assert prompts and all(p.text for p in prompts), f.name
 
 
 def test_prompt_file_end_to_end(pair, tmp_path):
