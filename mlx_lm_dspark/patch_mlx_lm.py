@@ -49,14 +49,17 @@ def _fail(what: str, detail: str):
     )
 
 
-def _expect_params(module, name: str, params):
+def _expect_params(module, name: str, params, fail=None):
+    """``module.name``, after checking it still takes ``params`` (``fail``
+    raises the host's HostMismatchError; mlx-lm's by default)."""
+    fail = fail or _fail
     func = getattr(module, name, None)
     if not callable(func):
-        _fail(f"{module.__name__}.{name}", "the function no longer exists")
+        fail(f"{module.__name__}.{name}", "the function no longer exists")
     have = list(inspect.signature(func).parameters)
     missing = [p for p in params if p not in have]
     if missing:
-        _fail(f"{module.__name__}.{name}", f"parameters {missing} are gone (it now takes {have})")
+        fail(f"{module.__name__}.{name}", f"parameters {missing} are gone (it now takes {have})")
     return func
 
 

@@ -24,7 +24,6 @@ and raises ``HostMismatchError`` if not.
 
 import argparse
 import functools
-import inspect
 import json
 import logging
 import types
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .patch_mlx_lm import HostMismatchError
+from .patch_mlx_lm import HostMismatchError, _once
+from .patch_mlx_lm import _expect_params as expect_host_params
 
 KIND = "mlx-lm-dspark"
 HOST_KIND = "dflash"  # the mlx-vlm kind whose prefill our drafters need
@@ -54,14 +54,7 @@ def _fail(what: str, detail: str):
 
 
 def _expect_params(module, name: str, params):
-    func = getattr(module, name, None)
-    if not callable(func):
-        _fail(f"{module.__name__}.{name}", "the function no longer exists")
-    have = list(inspect.signature(func).parameters)
-    missing = [p for p in params if p not in have]
-    if missing:
-        _fail(f"{module.__name__}.{name}", f"parameters {missing} are gone (it now takes {have})")
-    return func
+    return expect_host_params(module, name, params, fail=_fail)
 
 
 def _expect_calls(func, where: str, callees):
@@ -69,13 +62,6 @@ def _expect_calls(func, where: str, callees):
     missing = [c for c in callees if c not in names]
     if missing:
         _fail(where, f"it no longer calls {missing} through module globals")
-
-
-def _once(module) -> bool:
-    if getattr(module, "_mlx_lm_dspark_patched", False):
-        return False
-    module._mlx_lm_dspark_patched = True
-    return True
 
 
 # ---------------------------------------------------------------- loading
