@@ -196,7 +196,12 @@ class DecoderLayer(nn.Module):
             self.layer_scalar = mx.ones((1,))
 
     def __call__(self, h: mx.array, cache: KVCache, start: int) -> mx.array:
-        attn = self.self_attn(self.input_layernorm(h), cache, start)
+        return self.around(h, lambda x: self.self_attn(x, cache, start))
+
+    def around(self, h: mx.array, attend) -> mx.array:
+        """The layer with ``attend(normed h)`` as its attention (training
+        attends many blocks at once through the same norms and MLP)."""
+        attn = attend(self.input_layernorm(h))
         if not self.gemma:
             h = h + attn
             return h + self.mlp(self.post_attention_layernorm(h))

@@ -242,17 +242,6 @@ def _block_attention(attn, x, ctx_keys, ctx_values, offsets, mask):
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(N, AB, -1))
 
 
-def _layer(layer, h, ctx_kv, offsets, mask):
-    """``DecoderLayer.__call__`` with the multi-block attention."""
-    attn = _block_attention(layer.self_attn, layer.input_layernorm(h), *ctx_kv, offsets, mask)
-    if not layer.gemma:
-        h = h + attn
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-    h = h + layer.post_attention_layernorm(attn)
-    h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
-    return h * layer.layer_scalar
-
-
 def block_mask(anchors: mx.array, context_len: int, block_size: int) -> mx.array:
     """[N, 1, A*B, L+A*B] boolean: a block at anchor a sees context positions
     < a (what the drafter cache holds when round a drafts) and its own block
@@ -302,7 +291,7 @@ def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchor
     for layer, layer_ctx in zip(drafter.layers, ctx):
         window = layer.self_attn.window
         m = mask if window is None else _window_mask(mask, anchors, L, B, window)
-        h = _layer(layer, h, layer_ctx, offsets, m)
+        h = layer.around(h, lambda x: _block_attention(layer.self_attn, x, *layer_ctx, offsets, m))
     hidden = drafter.norm(h).reshape(N, A, B, -1)
     logits = drafter.base_logits(hidden)
 
