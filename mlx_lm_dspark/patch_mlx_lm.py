@@ -309,6 +309,21 @@ def _with_speculative_usage(response: dict) -> dict:
     return response
 
 
+def argparse_with(adjust) -> types.ModuleType:
+    """A copy of ``argparse`` whose parsers call ``adjust(parser)`` when they
+    parse: how to change a parser the host builds inside a function."""
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def parse_known_args(self, args=None, namespace=None):
+            adjust(self)
+            return super().parse_known_args(args, namespace)
+
+    module = types.ModuleType("argparse")
+    module.__dict__.update(argparse.__dict__)
+    module.ArgumentParser = ArgumentParser
+    return module
+
+
 def patch_server(server) -> None:
     if not _once(server):
         return
@@ -325,17 +340,11 @@ def patch_server(server) -> None:
     usage_response = _expect_method(handler, "completion_usage_response", ["prompt_token_count"])
     _expect_calls(handler, "do_POST", ["num_draft_tokens", "validate_model_parameters"])
 
-    class ArgumentParser(argparse.ArgumentParser):
-        """The server's parser, with the drafter options added at parse time."""
+    def with_drafter_arguments(parser):
+        if not any("--draft-bits" in a.option_strings for a in parser._actions):
+            add_drafter_arguments(parser)
 
-        def parse_args(self, args=None, namespace=None):
-            if not any("--draft-bits" in a.option_strings for a in self._actions):
-                add_drafter_arguments(self)
-            return super().parse_args(args, namespace)
-
-    server_argparse = types.ModuleType("argparse")
-    server_argparse.__dict__.update(argparse.__dict__)
-    server_argparse.ArgumentParser = ArgumentParser
+    server_argparse = argparse_with(with_drafter_arguments)
 
     @functools.wraps(serve_single)
     def _serve_single(self, request, stream):

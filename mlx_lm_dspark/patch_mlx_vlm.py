@@ -26,12 +26,11 @@ import argparse
 import functools
 import json
 import logging
-import types
 from pathlib import Path
 
 import mlx.core as mx
 
-from .patch_mlx_lm import HostMismatchError, _once
+from .patch_mlx_lm import HostMismatchError, _once, argparse_with
 from .patch_mlx_lm import _expect_params as expect_host_params
 
 KIND = "mlx-lm-dspark"
@@ -304,24 +303,18 @@ def patch_ar(ar) -> None:
 # ---------------------------------------------------------------- command lines
 
 
-def _argparse_with_our_kind(module_name: str) -> types.ModuleType:
-    """A copy of ``argparse`` whose parsers add our kind to ``--draft-kind``'s
-    choices when they parse (the host builds its parser inside a function)."""
+def _add_our_kind(module_name: str):
+    """Adds our kind to ``--draft-kind``'s choices of a parser (when it parses)."""
 
-    class ArgumentParser(argparse.ArgumentParser):
-        def parse_known_args(self, args=None, namespace=None):
-            actions = [a for a in self._actions if "--draft-kind" in a.option_strings]
-            if len(actions) != 1 or not actions[0].choices:
-                _fail(f"{module_name}'s --draft-kind option", "it is gone or no longer has choices")
-            if KIND not in actions[0].choices:
-                actions[0].choices = [*actions[0].choices, KIND]
-                actions[0].help = (actions[0].help or "") + f" '{KIND}': an mlx-lm-dspark DSpark/DFlash drafter."
-            return super().parse_known_args(args, namespace)
+    def adjust(parser):
+        actions = [a for a in parser._actions if "--draft-kind" in a.option_strings]
+        if len(actions) != 1 or not actions[0].choices:
+            _fail(f"{module_name}'s --draft-kind option", "it is gone or no longer has choices")
+        if KIND not in actions[0].choices:
+            actions[0].choices = [*actions[0].choices, KIND]
+            actions[0].help = (actions[0].help or "") + f" '{KIND}': an mlx-lm-dspark DSpark/DFlash drafter."
 
-    module = types.ModuleType("argparse")
-    module.__dict__.update(argparse.__dict__)
-    module.ArgumentParser = ArgumentParser
-    return module
+    return adjust
 
 
 def _patch_parser(module, function: str) -> None:
@@ -331,7 +324,7 @@ def _patch_parser(module, function: str) -> None:
     _expect_calls(func, f"{module.__name__}.{function}", ["argparse", "ArgumentParser"])
     if getattr(module, "argparse", None) is not argparse:
         _fail(f"{module.__name__}", "it no longer imports argparse as a module")
-    module.argparse = _argparse_with_our_kind(module.__name__)
+    module.argparse = argparse_with(_add_our_kind(module.__name__))
 
 
 def patch_dispatch(dispatch) -> None:
