@@ -25,6 +25,7 @@ PROBE_EVERY = 8  # at least this many rounds verifying less than all drafts befo
 PROBE_BUDGET = 0.02  # ... and enough that probes cost at most this share of plain decoding time ...
 DECLINES = 2  # declined proposals in a row before rounds stop proposing (until a probe)
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
+OVERHEAD_DECAY = 0.9  # weight of the past in the running per-round overhead estimates
 
 
 class DraftLength:
@@ -43,6 +44,11 @@ class DraftLength:
         extra = cost.round_ms(self.max_drafts) + cost.verify_ms[0]
         self.min_probe_every = max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * cost.verify_ms[0])))
         self.probe_every = self.min_probe_every
+        # Measured round time minus the cost model's, for rounds without and
+        # with drafts: the host work (graph building, the round's sync) and
+        # lost overlap that timing the pieces alone leaves out.
+        self.extra_ms = [0.0, 0.0]
+        self.observed = [0.0, 0.0]  # decayed number of rounds behind each estimate
 
     def _rates(self) -> List[float]:
         return [(k + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT) for k, t in zip(self.kept, self.tried)]
@@ -72,7 +78,7 @@ class DraftLength:
         proposal is followed by ``choose``."""
         if self.idle >= self.probe_every:
             return True
-        if self.declined < DECLINES and self.cost.best_cap(self._rates()) > 0:
+        if self.declined < DECLINES and self.cost.best_cap(self._rates(), extra_ms=self.extra_ms) > 0:
             return True
         self.idle += 1
         return False
@@ -80,7 +86,7 @@ class DraftLength:
     def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
         """How many of the ``proposed`` drafts to verify this round."""
         limit = min(proposed, self.max_drafts)
-        cap = self.cost.best_cap(self.acceptance(confidence), limit=limit)
+        cap = self.cost.best_cap(self.acceptance(confidence), limit=limit, extra_ms=self.extra_ms)
         if cap < limit and self.idle >= self.probe_every:  # a probe: verify all
             self.idle = 0
             self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
@@ -106,3 +112,12 @@ class DraftLength:
             self.kept[k] += float(k < accepted)
             if confidence is not None:
                 self.predicted[k] += confidence[k]
+
+    def observe(self, drafts: int, elapsed_ms: float) -> None:
+        """Record the wall time of a finished round (the caller's time between
+        tokens excluded) that verified ``drafts`` drafts."""
+        i = int(drafts > 0)
+        predicted = self.cost.round_ms(drafts)
+        residual = max(elapsed_ms - predicted, -0.5 * predicted)  # a stall is not a free round
+        self.observed[i] = OVERHEAD_DECAY * self.observed[i] + 1.0
+        self.extra_ms[i] += (residual - self.extra_ms[i]) / self.observed[i]

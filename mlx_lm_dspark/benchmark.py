@@ -33,7 +33,8 @@ cap 0..max to compare with the automatic cap.
 ``acceptance_by_position`` (rounds where slot k was verified and kept /
 rounds where it was verified), ``conditional_acceptance`` (kept / reached:
 verified with every slot before it kept), ``predicted_speedup``,
-``efficiency`` and ``host_ms_per_round``.
+``efficiency``, ``host_ms_per_round`` and (automatic cap) ``learned_extra_ms``: the
+time per (undrafted, drafted) round beyond the cost model that the cap learned while decoding.
 """
 
 import argparse
@@ -96,6 +97,7 @@ class Run:
     proposal_lengths: List[int] = field(default_factory=list)
     accepted_lengths: List[int] = field(default_factory=list)
     host_s: float = 0.0
+    extra_ms: Optional[List[float]] = None  # automatic cap's learned time per round beyond the cost model
 
 
 def setup_arg_parser():
@@ -234,6 +236,7 @@ def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler,
         run.proposal_lengths = list(stats.proposal_lengths)
         run.accepted_lengths = list(stats.accepted_lengths)
         run.host_s = stats.host_seconds
+        run.extra_ms = list(stats.extra_ms) if stats.extra_ms is not None else None
     return run
 
 
@@ -305,6 +308,13 @@ def summarize_plain(runs: List[Run]) -> dict:
     }
 
 
+def _mean_extra(runs: List[Run]) -> Optional[List[float]]:
+    """The automatic cap's learned (undrafted, drafted) ms per round beyond
+    the cost model, averaged over runs (None with a fixed cap)."""
+    learned = [r.extra_ms for r in runs if r.extra_ms is not None]
+    return [sum(e[i] for e in learned) / len(learned) for i in range(2)] if learned else None
+
+
 def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, cap) -> dict:
     out = summarize_plain(runs)
     proposals = [n for r in runs for n in r.proposal_lengths]
@@ -330,6 +340,7 @@ def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, c
         predicted_speedup=predicted,
         efficiency=speedup / predicted if speedup is not None and predicted else None,
         host_ms_per_round=1000 * sum(r.host_s for r in runs) / rounds if rounds else None,
+        learned_extra_ms=_mean_extra(runs),
     )
     return out
 
@@ -465,6 +476,10 @@ def format_report(results: dict) -> str:
         for name, s in results["by_category"].items():
             lines.append(row(name, s))
     lines.append(row("overall", results["overall"]))
+    extra = results["overall"]["speculative"].get("learned_extra_ms")
+    if extra:
+        lines.append(f"automatic cap learned per round beyond the cost model: {extra[0]:+.2f} ms undrafted, "
+                     f"{extra[1]:+.2f} ms drafted")
 
     if "sweep" in results["overall"]:
         caps = list(results["overall"]["sweep"])

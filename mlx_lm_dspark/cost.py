@@ -34,8 +34,11 @@ class CostModel:
     def max_drafts(self) -> int:
         return len(self.verify_ms) - 1
 
-    def round_ms(self, drafts: int) -> float:
-        return self.verify_ms[drafts] + (self.draft_ms if drafts else 0.0)
+    def round_ms(self, drafts: int, extra_ms=(0.0, 0.0)) -> float:
+        """A round's time; ``extra_ms`` = (undrafted, drafted) time per round
+        the measured pieces leave out (host work, lost overlap), learned
+        while decoding."""
+        return self.verify_ms[drafts] + (self.draft_ms + extra_ms[1] if drafts else extra_ms[0])
 
     def expected_tokens(self, accept: List[float], drafts: int) -> float:
         """1 + E[accepted] when draft k is kept with conditional probability
@@ -46,13 +49,13 @@ class CostModel:
             total += alive
         return total
 
-    def tokens_per_ms(self, accept: List[float], drafts: int) -> float:
-        return self.expected_tokens(accept, drafts) / self.round_ms(drafts)
+    def tokens_per_ms(self, accept: List[float], drafts: int, extra_ms=(0.0, 0.0)) -> float:
+        return self.expected_tokens(accept, drafts) / max(self.round_ms(drafts, extra_ms), 1e-6)
 
-    def best_cap(self, accept: List[float], limit: Optional[int] = None) -> int:
+    def best_cap(self, accept: List[float], limit: Optional[int] = None, extra_ms=(0.0, 0.0)) -> int:
         """The number of drafts with the highest expected tokens per second."""
         limit = min(self.max_drafts, len(accept) if limit is None else limit)
-        return max(range(limit + 1), key=lambda k: self.tokens_per_ms(accept, k))
+        return max(range(limit + 1), key=lambda k: self.tokens_per_ms(accept, k, extra_ms))
 
 
 def cache_dir() -> Path:

@@ -40,6 +40,7 @@ class SpeculativeStats:
     cap: Optional[int] = None  # the fixed cap, or None when chosen per round
     host_seconds: float = 0.0  # loop time outside waits for the device (and outside the caller)
     wait_seconds: float = 0.0  # time blocked on device results
+    extra_ms: Optional[List[float]] = None  # automatic cap: learned time per round beyond the cost model
 
     @property
     def host_ms_per_round(self) -> float:
@@ -285,7 +286,7 @@ def decode(
     rule = rule_for(sampler)
     auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
     lengths = DraftLength(cost_model(drafter, target), max_drafts) if auto else None
-    stats = SpeculativeStats(rule=rule, cap=None if auto else cap)
+    stats = SpeculativeStats(rule=rule, cap=None if auto else cap, extra_ms=lengths.extra_ms if auto else None)
     drafter.stats = stats
 
     def forward(tokens, start):
@@ -343,6 +344,18 @@ def decode(
         start = time.perf_counter()
         value = read()
         return waited(start), value
+
+    caller_s = 0.0  # time spent in the caller between our yields
+    open_round = []  # [start time, drafts verified, caller_s at start] of the round under way
+
+    def round_begins(drafts=0):
+        """Start timing a round (closing the previous one): the automatic cap
+        learns what rounds really cost beyond its measured pieces."""
+        now = time.perf_counter()
+        if lengths is not None and open_round:
+            t0, n0, c0 = open_round
+            lengths.observe(n0, 1000 * ((now - t0) - (caller_s - c0)))
+        open_round[:] = [now, drafts, caller_s]
 
     pending = []  # (features, start) committed but not yet in the drafter context
     pending_positions = 0
@@ -408,9 +421,10 @@ def decode(
         """Rounds without drafts (drafting paused, or a cap of 0), pipelined
         like plain decoding: the next forward is queued before this round's
         token is read, so the device never waits on Python."""
-        nonlocal anchor, position, produced, last_pos, n, proposal
+        nonlocal anchor, position, produced, last_pos, n, proposal, caller_s
         step = queue_plain_step(anchor, position)
         while True:
+            round_begins()
             round_start = time.perf_counter()
             wait_before = stats.wait_seconds
             following, step_logprobs = step
@@ -428,7 +442,9 @@ def decode(
             stats.host_seconds += (end[0] - round_start) - (stats.wait_seconds - wait_before)
             produced += 1
             last_pos = start + 1
+            before = time.perf_counter()
             yield token, step_logprobs[0], False
+            caller_s += time.perf_counter() - before
             if stats.rounds % 256 == 0:
                 mx.clear_cache()
             if not (more and n == 0):
@@ -443,6 +459,7 @@ def decode(
                 yield from undrafted_rounds()
                 continue
             in_round = True
+            round_begins()
             round_start = time.perf_counter()
             wait_before = stats.wait_seconds
             with mx.stream(stream):
@@ -482,6 +499,7 @@ def decode(
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
             stats.accepted_lengths.append(a)
+            open_round[1] = n
             if lengths is not None and n > 0:
                 lengths.update(n, a, scores)
             anchor = next_token
@@ -490,10 +508,12 @@ def decode(
             in_round = False
             n, proposal = propose(produced + a + 1)
             stats.host_seconds += (time.perf_counter() - round_start) - (stats.wait_seconds - wait_before)
+            before = time.perf_counter()
             for k in range(a + 1):
                 produced += 1
                 last_pos = start + 1 + k
                 yield tokens[k], logprobs[k], k < a
+            caller_s += time.perf_counter() - before
             if stats.rounds % 256 == 0:
                 mx.clear_cache()
     finally:

@@ -72,6 +72,24 @@ def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay(
     assert lengths.acceptance([0.8] * 7)[0] == pytest.approx(0.5, abs=0.08)
 
 
+def test_measured_round_overhead_enters_the_choice():
+    """Time per round that the cost model's pieces leave out (host work) is
+    learned from observed rounds and makes marginal drafting stop paying."""
+    lengths = DraftLength(GPU_LIKE, 7)
+    marginal = [0.3] * 7  # 1.43 tokens for 12.5 ms vs 1 for 10 ms: drafting 1 pays, barely
+    assert lengths.choose(7, marginal) > 0
+    for _ in range(30):
+        lengths.observe(0, GPU_LIKE.round_ms(0) + 0.2)  # plain steps: nearly as measured
+        lengths.observe(3, GPU_LIKE.round_ms(3) + 4.0)  # drafted rounds: 4 ms of host work on top
+    assert lengths.extra_ms[0] == pytest.approx(0.2, abs=1e-9)
+    assert lengths.extra_ms[1] == pytest.approx(4.0, abs=1e-9)
+    assert lengths.choose(7, marginal) == 0
+    assert lengths.choose(7, [0.95] * 7) == 7  # a good proposal still pays
+    # A stalled or early round cannot teach a negative cost below half the model's.
+    lengths.observe(3, 0.0)
+    assert lengths.extra_ms[1] > -0.5 * GPU_LIKE.round_ms(3)
+
+
 def test_declined_proposals_stop_proposing_until_a_probe():
     # The running rates say drafting pays (GPU-like costs, no evidence yet), but
     # the confidence head says this drafter is hopeless: after DECLINES
@@ -134,3 +152,15 @@ def test_an_explicit_cap_wins(models):
     list(speculative_generate_step(mx.array([5, 6, 7]), model, drafter, max_tokens=20, num_draft_tokens=2))
     assert drafter.stats.cap == 2 and set(drafter.stats.proposal_lengths[:-2]) == {2}  # the last two: max_tokens
     assert "draft cap 2" in drafter.stats.summary()
+
+
+def test_decoding_feeds_round_times_to_the_automatic_cap(models):
+    model, _ = models["qwen3"]
+    prompt = [5, 6, 7]
+    more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
+    drafter = OracleDrafter(text_args(model), prompt + more, right=lambda pos: True)
+    list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60))
+    undrafted, drafted = drafter.stats.extra_ms
+    assert drafted != 0.0 and abs(drafted) < 1000.0  # drafted rounds were timed
+    list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=20, num_draft_tokens=2))
+    assert drafter.stats.extra_ms is None  # an explicit cap learns nothing
