@@ -9,8 +9,10 @@ head, from running per-slot acceptance rates.  When even the best cap is
 predicted slower than plain decoding, the round skips drafting.  Every so
 often a probe round verifies a whole proposal whatever the estimates say:
 the only way to learn that a drafter (or a pessimistic confidence head) is
-better than believed.  Probes are spaced so that they cost at most 2 % of
-plain decoding time, and those that find nothing come less often.
+better than believed.  The first proposal is such a probe; later probes are
+spaced so that they cost at most 2 % of plain decoding time, and those that
+find nothing come less often.  What is learned (acceptance, calibration,
+time per round) stays with the drafter from one generation to the next.
 """
 
 import math
@@ -37,6 +39,7 @@ class DraftLength:
         self.kept = [0.0] * n  # ... and kept
         self.predicted = [0.0] * n  # ... sum of its confidence when verified
         self.idle = 0  # rounds since the slots past the cap were last verified
+        self.calibrated = False  # whether a whole proposal was ever verified
         self.probed_cap = None  # the cap a probe round overrode
         self.declined = 0  # consecutive proposals ``choose`` verified none of
         # A probe costs a draft and a full-width verify, unpipelined: count the
@@ -71,12 +74,18 @@ class DraftLength:
             out.append(min(1.0, max(0.0, c * scale)))
         return out
 
+    def start(self) -> None:
+        """A new generation: forget the streak of declined proposals (the
+        learned estimates and the probe spacing carry over)."""
+        self.declined = 0
+        self.probed_cap = None
+
     def should_draft(self) -> bool:
         """Whether the next round proposes at all: the running rates say
         drafting pays and the last proposals were not declined (a declined
         proposal costs a drafter run for nothing), or a probe is due.  A
         proposal is followed by ``choose``."""
-        if self.idle >= self.probe_every:
+        if self.idle >= self.probe_every or not self.calibrated:
             return True
         if self.declined < DECLINES and self.cost.best_cap(self._rates(), extra_ms=self.extra_ms) > 0:
             return True
@@ -87,12 +96,14 @@ class DraftLength:
         """How many of the ``proposed`` drafts to verify this round."""
         limit = min(proposed, self.max_drafts)
         cap = self.cost.best_cap(self.acceptance(confidence), limit=limit, extra_ms=self.extra_ms)
-        if cap < limit and self.idle >= self.probe_every:  # a probe: verify all
+        if cap < limit and (self.idle >= self.probe_every or not self.calibrated):  # a probe: verify all
+            self.calibrated = True
             self.idle = 0
             self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
             self.probed_cap = cap
             return limit
         self.idle = 0 if cap == limit else self.idle + 1
+        self.calibrated = self.calibrated or cap == limit
         self.declined = 0 if cap > 0 else self.declined + 1
         return cap
 
@@ -107,6 +118,7 @@ class DraftLength:
             self.tried[k] *= DECAY
             self.kept[k] *= DECAY
             self.predicted[k] *= DECAY
+        self.calibrated = self.calibrated or verified >= self.max_drafts
         for k in range(min(verified, accepted + 1)):  # slots the target judged
             self.tried[k] += 1.0
             self.kept[k] += float(k < accepted)
@@ -121,3 +133,14 @@ class DraftLength:
         residual = max(elapsed_ms - predicted, -0.5 * predicted)  # a stall is not a free round
         self.observed[i] = OVERHEAD_DECAY * self.observed[i] + 1.0
         self.extra_ms[i] += (residual - self.extra_ms[i]) / self.observed[i]
+
+
+def draft_length_for(drafter, cost: CostModel, max_drafts: int) -> DraftLength:
+    """The drafter's DraftLength, kept on it across generations while the
+    cost model (the target it is bound to) and block stay the same."""
+    lengths = getattr(drafter, "_draft_length", None)
+    if lengths is None or lengths.cost is not cost or lengths.max_drafts != min(max_drafts, cost.max_drafts):
+        lengths = DraftLength(cost, max_drafts)
+        drafter._draft_length = lengths
+    lengths.start()
+    return lengths

@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from .autocap import DraftLength
+from .autocap import draft_length_for
 from .cost import load_or_measure
 from .sampling import PQ, accept_pq, distribution, rule_for, sample, settings_of
 from .target import (
@@ -285,7 +285,7 @@ def decode(
     settings = settings_of(sampler)
     rule = rule_for(sampler)
     auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
-    lengths = DraftLength(cost_model(drafter, target), max_drafts) if auto else None
+    lengths = draft_length_for(drafter, cost_model(drafter, target), max_drafts) if auto else None
     stats = SpeculativeStats(rule=rule, cap=None if auto else cap, extra_ms=lengths.extra_ms if auto else None)
     drafter.stats = stats
 

@@ -92,16 +92,37 @@ def test_measured_round_overhead_enters_the_choice():
 
 def test_declined_proposals_stop_proposing_until_a_probe():
     # The running rates say drafting pays (GPU-like costs, no evidence yet), but
-    # the confidence head says this drafter is hopeless: after DECLINES
-    # proposals verified none, rounds stop paying for proposals.
+    # the confidence head says this drafter is hopeless: the first proposal is
+    # verified whole (calibration), then after DECLINES proposals verified
+    # none, rounds stop paying for proposals.
     lengths = DraftLength(GPU_LIKE, 7)
-    proposed = []
+    proposed, caps = [], []
     for _ in range(40):
         drafting = lengths.should_draft()
         proposed.append(drafting)
         if drafting:
-            assert lengths.choose(7, [0.01] * 7) == 0
-    assert proposed[:DECLINES] == [True] * DECLINES and not any(proposed[DECLINES:])
+            caps.append(lengths.choose(7, [0.01] * 7))
+            lengths.update(caps[-1], 0, [0.01] * caps[-1])
+    assert caps == [7] + [0] * DECLINES
+    assert proposed[: 1 + DECLINES] == [True] * (1 + DECLINES) and not any(proposed[1 + DECLINES :])
+
+
+def test_learned_estimates_carry_over_to_the_next_generation():
+    from mlx_lm_dspark.autocap import draft_length_for
+
+    class Holder:
+        pass
+
+    drafter = Holder()
+    first = draft_length_for(drafter, GPU_LIKE, 7)
+    for _ in range(5):
+        first.update(7, 7, [0.05] * 7)
+    first.declined = 3
+    again = draft_length_for(drafter, GPU_LIKE, 7)
+    assert again is first and again.calibrated and again.declined == 0  # the streak is per generation
+    other = draft_length_for(drafter, CPU_LIKE, 7)
+    assert other is not first and not other.calibrated  # another target (cost model): start afresh
+    assert draft_length_for(drafter, CPU_LIKE, 3).max_drafts == 3  # another block: start afresh
 
 
 def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
@@ -112,9 +133,8 @@ def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
         caps.append(cap)
         if cap:
             lengths.update(cap, cap, [0.05] * cap)  # every draft kept
-    first = caps.index(7)
-    assert first == lengths.min_probe_every and all(c == 0 for c in caps[:first])
-    assert all(c > 0 for c in caps[first:])  # drafting every round since the probe ...
+    assert caps[0] == 7  # the first proposal is verified whole: the head is 20x too pessimistic ...
+    assert all(c > 0 for c in caps)  # ... so drafting goes on every round ...
     assert caps[-10:] == [7] * 10  # ... and soon with the full block
 
 

@@ -323,3 +323,25 @@ def test_trains_gemma4_and_quantized_targets(family, bits, tmp_path):
     if bits:  # the dequantized copy of the packed target matrices
         e = inner.model.embed_tokens
         assert mx.allclose(embed, mx.dequantize(e.weight, e.scales, e.biases, e.group_size, e.bits), atol=0)
+
+
+def test_blas_hint(monkeypatch):
+    """Linux CPU wheels of mlx bundle the reference BLAS: the CLI says how to
+    preload OpenBLAS, and stays quiet when it is preloaded or not on Linux."""
+    import sys
+    from pathlib import Path
+
+    from mlx_lm_dspark.train import blas_hint
+
+    bundled = list((Path(mx.__file__).resolve().parents[1] / "mlx_cpu.libs").glob("libblas*"))
+    monkeypatch.setenv("LD_PRELOAD", "")
+    hint = blas_hint()
+    if sys.platform == "linux" and bundled:
+        assert "reference BLAS" in hint and "LD_PRELOAD" in hint
+    else:
+        assert hint is None
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+    assert blas_hint() is None
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert blas_hint() is None
