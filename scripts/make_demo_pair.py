@@ -310,6 +310,7 @@ def build_parser():
     p.add_argument("--target-batch", type=int, default=8)
     p.add_argument("--target-seq", type=int, default=256)
     p.add_argument("--target-lr", type=float, default=1e-3)
+    p.add_argument("--drafter-only", action="store_true", help="Retrain only the drafter, for the target in --out.")
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--drafter-layers", type=int, default=2)
     p.add_argument("--markov-rank", type=int, default=64)
@@ -321,6 +322,24 @@ def build_parser():
     return p
 
 
+def retrain_drafter(args, work, train_texts, held_texts, t0):
+    """Train a new drafter for the target already in ``args.out``."""
+    manifest_path = args.out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    log("training the drafter with mlx_lm_dspark.train (against the quantized target)")
+    drafter_stats = train_drafter(args.out / "target", train_texts, args, work / "drafter")
+    log(f"drafter: {drafter_stats}")
+    shutil.rmtree(args.out / "drafter", ignore_errors=True)
+    quantize_drafter(work / "drafter", args.out / "drafter", args.bits)
+    write_prompts(held_texts, args.out / "held_out_prompts.jsonl")
+    for key in ("block_size", "drafter_layers", "markov_rank", "drafter_iters", "drafter_batch", "drafter_seq",
+                "anchors", "drafter_lr"):
+        manifest["settings"][key] = getattr(args, key)
+    manifest["drafter"] = drafter_stats
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    log(f"rewrote {args.out / 'drafter'} in {round(time.perf_counter() - t0)} s")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     work = args.work or Path(tempfile.gettempdir()) / "mlx_lm_dspark_demo_work"
@@ -328,6 +347,8 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     train_texts, held_texts, corpus = read_corpus(args.max_files)
+    if args.drafter_only:
+        return retrain_drafter(args, work, train_texts, held_texts, t0)
     log(f"corpus: {corpus['files']} files, {corpus['bytes'] / 1e6:.1f} MB (Python {corpus['python']})")
     tokenizer = train_tokenizer(train_texts, args.vocab_size, work / "tokenizer")
     train_rows, n_train = chunks(train_texts, tokenizer, args.target_seq)

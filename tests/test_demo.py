@@ -104,3 +104,12 @@ def test_reproduction_script_smoke(tmp_path):
     assert manifest["tokens"]["train"] > 0 and len(manifest["drafter"]["held_out"]) >= 1
     results = demo.run(["--pair", str(out), "--prompt", "def f(x):\n", "--max-tokens", "24", "--no-color"])
     assert results["overall"]["identical"]
+    # --drafter-only retrains just the drafter for the target already there.
+    target_weights = (out / "target" / "model.safetensors").read_bytes()
+    script.main(["--out", str(out), "--work", str(tmp_path / "work"), "--max-files", "8", "--drafter-only",
+                 "--drafter-iters", "1", "--drafter-batch", "2", "--drafter-seq", "64", "--anchors", "4",
+                 "--drafter-layers", "1", "--markov-rank", "0"])
+    assert (out / "target" / "model.safetensors").read_bytes() == target_weights
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["markov_rank"] == 0 and manifest["settings"]["drafter_iters"] == 1
+    assert demo.run(["--pair", str(out), "--prompt", "x = ", "--max-tokens", "16", "--no-color"])["overall"]["identical"]
