@@ -396,9 +396,11 @@ def decode(
         n = 0 if drafts is None else drafts.size
         if rule == PQ:
             return accept_pq(distribution(logprobs, settings), q, drafts if n else mx.zeros((0,), mx.uint32))
-        sampled = sampler(logprobs).astype(mx.uint32)
+        sampled = sampler(logprobs)
+        if sampled.dtype != mx.uint32:
+            sampled = sampled.astype(mx.uint32)
         if n == 0:
-            return mx.array(0), sampled[:1]
+            return mx.array(0), sampled if sampled.shape[0] == 1 else sampled[:1]
         accepted = mx.cumprod((sampled[:n] == drafts).astype(mx.int32)).sum()
         return accepted, mx.take(sampled, accepted[None])
 
