@@ -348,14 +348,15 @@ def decode(
     caller_s = 0.0  # time spent in the caller between our yields
     open_round = []  # [start time, drafts verified, caller_s at start] of the round under way
 
-    def round_begins(drafts=0):
-        """Start timing a round (closing the previous one): the automatic cap
-        learns what rounds really cost beyond its measured pieces."""
+    def round_begins():
+        """Start timing a round (closing the previous one; a drafted round
+        sets its draft count later): the automatic cap learns what rounds
+        really cost beyond its measured pieces."""
         now = time.perf_counter()
         if lengths is not None and open_round:
             t0, n0, c0 = open_round
             lengths.observe(n0, 1000 * ((now - t0) - (caller_s - c0)))
-        open_round[:] = [now, drafts, caller_s]
+        open_round[:] = [now, 0, caller_s]
 
     pending = []  # (features, start) committed but not yet in the drafter context
     pending_positions = 0

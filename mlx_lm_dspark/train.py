@@ -782,7 +782,7 @@ def blas_hint() -> Optional[str]:
     if sys.platform != "linux" or "openblas" in os.environ.get("LD_PRELOAD", ""):
         return None
     libs = Path(mx.__file__).resolve().parents[1] / "mlx_cpu.libs"
-    if not any(f.name.startswith("libblas") for f in libs.glob("libblas*")):
+    if not any(libs.glob("libblas*")):
         return None
     found = next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
     how = (f"LD_PRELOAD={found} mlx_lm_dspark.train ..." if found

@@ -58,7 +58,6 @@ if __name__ == "__main__":
     use_fast_blas()
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,14 +268,13 @@ def train_drafter(target_dir: Path, texts, args, out: Path):
 
 
 def quantize_drafter(src: Path, out: Path, bits: int):
-    """The drafter's linear layers at ``bits`` (confidence head kept in
-    float, as ``load_drafter(bits=...)`` does), stored quantized."""
+    """The drafter as ``load_drafter(bits=...)`` quantizes it on load
+    (confidence head kept in float), stored quantized."""
     from mlx.utils import tree_flatten
 
-    from mlx_lm_dspark.loader import _should_quantize, load_drafter
+    from mlx_lm_dspark.loader import load_drafter
 
-    drafter = load_drafter(str(src), bits=None)
-    nn.quantize(drafter, group_size=64, bits=bits, class_predicate=_should_quantize(64))
+    drafter = load_drafter(str(src), bits=bits, group_size=64)
     config = json.loads((src / "config.json").read_text())
     config["quantization"] = {"group_size": 64, "bits": bits}
     out.mkdir(parents=True, exist_ok=True)
