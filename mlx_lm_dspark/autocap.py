@@ -135,9 +135,17 @@ class DraftLength:
         self.extra_ms[i] += (residual - self.extra_ms[i]) / self.observed[i]
 
 
-def draft_length_for(drafter, cost: CostModel, max_drafts: int) -> DraftLength:
+def draft_length_for(drafter, cost: CostModel, max_drafts: int, learn: bool = True) -> DraftLength:
     """The drafter's DraftLength, kept on it across generations while the
-    cost model (the target it is bound to) and block stay the same."""
+    cost model (the target it is bound to) and block stay the same.
+
+    ``learn=False`` (sampling) gives a fresh one: there the caps decide how
+    many random draws a round uses, so they must depend only on the seed,
+    the cost model and this generation, not on earlier generations."""
+    if not learn:
+        lengths = DraftLength(cost, max_drafts)
+        lengths.start()
+        return lengths
     lengths = getattr(drafter, "_draft_length", None)
     if lengths is None or lengths.cost is not cost or lengths.max_drafts != min(max_drafts, cost.max_drafts):
         lengths = DraftLength(cost, max_drafts)

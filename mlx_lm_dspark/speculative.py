@@ -16,7 +16,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from .autocap import draft_length_for
 from .cost import load_or_measure
-from .sampling import PQ, accept_pq, distribution, rule_for, sample, settings_of
+from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
 from .target import (
     TargetAdapter,
     cache_length,
@@ -285,7 +285,11 @@ def decode(
     settings = settings_of(sampler)
     rule = rule_for(sampler)
     auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
-    lengths = draft_length_for(drafter, cost_model(drafter, target), max_drafts) if auto else None
+    # Caps never change greedy output, so only greedy decoding lets them
+    # follow wall-clock timing and earlier generations; with sampling they
+    # decide which random draws are made, and a seed must reproduce the text.
+    learn = rule == GREEDY
+    lengths = draft_length_for(drafter, cost_model(drafter, target), max_drafts, learn) if auto else None
     stats = SpeculativeStats(rule=rule, cap=None if auto else cap, extra_ms=lengths.extra_ms if auto else None)
     drafter.stats = stats
 
@@ -353,7 +357,7 @@ def decode(
         sets its draft count later): the automatic cap learns what rounds
         really cost beyond its measured pieces."""
         now = time.perf_counter()
-        if lengths is not None and open_round:
+        if lengths is not None and learn and open_round:
             t0, n0, c0 = open_round
             lengths.observe(n0, 1000 * ((now - t0) - (caller_s - c0)))
         open_round[:] = [now, 0, caller_s]

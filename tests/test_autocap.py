@@ -184,3 +184,26 @@ def test_decoding_feeds_round_times_to_the_automatic_cap(models):
     assert drafted != 0.0 and abs(drafted) < 1000.0  # drafted rounds were timed
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=20, num_draft_tokens=2))
     assert drafter.stats.extra_ms is None  # an explicit cap learns nothing
+
+
+def test_sampling_caps_do_not_depend_on_earlier_generations(models):
+    """With sampling the caps decide which random draws a round makes: a
+    seed must reproduce the text in the same process, whatever ran before
+    (greedy decoding alone carries learned estimates over)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    model, drafter_dir = models["qwen3"]
+    prompt = [5, 6, 7]
+    more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
+    drafter = OracleDrafter(text_args(model), prompt + more, right=lambda pos: pos % 3 != 0)
+    sampler = make_sampler(temp=0.8)
+
+    def sampled():
+        mx.random.seed(3)
+        return [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=40,
+                                                          sampler=sampler)]
+
+    first = sampled()
+    list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60))  # greedy: learns
+    assert sampled() == first
+    assert getattr(drafter, "_draft_length", None) is not None  # greedy kept its estimates
