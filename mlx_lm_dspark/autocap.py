@@ -33,6 +33,7 @@ OVERHEAD_DECAY = 0.9  # weight of the past in the running per-round overhead est
 class DraftLength:
     def __init__(self, cost: CostModel, max_drafts: int):
         self.cost = cost
+        self.now = cost  # the costs at the current context length (``at``)
         self.max_drafts = min(max_drafts, cost.max_drafts)
         n = self.max_drafts
         self.tried = [0.0] * n  # decayed number of rounds slot k was verified
@@ -74,11 +75,17 @@ class DraftLength:
             out.append(min(1.0, max(0.0, c * scale)))
         return out
 
+    def at(self, context: int) -> None:
+        """Decoding has reached ``context`` cached positions: verify and draft
+        costs grow with it, and with them the best cap falls."""
+        self.now = self.cost.at(context)
+
     def start(self) -> None:
         """A new generation: forget the streak of declined proposals (the
         learned estimates and the probe spacing carry over)."""
         self.declined = 0
         self.probed_cap = None
+        self.now = self.cost
 
     def should_draft(self) -> bool:
         """Whether the next round proposes at all: the running rates say
@@ -87,7 +94,7 @@ class DraftLength:
         proposal is followed by ``choose``."""
         if self.idle >= self.probe_every or not self.calibrated:
             return True
-        if self.declined < DECLINES and self.cost.best_cap(self._rates(), extra_ms=self.extra_ms) > 0:
+        if self.declined < DECLINES and self.now.best_cap(self._rates(), extra_ms=self.extra_ms) > 0:
             return True
         self.idle += 1
         return False
@@ -95,7 +102,7 @@ class DraftLength:
     def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
         """How many of the ``proposed`` drafts to verify this round."""
         limit = min(proposed, self.max_drafts)
-        cap = self.cost.best_cap(self.acceptance(confidence), limit=limit, extra_ms=self.extra_ms)
+        cap = self.now.best_cap(self.acceptance(confidence), limit=limit, extra_ms=self.extra_ms)
         if cap < limit and (self.idle >= self.probe_every or not self.calibrated):  # a probe: verify all
             self.calibrated = True
             self.idle = 0
@@ -129,7 +136,7 @@ class DraftLength:
         """Record the wall time of a finished round (the caller's time between
         tokens excluded) that verified ``drafts`` drafts."""
         i = int(drafts > 0)
-        predicted = self.cost.round_ms(drafts)
+        predicted = self.now.round_ms(drafts)
         residual = max(elapsed_ms - predicted, -0.5 * predicted)  # a stall is not a free round
         self.observed[i] = OVERHEAD_DECAY * self.observed[i] + 1.0
         self.extra_ms[i] += (residual - self.extra_ms[i]) / self.observed[i]

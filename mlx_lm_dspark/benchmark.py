@@ -21,7 +21,9 @@ cap 0..max to compare with the automatic cap.
 ``--json PATH`` writes everything; top-level keys:
 
 - ``config``: the options, versions and device;
-- ``cost_model``: ``verify_ms`` (by verify width 1..max_drafts+1) and ``draft_ms``;
+- ``cost_model``: ``verify_ms`` (by verify width 1..max_drafts+1) and ``draft_ms`` with
+  ``context`` positions cached, and their growth per further position
+  (``verify_ms_per_position``, ``draft_ms_per_position``);
 - ``prompts``: per prompt ``name``, ``category``, ``prompt_tokens``, ``plain``,
   ``speculative`` and (with --sweep-caps) ``sweep`` (cap -> speculative);
 - ``by_category``: per category ``plain``, ``speculative``, ``sweep``, ``best_fixed_cap``;
@@ -33,15 +35,19 @@ cap 0..max to compare with the automatic cap.
 ``acceptance_by_position`` (rounds where slot k was verified and kept /
 rounds where it was verified), ``conditional_acceptance`` (kept / reached:
 verified with every slot before it kept), ``predicted_speedup``,
-``efficiency``, ``host_ms_per_round`` and (automatic cap) ``learned_extra_ms``: the
-time per (undrafted, drafted) round beyond the cost model that the cap learned while decoding.
+``efficiency``, ``host_ms_per_round`` (loop time outside waits for the device),
+``loop_ms_per_round`` (the part of it not spent building the target's and
+drafter's graphs: what the round loop itself adds) and (automatic cap)
+``learned_extra_ms``: the time per (undrafted, drafted) round beyond the cost
+model that the cap learned while decoding.
 """
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -94,9 +100,12 @@ class Run:
     tokens: List[int]
     prefill_s: float
     decode_s: float
+    prompt: str = ""  # the prompt's name: trials of one prompt are pooled by median
+    prompt_tokens: int = 0
     proposal_lengths: List[int] = field(default_factory=list)
     accepted_lengths: List[int] = field(default_factory=list)
     host_s: float = 0.0
+    graph_s: float = 0.0
     extra_ms: Optional[List[float]] = None  # automatic cap's learned time per round beyond the cost model
 
 
@@ -125,6 +134,8 @@ def setup_arg_parser():
                         help="Effective drafter block (at most the trained one; the oracle's block, default 7).")
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                         help="Apply the tokenizer's chat template when it has one.")
+    parser.add_argument("--cached-cost", action="store_true",
+                        help="Reuse the cached cost model instead of measuring it again before the runs.")
     parser.add_argument("--json", default=None, help="Write all results to this JSON file.")
     parser.add_argument("--plot", default=None, help="Write a PNG plot of the speed-ups (needs matplotlib).")
     return parser
@@ -224,18 +235,22 @@ def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids) -> Ru
     from mlx_lm.generate import generate_step
 
     gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler)
-    return timed(gen, eos_ids)
+    run = timed(gen, eos_ids)
+    run.prompt_tokens = len(prompt)
+    return run
 
 
 def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids) -> Run:
     gen = speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens,
                                     sampler=sampler, num_draft_tokens=cap)
     run = timed(gen, eos_ids)
+    run.prompt_tokens = len(prompt)
     stats = getattr(drafter, "stats", None)
     if stats is not None:
         run.proposal_lengths = list(stats.proposal_lengths)
         run.accepted_lengths = list(stats.accepted_lengths)
         run.host_s = stats.host_seconds
+        run.graph_s = stats.graph_seconds
         run.extra_ms = list(stats.extra_ms) if stats.extra_ms is not None else None
     return run
 
@@ -282,21 +297,40 @@ def acceptance(runs: List[Run], max_drafts: int):
 
 def predicted_speedup(cost, runs: List[Run], conditional) -> Optional[float]:
     """The cost model's speed-up for the caps used and the measured acceptance:
-    per round draft_ms + verify_ms[cap] for 1 + E[accepted | cap] tokens,
-    against verify_ms[0] per plain token."""
-    caps = [min(n, cost.max_drafts) for r in runs for n in r.proposal_lengths]
-    if not caps:
-        return None
+    per round draft_ms + verify_ms[cap] at that round's context length for
+    1 + E[accepted | cap] tokens, against verify_ms[0] per plain token over
+    the same positions."""
     accept = [c or 0.0 for c in conditional]
-    tokens = sum(cost.expected_tokens(accept, c) for c in caps)
-    ms = sum(cost.round_ms(c) for c in caps)
-    return (tokens / ms) * cost.verify_ms[0]
+    tokens = spec_ms = plain_ms = 0.0
+    for r in runs:
+        context = r.prompt_tokens
+        for n, a in zip(r.proposal_lengths, r.accepted_lengths):
+            cap = min(n, cost.max_drafts)
+            expected = cost.expected_tokens(accept, cap)
+            at = cost.at(context)
+            tokens += expected
+            spec_ms += at.round_ms(cap)
+            plain_ms += expected * at.verify_ms[0]  # plain steps ~ over these positions
+            context += a + 1
+    if not tokens:
+        return None
+    return plain_ms / spec_ms
 
 
 def rate(runs: List[Run]) -> float:
-    """Generated tokens per second after the first token, over all runs."""
-    seconds = sum(r.decode_s for r in runs)
-    return sum(len(r.tokens) - 1 for r in runs) / seconds if seconds > 0 else 0.0
+    """Generated tokens per second after the first token: per prompt the
+    median over its trials (a burst of machine noise slows single runs, by
+    up to 2x on a shared CPU), then over prompts total tokens / total time."""
+    by_prompt = {}
+    for r in runs:
+        if len(r.tokens) > 1:
+            by_prompt.setdefault(r.prompt, []).append(r)
+    tokens = seconds = 0.0
+    for trials in by_prompt.values():
+        n = sum(len(r.tokens) - 1 for r in trials) / len(trials)
+        tokens += n
+        seconds += n * statistics.median(r.decode_s / (len(r.tokens) - 1) for r in trials)
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 def summarize_plain(runs: List[Run]) -> dict:
@@ -340,6 +374,7 @@ def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, c
         predicted_speedup=predicted,
         efficiency=speedup / predicted if speedup is not None and predicted else None,
         host_ms_per_round=1000 * sum(r.host_s for r in runs) / rounds if rounds else None,
+        loop_ms_per_round=1000 * sum(r.host_s - r.graph_s for r in runs) / rounds if rounds else None,
         learned_extra_ms=_mean_extra(runs),
     )
     return out
@@ -384,7 +419,9 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
 
     for p in prompts:
         p.tokens = encode(tokenizer, p.text, args.chat_template)
-    cost = cost_model(drafter, bind(drafter, model))  # measured once per machine, outside the timings
+    # Measured now (outside the timings) unless told to reuse the cached one:
+    # the predictions must see the machine as it is during this run.
+    cost = cost_model(drafter, bind(drafter, model), refresh=not args.cached_cost)
 
     # Warm up both paths once.
     first = prompts[0].tokens
@@ -400,12 +437,17 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
             plain_runs, spec_runs = runs[p.name]
             for trial in range(args.trials):
                 plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids)
+                plain.prompt = p.name
                 plain_runs.append(plain)
                 bar.update()
                 if oracle:
                     drafter.set_continuation(p.tokens + plain.tokens)
-                for cap in caps:
+                # Each trial starts at another configuration, so a slow phase
+                # of the machine does not always land on the same one.
+                shift = trial % len(caps)
+                for cap in caps[shift:] + caps[:shift]:
                     spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids)
+                    spec.prompt = p.name
                     if greedy:
                         check_same(plain, spec, tokenizer, f"prompt {p.name!r} (cap {key(cap)}, trial {trial + 1})")
                     spec_runs[key(cap)].append(spec)
@@ -413,7 +455,7 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
                 mx.clear_cache()
 
     main_key = key(caps[0])
-    results = {"cost_model": {"verify_ms": list(cost.verify_ms), "draft_ms": cost.draft_ms}, "prompts": []}
+    results = {"cost_model": asdict(cost), "prompts": []}
     for p in prompts:
         plain_runs, spec_runs = runs[p.name]
         entry = {"name": p.name, "category": p.category, "prompt_tokens": len(p.tokens)}
@@ -456,10 +498,13 @@ def format_report(results: dict) -> str:
                      f"{config.get('trials')} trial(s), temp {config.get('temp')}, "
                      f"cap {config.get('num_draft_tokens') or 'auto'}, device {config.get('device')}")
     cost = results["cost_model"]
-    lines.append(f"cost model: draft {cost['draft_ms']:.2f} ms/round; verify ms by width 1..{len(cost['verify_ms'])}: "
-                 + " ".join(f"{v:.2f}" for v in cost["verify_ms"]))
+    lines.append(f"cost model at {cost.get('context', 0)} cached positions: draft {cost['draft_ms']:.2f} ms/round; "
+                 f"verify ms by width 1..{len(cost['verify_ms'])}: " + " ".join(f"{v:.2f}" for v in cost["verify_ms"]))
+    if cost.get("verify_ms_per_position"):
+        lines.append(f"  growth per 100 more positions: draft {100 * cost['draft_ms_per_position']:.2f} ms; verify ms "
+                     "by width: " + " ".join(f"{100 * v:.2f}" for v in cost["verify_ms_per_position"]))
     header = (f"{'prompt':<16}{'prefill ms':>11}{'plain tok/s':>12}{'spec tok/s':>11}{'speedup':>8}{'τ':>6}"
-              f"{'drafts/rd':>10}{'pred':>7}{'eff':>6}{'host ms/rd':>11}  acceptance by position")
+              f"{'drafts/rd':>10}{'pred':>7}{'eff':>6}{'host ms/rd':>11}{'loop ms/rd':>11}  acceptance by position")
     lines += ["", header, "-" * len(header)]
 
     def row(name, s):
@@ -467,7 +512,8 @@ def format_report(results: dict) -> str:
         return (f"{name:<16}{p['prefill_ms']:>11.1f}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
                 f"{_num(q['speedup'], '{:.2f}x'):>8}{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}"
                 f"{_num(q['predicted_speedup'], '{:.2f}x'):>7}{_num(q['efficiency']):>6}"
-                f"{_num(q['host_ms_per_round']):>11}  {_acceptance_cells(q['acceptance_by_position'])}")
+                f"{_num(q['host_ms_per_round']):>11}{_num(q.get('loop_ms_per_round')):>11}  "
+                f"{_acceptance_cells(q['acceptance_by_position'])}")
 
     for entry in results["prompts"]:
         lines.append(row(entry["name"], entry))

@@ -22,17 +22,33 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 
-FORMAT = 2  # bump when what is measured changes
+FORMAT = 4  # bump when what is measured changes
 
 
 @dataclass
 class CostModel:
     verify_ms: List[float]  # [w - 1]: a round verifying w tokens (w = 1: a pipelined plain step)
     draft_ms: float  # one drafter round: context update + a full-block proposal
+    context: int = 0  # positions in the caches when the above were measured
+    # Growth per cached position (attention reads the whole context: on a CPU
+    # a width-8 verify costs twice as much after 500 positions as after 30).
+    verify_ms_per_position: Optional[List[float]] = None
+    draft_ms_per_position: float = 0.0
 
     @property
     def max_drafts(self) -> int:
         return len(self.verify_ms) - 1
+
+    def at(self, context: int) -> "CostModel":
+        """The costs with ``context`` positions in the caches."""
+        if not self.verify_ms_per_position:
+            return self
+        d = context - self.context
+        return CostModel(
+            verify_ms=[v + g * d for v, g in zip(self.verify_ms, self.verify_ms_per_position)],
+            draft_ms=self.draft_ms + self.draft_ms_per_position * d,
+            context=context,
+        )
 
     def round_ms(self, drafts: int, extra_ms=(0.0, 0.0)) -> float:
         """A round's time; ``extra_ms`` = (undrafted, drafted) time per round
@@ -99,91 +115,125 @@ def _median(values):
     return values[len(values) // 2]
 
 
-def measure(target, drafter, context: int = 32, reps: int = 5) -> CostModel:
-    """Time the target at every verify width and one drafter round, after a
-    short context (each width warmed up once, median of ``reps``)."""
+def non_decreasing(values: List[float]) -> List[float]:
+    """The closest non-decreasing sequence (pool adjacent violators): a wider
+    verify never costs less, so a dip between widths is timing noise."""
+    blocks = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
+    return [m for m, n in blocks for _ in range(n)]
+
+
+def measure(target, drafter, context: int = 32, longer: int = 256, reps: int = 5, budget_s: float = 1.0,
+            max_reps: int = 25) -> CostModel:
+    """Time the target at every verify width and one drafter round, with
+    ``context`` and ``context + longer`` positions cached (the growth with
+    context is linear: attention reads every cached position).  Each piece is
+    warmed up once, then timed in interleaved repetitions (every piece once
+    per repetition, so a slow phase of the machine touches all alike) -- at
+    least ``reps``, more while within ``budget_s`` -- and the medians kept."""
     vocab = target.vocab_size or 2
-    cache, draft_cache = target.make_cache(), drafter.make_cache()
     # Own keys: measuring must not move the global RNG (seeded runs stay
     # reproducible whether or not the costs were cached).
     keys = iter(mx.random.split(mx.random.key(0), 64))
-    prompt = mx.random.randint(0, vocab, (1, context), key=next(keys)).astype(mx.uint32)
-    _, features = target(prompt, cache)
-    drafter.add_context(draft_cache, features, 0)
-    mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
-
-    key = next(keys)
-
-    snapshot = [c.state for c in cache]
-
-    def restore():
-        for c, state in zip(cache, snapshot):  # back to the context alone
-            c.state = state
-
-    def verify(width):
-        """A round with drafts: forward, the acceptance ops, one sync."""
-        tokens = mx.random.randint(0, vocab, (1, width), key=key).astype(mx.uint32)
-        mx.eval(tokens)
-        start = time.perf_counter()
-        logits, features = target(tokens, cache)
-        logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
-        choice = mx.argmax(logprobs, axis=-1)
-        kept = mx.cumprod((choice[:-1] == tokens[0, 1:]).astype(mx.int32)).sum()
-        mx.eval(kept, choice, features)
-        elapsed = time.perf_counter() - start
-        restore()
-        return elapsed, features
-
-    def plain_steps(steps=8):
-        """Per-token time of rounds without drafts, which are pipelined like
-        plain decoding (the next forward queued before the token is read)."""
-        token = mx.array([[1]], dtype=mx.uint32)
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits, _ = target(token, cache)
-            following = mx.argmax(logits[0, -1:] - mx.logsumexp(logits[0, -1:], axis=-1, keepdims=True), axis=-1)
-            mx.async_eval(following)
-            token.item()
-            token = following[None]
-        token.item()
-        elapsed = (time.perf_counter() - start) / steps
-        restore()
-        return elapsed
-
-    plain_steps()
-    verify_ms = [1000 * _median([plain_steps() for _ in range(reps)])]
-    for width in range(2, drafter.max_drafts + 2):
-        verify(width)
-        verify_ms.append(1000 * _median([verify(width)[0] for _ in range(reps)]))
-
-    _, features = verify(2)
+    token_key = next(keys)
+    widths = range(2, drafter.max_drafts + 2)
     anchor = mx.array([1], dtype=mx.uint32)
 
-    def draft_round():
-        start = time.perf_counter()
-        drafter.add_context(draft_cache, features, context)
-        proposal = drafter.propose(draft_cache, anchor, context + 1, drafter.max_drafts)
-        mx.eval([x for x in proposal if x is not None])
-        elapsed = time.perf_counter() - start
-        for c in draft_cache:
-            c.trim(features.shape[1])
-        return elapsed
+    def setting(length):
+        """Timers for caches holding ``length`` positions."""
+        cache, draft_cache = target.make_cache(), drafter.make_cache()
+        prompt = mx.random.randint(0, vocab, (1, length), key=next(keys)).astype(mx.uint32)
+        _, features = target(prompt, cache)
+        drafter.add_context(draft_cache, features, 0)
+        mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
+        snapshot = [c.state for c in cache]
 
-    draft_round()
-    draft_ms = 1000 * _median([draft_round() for _ in range(reps)])
-    return CostModel(verify_ms=verify_ms, draft_ms=draft_ms)
+        def restore():
+            for c, state in zip(cache, snapshot):  # back to the context alone
+                c.state = state
+
+        def verify(width):
+            """A round with drafts: forward, the acceptance ops, one sync."""
+            tokens = mx.random.randint(0, vocab, (1, width), key=token_key).astype(mx.uint32)
+            mx.eval(tokens)
+            start = time.perf_counter()
+            logits, features = target(tokens, cache)
+            logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
+            choice = mx.argmax(logprobs, axis=-1)
+            kept = mx.cumprod((choice[:-1] == tokens[0, 1:]).astype(mx.int32)).sum()
+            mx.eval(kept, choice, features)
+            elapsed = time.perf_counter() - start
+            restore()
+            return elapsed, features
+
+        def plain_steps(steps=8):
+            """Per-token time of rounds without drafts, which are pipelined like
+            plain decoding (the next forward queued before the token is read)."""
+            token = mx.array([[1]], dtype=mx.uint32)
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits, _ = target(token, cache)
+                following = mx.argmax(logits[0, -1:] - mx.logsumexp(logits[0, -1:], axis=-1, keepdims=True), axis=-1)
+                mx.async_eval(following)
+                token.item()
+                token = following[None]
+            token.item()
+            elapsed = (time.perf_counter() - start) / steps
+            restore()
+            return elapsed
+
+        _, new_features = verify(2)
+
+        def draft_round():
+            start = time.perf_counter()
+            drafter.add_context(draft_cache, new_features, length)
+            proposal = drafter.propose(draft_cache, anchor, length + 1, drafter.max_drafts)
+            mx.eval([x for x in proposal if x is not None])
+            elapsed = time.perf_counter() - start
+            for c in draft_cache:
+                c.trim(new_features.shape[1])
+            return elapsed
+
+        return [plain_steps] + [lambda w=w: verify(w)[0] for w in widths] + [draft_round]
+
+    settings = [setting(context), setting(context + longer)]
+    for timers in settings:  # warm-up
+        for timer in timers:
+            timer()
+    samples = [[[] for _ in timers] for timers in settings]
+    began = time.perf_counter()
+    while len(samples[0][0]) < reps or (len(samples[0][0]) < max_reps and time.perf_counter() - began < budget_s):
+        for timers, into in zip(settings, samples):
+            for timer, values in zip(timers, into):
+                values.append(1000 * timer())
+    short, long = ([_median(v) for v in into] for into in samples)
+    short = short[:1] + non_decreasing(short[1:-1]) + short[-1:]
+    long = long[:1] + non_decreasing(long[1:-1]) + long[-1:]
+    growth = [max(0.0, (b - a) / longer) for a, b in zip(short, long)]
+    growth = growth[:1] + non_decreasing(growth[1:-1]) + growth[-1:]  # more queries read more
+    return CostModel(
+        verify_ms=short[:-1], draft_ms=short[-1], context=context,
+        verify_ms_per_position=growth[:-1], draft_ms_per_position=growth[-1],
+    )
 
 
-def load_or_measure(target, drafter) -> CostModel:
-    """The cached cost model of this pair on this machine, measured if absent.
+def load_or_measure(target, drafter, refresh: bool = False) -> CostModel:
+    """The cached cost model of this pair on this machine, measured if absent
+    (or ``refresh``: measured now and cached, as the benchmark does so its
+    predictions see the machine as it runs).
 
     Concurrent processes may both measure; each writes its file atomically
     (temporary file + rename), so readers never see a partial one."""
     path = cache_dir() / f"cost-{cache_key(target, drafter)}.json"
-    try:
-        return CostModel(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        pass
+    if not refresh:
+        try:
+            return CostModel(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
     model = measure(target, drafter)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

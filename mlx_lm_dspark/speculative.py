@@ -39,12 +39,19 @@ class SpeculativeStats:
     accepted_lengths: List[int] = field(default_factory=list)
     cap: Optional[int] = None  # the fixed cap, or None when chosen per round
     host_seconds: float = 0.0  # loop time outside waits for the device (and outside the caller)
+    graph_seconds: float = 0.0  # ... of which building the target's and drafter's graphs
     wait_seconds: float = 0.0  # time blocked on device results
     extra_ms: Optional[List[float]] = None  # automatic cap: learned time per round beyond the cost model
 
     @property
     def host_ms_per_round(self) -> float:
         return 1000 * self.host_seconds / self.rounds if self.rounds else 0.0
+
+    @property
+    def loop_ms_per_round(self) -> float:
+        """Host time per round beyond building the two networks' graphs: what
+        the round loop itself adds (bookkeeping, acceptance, rollback)."""
+        return 1000 * (self.host_seconds - self.graph_seconds) / self.rounds if self.rounds else 0.0
 
     @property
     def rounds(self) -> int:
@@ -111,12 +118,13 @@ def bind(drafter, model) -> TargetAdapter:
     return target
 
 
-def cost_model(drafter, target: TargetAdapter):
-    """The pair's cost model (cached on disk; measured on first use)."""
+def cost_model(drafter, target: TargetAdapter, refresh: bool = False):
+    """The pair's cost model (cached on disk; measured on first use, or now
+    with ``refresh``)."""
     memo = getattr(drafter, "_cost_model", None)
-    if memo is not None and memo[0]() is target.model:
+    if memo is not None and memo[0]() is target.model and not refresh:
         return memo[1]
-    cost = load_or_measure(target, drafter)
+    cost = load_or_measure(target, drafter, refresh)
     drafter._cost_model = (weakref.ref(target.model), cost)
     return cost
 
@@ -295,8 +303,10 @@ def decode(
 
     def forward(tokens, start):
         """Target forward over a verify block (not yet committed)."""
+        began = time.perf_counter()
         logits, features = target(tokens[None], target_cache)
         after_forward()
+        built[0] += time.perf_counter() - began
         return logits[0], features
 
     def process(logits, inputs):
@@ -350,6 +360,7 @@ def decode(
         return waited(start), value
 
     caller_s = 0.0  # time spent in the caller between our yields
+    built = [0.0]  # time spent building the networks' graphs (host time counts it per round)
     open_round = []  # [start time, drafts verified, caller_s at start] of the round under way
 
     def round_begins():
@@ -374,8 +385,10 @@ def decode(
             pending.append((features, start))
             pending_positions += features.shape[1]
         if pending and (flush or pending_positions >= CONTEXT_BATCH):
+            began = time.perf_counter()
             joined = mx.concatenate([f for f, _ in pending], axis=1) if len(pending) > 1 else pending[0][0]
             drafter.add_context(draft_cache, joined, pending[0][1])
+            built[0] += time.perf_counter() - began
             pending.clear()
             pending_positions = 0
 
@@ -386,11 +399,15 @@ def decode(
             return 0, None
         remaining = max_tokens - produced_after if max_tokens >= 0 else cap + 1
         n = min(cap, remaining - 1)
+        if lengths is not None:
+            lengths.at(position)
         if n <= 0 or (lengths is not None and not lengths.should_draft()):
             return 0, None
         with mx.stream(stream):
             commit_context(None, None, flush=True)
+            began = time.perf_counter()
             proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
+            built[0] += time.perf_counter() - began
         start = time.perf_counter()
         mx.async_eval(*(x for x in proposal if x is not None))
         waited(start)
@@ -433,7 +450,7 @@ def decode(
         while True:
             round_begins()
             round_start = time.perf_counter()
-            wait_before = stats.wait_seconds
+            wait_before, built_before = stats.wait_seconds, built[0]
             following, step_logprobs = step
             start = position
             position += 1
@@ -447,6 +464,7 @@ def decode(
             end = waited_for(following.item)
             token = end[1]
             stats.host_seconds += (end[0] - round_start) - (stats.wait_seconds - wait_before)
+            stats.graph_seconds += built[0] - built_before
             produced += 1
             last_pos = start + 1
             before = time.perf_counter()
@@ -468,7 +486,7 @@ def decode(
             in_round = True
             round_begins()
             round_start = time.perf_counter()
-            wait_before = stats.wait_seconds
+            wait_before, built_before = stats.wait_seconds, built[0]
             with mx.stream(stream):
                 drafts = q = scores = None
                 if n > 0:
@@ -515,6 +533,7 @@ def decode(
             in_round = False
             n, proposal = propose(produced + a + 1)
             stats.host_seconds += (time.perf_counter() - round_start) - (stats.wait_seconds - wait_before)
+            stats.graph_seconds += built[0] - built_before
             before = time.perf_counter()
             for k in range(a + 1):
                 produced += 1

@@ -135,7 +135,8 @@ class TargetAdapter:
                 "`model.layers`; the host model's structure changed and mlx-lm-dspark needs an update."
             )
         logits = getattr(out, "logits", out)  # mlx-vlm returns an output record
-        return logits, mx.concatenate([sink[k] for k in self._tap_keys], axis=-1)
+        taps = [sink[k] for k in self._tap_keys]
+        return logits, taps[0] if len(taps) == 1 else mx.concatenate(taps, axis=-1)
 
     def make_cache(self):
         return cache_lib.make_prompt_cache(self.model)

@@ -37,6 +37,23 @@ def test_confidence_sets_the_cap_of_each_round():
     assert lengths.choose(3, [0.95] * 7) == 3  # never more than proposed
 
 
+def test_the_cap_falls_as_the_context_grows():
+    # Verifying costs more per token with every cached position (attention):
+    # a cap that pays early stops paying late.
+    growing = CostModel(verify_ms=[10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5], draft_ms=2.0, context=0,
+                        verify_ms_per_position=[0.001 * w for w in range(1, 9)], draft_ms_per_position=0.0)
+    lengths = DraftLength(growing, 7)
+    lengths.calibrated = True
+    confidence = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    accept = lengths.acceptance(confidence)
+    lengths.at(10)
+    early = lengths.choose(7, confidence)
+    lengths.at(8000)
+    late = lengths.choose(7, confidence)
+    assert early == growing.at(10).best_cap(accept) and late == growing.at(8000).best_cap(accept)
+    assert 0 < late < early
+
+
 def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay():
     lengths = DraftLength(GPU_LIKE, 7)
     for _ in range(40):  # slot 1 always right, slot 2 never

@@ -13,7 +13,7 @@ from mlx_lm_dspark.tiny import build_pair
 SPEC_KEYS = {
     "tokens_per_s", "prefill_ms", "generated_tokens", "runs", "cap", "speedup", "tau", "rounds", "drafted",
     "accepted", "drafts_per_round", "cap_counts", "acceptance_by_position", "conditional_acceptance",
-    "predicted_speedup", "efficiency", "host_ms_per_round",
+    "predicted_speedup", "efficiency", "host_ms_per_round", "loop_ms_per_round",
 }
 
 
@@ -144,6 +144,30 @@ def test_predicted_speedup_from_costs_and_acceptance():
     assert by_position == [0.5, 0.5] and conditional == [0.5, 1.0]
     slow_draft = CostModel(verify_ms=[10.0, 10.0, 10.0], draft_ms=10.0)
     assert bench.predicted_speedup(slow_draft, half, conditional) == pytest.approx((1 + 0.5 + 0.5) / 2)
+
+
+def test_predicted_speedup_follows_the_context_length():
+    # Plain steps get no dearer with context, verifies of 4 tokens do: the
+    # same acceptance predicts less after a long prompt.
+    cost = CostModel(verify_ms=[10.0, 10.0, 10.0, 10.0], draft_ms=0.0, context=0,
+                     verify_ms_per_position=[0.0, 0.01, 0.01, 0.01], draft_ms_per_position=0.0)
+    short = [bench.Run([0] * 9, 0.0, 1.0, prompt_tokens=0, proposal_lengths=[3, 3], accepted_lengths=[3, 3])]
+    long = [bench.Run([0] * 9, 0.0, 1.0, prompt_tokens=1000, proposal_lengths=[3, 3], accepted_lengths=[3, 3])]
+    conditional = [1.0, 1.0, 1.0]
+    # Rounds start at contexts 0 and 4 (then 1000 and 1004): 10 + 0.01 * context ms each.
+    assert bench.predicted_speedup(cost, short, conditional) == pytest.approx(80.0 / (10.0 + 10.04))
+    assert bench.predicted_speedup(cost, long, conditional) == pytest.approx(80.0 / (20.0 + 20.04))
+
+
+def test_rates_take_the_median_trial_of_each_prompt():
+    def runs(name, seconds):
+        return [bench.Run([0] * 11, 0.0, s, prompt=name) for s in seconds]
+
+    # One trial hit by a slow phase of the machine does not move the rate.
+    assert bench.rate(runs("a", [1.0, 1.0, 3.0])) == pytest.approx(10.0)
+    assert bench.rate(runs("a", [1.0, 1.1, 1.2])) == pytest.approx(10 / 1.1)
+    # Prompts pool as total tokens over total time.
+    assert bench.rate(runs("a", [1.0]) + runs("b", [4.0])) == pytest.approx(20 / 5.0)
 
 
 def test_plot_without_matplotlib_says_so(pair, tmp_path, monkeypatch, capsys):

@@ -34,6 +34,34 @@ def test_measures_every_verify_width_and_a_drafter_round(pair):
     assert all(t > 0 for t in model_costs.verify_ms) and model_costs.draft_ms > 0
 
 
+def test_wider_verifies_and_longer_contexts_never_cost_less(pair):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    model_costs = cost.measure(bind(drafter, model), drafter, reps=2)
+    assert model_costs.context == 32
+    growth = model_costs.verify_ms_per_position
+    assert len(growth) == len(model_costs.verify_ms) and all(g >= 0 for g in growth)
+    assert model_costs.draft_ms_per_position >= 0
+    wide = model_costs.verify_ms[1:]
+    assert wide == sorted(wide) and growth[1:] == sorted(growth[1:])
+
+
+def test_non_decreasing_pools_dips_as_noise():
+    assert cost.non_decreasing([3.0, 1.0, 2.0, 5.0, 4.0]) == [2.0, 2.0, 2.0, 4.5, 4.5]
+    assert cost.non_decreasing([1.0, 2.0, 2.0, 7.0]) == [1.0, 2.0, 2.0, 7.0]
+    assert cost.non_decreasing([]) == []
+
+
+def test_costs_at_a_context_length():
+    model_costs = cost.CostModel(verify_ms=[5.0, 6.0, 8.0], draft_ms=2.0, context=32,
+                                 verify_ms_per_position=[0.0, 0.01, 0.02], draft_ms_per_position=0.005)
+    later = model_costs.at(232)
+    assert later.verify_ms == pytest.approx([5.0, 8.0, 12.0]) and later.draft_ms == pytest.approx(3.0)
+    assert later.round_ms(2) == pytest.approx(15.0) and later.max_drafts == 2
+    flat = cost.CostModel(verify_ms=[5.0, 6.0], draft_ms=2.0)  # a cost model without growth
+    assert flat.at(10_000) is flat
+
+
 def test_measuring_leaves_the_global_rng_alone(pair):
     model, drafter_dir = pair
     drafter = load_drafter(drafter_dir, bits=None)

@@ -112,6 +112,17 @@ def test_num_draft_tokens_zero_is_plain_decoding(pairs):
         speculative(model, drafter, PROMPT_LONG, 5, num_draft_tokens=-1)
 
 
+def test_host_time_is_split_into_graph_building_and_loop(pairs):
+    model, _, drafter_dir = pairs("qwen3")
+    drafter = load_drafter(drafter_dir, bits=None)
+    for cap in (0, 3):  # undrafted and drafted rounds
+        check_exact(model, drafter, PROMPT_LONG, 24, num_draft_tokens=cap)
+        stats = drafter.stats
+        assert 0.0 < stats.graph_seconds <= stats.host_seconds
+        assert stats.loop_ms_per_round == pytest.approx(
+            1000 * (stats.host_seconds - stats.graph_seconds) / stats.rounds)
+
+
 @pytest.mark.parametrize("layout", ["dflash", "dflash_config", "zlab"])
 def test_other_layouts_exact(pairs, layout):
     kw = {"markov_rank": 0} if layout == "dflash" else {}
