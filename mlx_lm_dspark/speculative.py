@@ -303,10 +303,11 @@ def decode(
 
     def forward(tokens, start):
         """Target forward over a verify block (not yet committed)."""
+        nonlocal built_s
         began = time.perf_counter()
         logits, features = target(tokens[None], target_cache)
         after_forward()
-        built[0] += time.perf_counter() - began
+        built_s += time.perf_counter() - began
         return logits[0], features
 
     def process(logits, inputs):
@@ -360,7 +361,7 @@ def decode(
         return waited(start), value
 
     caller_s = 0.0  # time spent in the caller between our yields
-    built = [0.0]  # time spent building the networks' graphs (host time counts it per round)
+    built_s = 0.0  # time spent building the networks' graphs (host time counts it per round)
     open_round = []  # [start time, drafts verified, caller_s at start] of the round under way
 
     def round_begins():
@@ -380,7 +381,7 @@ def decode(
         """Queue committed positions for the drafter context; they are added
         in one batch when the drafter next drafts (rounds that skip drafting
         then cost no drafter work) or when the queue grows long."""
-        nonlocal pending_positions
+        nonlocal pending_positions, built_s
         if features is not None:
             pending.append((features, start))
             pending_positions += features.shape[1]
@@ -388,13 +389,14 @@ def decode(
             began = time.perf_counter()
             joined = mx.concatenate([f for f, _ in pending], axis=1) if len(pending) > 1 else pending[0][0]
             drafter.add_context(draft_cache, joined, pending[0][1])
-            built[0] += time.perf_counter() - began
+            built_s += time.perf_counter() - began
             pending.clear()
             pending_positions = 0
 
     def propose(produced_after):
         """Queue the next round's drafts (they depend only on committed state)
         so the device works while the caller consumes this round's tokens."""
+        nonlocal built_s
         if 0 <= max_tokens <= produced_after:
             return 0, None
         remaining = max_tokens - produced_after if max_tokens >= 0 else cap + 1
@@ -407,7 +409,7 @@ def decode(
             commit_context(None, None, flush=True)
             began = time.perf_counter()
             proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
-            built[0] += time.perf_counter() - began
+            built_s += time.perf_counter() - began
         start = time.perf_counter()
         mx.async_eval(*(x for x in proposal if x is not None))
         waited(start)
@@ -450,7 +452,7 @@ def decode(
         while True:
             round_begins()
             round_start = time.perf_counter()
-            wait_before, built_before = stats.wait_seconds, built[0]
+            wait_before, built_before = stats.wait_seconds, built_s
             following, step_logprobs = step
             start = position
             position += 1
@@ -464,7 +466,7 @@ def decode(
             end = waited_for(following.item)
             token = end[1]
             stats.host_seconds += (end[0] - round_start) - (stats.wait_seconds - wait_before)
-            stats.graph_seconds += built[0] - built_before
+            stats.graph_seconds += built_s - built_before
             produced += 1
             last_pos = start + 1
             before = time.perf_counter()
@@ -486,7 +488,7 @@ def decode(
             in_round = True
             round_begins()
             round_start = time.perf_counter()
-            wait_before, built_before = stats.wait_seconds, built[0]
+            wait_before, built_before = stats.wait_seconds, built_s
             with mx.stream(stream):
                 drafts = q = scores = None
                 if n > 0:
@@ -533,7 +535,7 @@ def decode(
             in_round = False
             n, proposal = propose(produced + a + 1)
             stats.host_seconds += (time.perf_counter() - round_start) - (stats.wait_seconds - wait_before)
-            stats.graph_seconds += built[0] - built_before
+            stats.graph_seconds += built_s - built_before
             before = time.perf_counter()
             for k in range(a + 1):
                 produced += 1

@@ -91,6 +91,17 @@ def test_cached_on_disk_and_keyed_by_what_changes_costs(pair, cache_dir, monkeyp
     assert cost.cache_key(bind(quantized, model), quantized) != cost.cache_key(target, drafter)
 
 
+def test_refresh_measures_again_and_replaces_the_cached_file(pair, cache_dir, monkeypatch):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    target = bind(drafter, model)
+    cost.load_or_measure(target, drafter)
+    fresh = cost.CostModel(verify_ms=[1.0] * (drafter.max_drafts + 1), draft_ms=1.0)
+    monkeypatch.setattr(cost, "measure", lambda *args, **kwargs: fresh)
+    assert cost.load_or_measure(target, drafter, refresh=True) == fresh
+    assert cost.load_or_measure(target, drafter) == fresh  # what later generations read
+
+
 def test_a_damaged_cache_file_is_measured_again(pair, cache_dir):
     model, drafter_dir = pair
     drafter = load_drafter(drafter_dir, bits=None)
