@@ -12,7 +12,7 @@ the only way to learn that a drafter (or a pessimistic confidence head) is
 better than believed.  The first proposal is such a probe; later probes are
 spaced so that they cost at most 2 % of plain decoding time, and those that
 find nothing come less often.  What is learned (acceptance, calibration,
-time per round) stays with the drafter from one generation to the next.
+round times against the cost model) stays with the drafter from one generation to the next.
 """
 
 import math
@@ -27,7 +27,8 @@ PROBE_EVERY = 8  # at least this many rounds verifying less than all drafts befo
 PROBE_BUDGET = 0.02  # ... and enough that probes cost at most this share of plain decoding time ...
 DECLINES = 2  # declined proposals in a row before rounds stop proposing (until a probe)
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
-OVERHEAD_DECAY = 0.9  # weight of the past in the running per-round overhead estimates
+TIME_DECAY = 0.9  # weight of the past in the running round-time scales (per round)
+SCALE_PRIOR = 1.0  # rounds' worth of the pooled scale a kind of round starts from (fading as its own come)
 
 
 class DraftLength:
@@ -43,16 +44,20 @@ class DraftLength:
         self.calibrated = False  # whether a whole proposal was ever verified
         self.probed_cap = None  # the cap a probe round overrode
         self.declined = 0  # consecutive proposals ``choose`` verified none of
+        self.drafting = False  # whether the last proposal's cap was above 0 (not a probe's)
         # A probe costs a draft and a full-width verify, unpipelined: count the
         # whole round plus about one step of lost overlap.
         extra = cost.round_ms(self.max_drafts) + cost.verify_ms[0]
         self.min_probe_every = max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * cost.verify_ms[0])))
         self.probe_every = self.min_probe_every
-        # Measured round time minus the cost model's, for rounds without and
-        # with drafts: the host work (graph building, the round's sync) and
+        # Measured round time over the cost model's, for rounds without and
+        # with drafts: the machine now against when it was measured (a shared
+        # machine has slow phases lasting minutes), plus the host work and
         # lost overlap that timing the pieces alone leaves out.
-        self.extra_ms = [0.0, 0.0]
-        self.observed = [0.0, 0.0]  # decayed number of rounds behind each estimate
+        self.time_scale = [1.0, 1.0]
+        self.took_ms = [0.0, 0.0]  # decayed sums of measured round times ...
+        self.modelled_ms = [0.0, 0.0]  # ... and of the cost model's for the same rounds
+        self.timed = [0, 0]  # rounds of each kind timed
 
     def _rates(self) -> List[float]:
         return [(k + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT) for k, t in zip(self.kept, self.tried)]
@@ -84,6 +89,7 @@ class DraftLength:
         """A new generation: forget the streak of declined proposals (the
         learned estimates and the probe spacing carry over)."""
         self.declined = 0
+        self.drafting = False
         self.probed_cap = None
         self.now = self.cost
 
@@ -94,7 +100,9 @@ class DraftLength:
         proposal is followed by ``choose``."""
         if self.idle >= self.probe_every or not self.calibrated:
             return True
-        if self.declined < DECLINES and self.now.best_cap(self._rates(), extra_ms=self.extra_ms) > 0:
+        if self.drafting:
+            return True  # the last proposal was worth verifying: ``choose`` judges this one
+        if self.declined < DECLINES and self.now.best_cap(self._rates(), scale=self.time_scale) > 0:
             return True
         self.idle += 1
         return False
@@ -102,13 +110,15 @@ class DraftLength:
     def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
         """How many of the ``proposed`` drafts to verify this round."""
         limit = min(proposed, self.max_drafts)
-        cap = self.now.best_cap(self.acceptance(confidence), limit=limit, extra_ms=self.extra_ms)
+        cap = self.now.best_cap(self.acceptance(confidence), limit=limit, scale=self.time_scale)
         if cap < limit and (self.idle >= self.probe_every or not self.calibrated):  # a probe: verify all
             self.calibrated = True
             self.idle = 0
             self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
             self.probed_cap = cap
+            self.drafting = cap > 0
             return limit
+        self.drafting = cap > 0
         self.idle = 0 if cap == limit else self.idle + 1
         self.calibrated = self.calibrated or cap == limit
         self.declined = 0 if cap > 0 else self.declined + 1
@@ -121,10 +131,9 @@ class DraftLength:
                 self.probe_every = self.min_probe_every
                 self.declined = 0
             self.probed_cap = None
-        for k in range(self.max_drafts):
-            self.tried[k] *= DECAY
-            self.kept[k] *= DECAY
-            self.predicted[k] *= DECAY
+        self.tried = [t * DECAY for t in self.tried]
+        self.kept = [k * DECAY for k in self.kept]
+        self.predicted = [p * DECAY for p in self.predicted]
         self.calibrated = self.calibrated or verified >= self.max_drafts
         for k in range(min(verified, accepted + 1)):  # slots the target judged
             self.tried[k] += 1.0
@@ -136,10 +145,20 @@ class DraftLength:
         """Record the wall time of a finished round (the caller's time between
         tokens excluded) that verified ``drafts`` drafts."""
         i = int(drafts > 0)
-        predicted = self.now.round_ms(drafts)
-        residual = max(elapsed_ms - predicted, -0.5 * predicted)  # a stall is not a free round
-        self.observed[i] = OVERHEAD_DECAY * self.observed[i] + 1.0
-        self.extra_ms[i] += (residual - self.extra_ms[i]) / self.observed[i]
+        modelled = self.now.round_ms(drafts)
+        # A round seen as nearly free (its work overlapped the caller) or a
+        # one-off stall is not the machine's new speed.
+        took = min(max(elapsed_ms, 0.25 * modelled), 4.0 * modelled)
+        self.took_ms[i] = TIME_DECAY * self.took_ms[i] + took
+        self.modelled_ms[i] = TIME_DECAY * self.modelled_ms[i] + modelled
+        self.timed[i] += 1
+        # Each kind starts from the scale seen so far over all rounds (a
+        # machine slower than when measured is slower for both kinds); its
+        # own rounds take over as they come.
+        pooled = (sum(self.took_ms) + 1e-9) / (sum(self.modelled_ms) + 1e-9)
+        for k, typical in ((0, self.now.round_ms(0)), (1, self.now.round_ms(self.max_drafts))):
+            prior = SCALE_PRIOR * typical * TIME_DECAY ** self.timed[k]
+            self.time_scale[k] = (self.took_ms[k] + prior * pooled) / (self.modelled_ms[k] + prior)
 
 
 def draft_length_for(drafter, cost: CostModel, max_drafts: int, learn: bool = True) -> DraftLength:

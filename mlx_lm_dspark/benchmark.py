@@ -23,7 +23,10 @@ cap 0..max to compare with the automatic cap.
 - ``config``: the options, versions and device;
 - ``cost_model``: ``verify_ms`` (by verify width 1..max_drafts+1) and ``draft_ms`` with
   ``context`` positions cached, and their growth per further position
-  (``verify_ms_per_position``, ``draft_ms_per_position``);
+  (``verify_ms_per_position``, ``draft_ms_per_position``): measured before
+  the runs and again between them (``cost_repetitions`` in all), the
+  predictions use it; ``cost_model_at_start``: the one measured before the
+  runs, which the automatic cap used;
 - ``prompts``: per prompt ``name``, ``category``, ``prompt_tokens``, ``plain``,
   ``speculative`` and (with --sweep-caps) ``sweep`` (cap -> speculative);
 - ``by_category``: per category ``plain``, ``speculative``, ``sweep``, ``best_fixed_cap``;
@@ -38,8 +41,8 @@ verified with every slot before it kept), ``predicted_speedup``,
 ``efficiency``, ``host_ms_per_round`` (loop time outside waits for the device),
 ``loop_ms_per_round`` (the part of it not spent building the target's and
 drafter's graphs: what the round loop itself adds) and (automatic cap)
-``learned_extra_ms``: the time per (undrafted, drafted) round beyond the cost
-model that the cap learned while decoding.
+``learned_time_scale``: the (undrafted, drafted) rounds' measured time over
+the cost model's that the cap learned while decoding.
 """
 
 import argparse
@@ -54,6 +57,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (first: importing .speculative before mlx-lm is circular)
 
+from . import cost as costs
 from .speculative import bind, cost_model, speculative_generate_step
 
 PROMPTS = {
@@ -78,6 +82,7 @@ PROMPTS = {
 }
 
 WARMUP_TOKENS = 8
+COST_SHARE = 0.1  # at most this share of the benchmark's time re-measures the cost model between runs
 
 
 class OutputMismatch(RuntimeError):
@@ -106,7 +111,7 @@ class Run:
     accepted_lengths: List[int] = field(default_factory=list)
     host_s: float = 0.0
     graph_s: float = 0.0
-    extra_ms: Optional[List[float]] = None  # automatic cap's learned time per round beyond the cost model
+    time_scale: Optional[List[float]] = None  # automatic cap's learned round time over the cost model's
 
 
 def setup_arg_parser():
@@ -251,7 +256,7 @@ def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler,
         run.accepted_lengths = list(stats.accepted_lengths)
         run.host_s = stats.host_seconds
         run.graph_s = stats.graph_seconds
-        run.extra_ms = list(stats.extra_ms) if stats.extra_ms is not None else None
+        run.time_scale = list(stats.time_scale) if stats.time_scale is not None else None
     return run
 
 
@@ -342,10 +347,10 @@ def summarize_plain(runs: List[Run]) -> dict:
     }
 
 
-def _mean_extra(runs: List[Run]) -> Optional[List[float]]:
-    """The automatic cap's learned (undrafted, drafted) ms per round beyond
-    the cost model, averaged over runs (None with a fixed cap)."""
-    learned = [r.extra_ms for r in runs if r.extra_ms is not None]
+def _mean_scale(runs: List[Run]) -> Optional[List[float]]:
+    """The automatic cap's learned (undrafted, drafted) round time over the
+    cost model's, averaged over runs (None with a fixed cap)."""
+    learned = [r.time_scale for r in runs if r.time_scale is not None]
     return [sum(e[i] for e in learned) / len(learned) for i in range(2)] if learned else None
 
 
@@ -375,7 +380,7 @@ def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, c
         efficiency=speedup / predicted if speedup is not None and predicted else None,
         host_ms_per_round=1000 * sum(r.host_s for r in runs) / rounds if rounds else None,
         loop_ms_per_round=1000 * sum(r.host_s - r.graph_s for r in runs) / rounds if rounds else None,
-        learned_extra_ms=_mean_extra(runs),
+        learned_time_scale=_mean_scale(runs),
     )
     return out
 
@@ -419,9 +424,17 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
 
     for p in prompts:
         p.tokens = encode(tokenizer, p.text, args.chat_template)
-    # Measured now (outside the timings) unless told to reuse the cached one:
-    # the predictions must see the machine as it is during this run.
-    cost = cost_model(drafter, bind(drafter, model), refresh=not args.cached_cost)
+    # Measured now (outside the timings) unless told to reuse the cached one,
+    # and again between the runs for the predictions: this machine's speed
+    # changes over minutes, and the predictions must see it as the runs did.
+    target = bind(drafter, model)
+    cost_sampler = None
+    if args.cached_cost:
+        cost = cost_model(drafter, target)
+    else:
+        cost_sampler = costs.extend(costs.Sampler(target, drafter))
+        cost = cost_model(drafter, target, measured=cost_sampler.model())
+    started, sampling_s = time.perf_counter(), 0.0
 
     # Warm up both paths once.
     first = prompts[0].tokens
@@ -453,9 +466,16 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
                     spec_runs[key(cap)].append(spec)
                     bar.update()
                 mx.clear_cache()
+                if cost_sampler is not None and sampling_s < COST_SHARE * (time.perf_counter() - started):
+                    sampling_s += cost_sampler.take()
 
     main_key = key(caps[0])
     results = {"cost_model": asdict(cost), "prompts": []}
+    if cost_sampler is not None:
+        results["cost_model_at_start"] = results["cost_model"]
+        cost = cost_sampler.model()
+        results["cost_model"] = asdict(cost)
+        results["cost_repetitions"] = cost_sampler.repetitions
     for p in prompts:
         plain_runs, spec_runs = runs[p.name]
         entry = {"name": p.name, "category": p.category, "prompt_tokens": len(p.tokens)}
@@ -498,7 +518,9 @@ def format_report(results: dict) -> str:
                      f"{config.get('trials')} trial(s), temp {config.get('temp')}, "
                      f"cap {config.get('num_draft_tokens') or 'auto'}, device {config.get('device')}")
     cost = results["cost_model"]
-    lines.append(f"cost model at {cost.get('context', 0)} cached positions: draft {cost['draft_ms']:.2f} ms/round; "
+    spread = results.get("cost_repetitions")
+    lines.append(f"cost model{f' ({spread} repetitions before and between the runs)' if spread else ''} "
+                 f"at {cost.get('context', 0)} cached positions: draft {cost['draft_ms']:.2f} ms/round; "
                  f"verify ms by width 1..{len(cost['verify_ms'])}: " + " ".join(f"{v:.2f}" for v in cost["verify_ms"]))
     if cost.get("verify_ms_per_position"):
         lines.append(f"  growth per 100 more positions: draft {100 * cost['draft_ms_per_position']:.2f} ms; verify ms "
@@ -522,10 +544,10 @@ def format_report(results: dict) -> str:
         for name, s in results["by_category"].items():
             lines.append(row(name, s))
     lines.append(row("overall", results["overall"]))
-    extra = results["overall"]["speculative"].get("learned_extra_ms")
-    if extra:
-        lines.append(f"automatic cap learned per round beyond the cost model: {extra[0]:+.2f} ms undrafted, "
-                     f"{extra[1]:+.2f} ms drafted")
+    scale = results["overall"]["speculative"].get("learned_time_scale")
+    if scale:
+        lines.append(f"automatic cap learned round time over the cost model's: x{scale[0]:.2f} undrafted, "
+                     f"x{scale[1]:.2f} drafted")
 
     if "sweep" in results["overall"]:
         caps = list(results["overall"]["sweep"])

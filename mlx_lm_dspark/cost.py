@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 
-FORMAT = 4  # bump when what is measured changes
+FORMAT = 5  # bump when what is measured changes
 
 
 @dataclass
@@ -50,11 +50,13 @@ class CostModel:
             context=context,
         )
 
-    def round_ms(self, drafts: int, extra_ms=(0.0, 0.0)) -> float:
-        """A round's time; ``extra_ms`` = (undrafted, drafted) time per round
-        the measured pieces leave out (host work, lost overlap), learned
-        while decoding."""
-        return self.verify_ms[drafts] + (self.draft_ms + extra_ms[1] if drafts else extra_ms[0])
+    def round_ms(self, drafts: int, scale=(1.0, 1.0)) -> float:
+        """A round's time; ``scale`` = (undrafted, drafted) rounds' measured
+        time over the cost model's, learned while decoding (the machine's
+        speed now against when it was measured, plus host work)."""
+        if drafts:
+            return (self.verify_ms[drafts] + self.draft_ms) * scale[1]
+        return self.verify_ms[0] * scale[0]
 
     def expected_tokens(self, accept: List[float], drafts: int) -> float:
         """1 + E[accepted] when draft k is kept with conditional probability
@@ -65,13 +67,22 @@ class CostModel:
             total += alive
         return total
 
-    def tokens_per_ms(self, accept: List[float], drafts: int, extra_ms=(0.0, 0.0)) -> float:
-        return self.expected_tokens(accept, drafts) / max(self.round_ms(drafts, extra_ms), 1e-6)
+    def tokens_per_ms(self, accept: List[float], drafts: int, scale=(1.0, 1.0)) -> float:
+        return self.expected_tokens(accept, drafts) / max(self.round_ms(drafts, scale), 1e-6)
 
-    def best_cap(self, accept: List[float], limit: Optional[int] = None, extra_ms=(0.0, 0.0)) -> int:
-        """The number of drafts with the highest expected tokens per second."""
+    def best_cap(self, accept: List[float], limit: Optional[int] = None, scale=(1.0, 1.0)) -> int:
+        """The number of drafts with the highest expected tokens per second
+        (the smallest such number on a tie)."""
         limit = min(self.max_drafts, len(accept) if limit is None else limit)
-        return max(range(limit + 1), key=lambda k: self.tokens_per_ms(accept, k, extra_ms))
+        best, best_rate = 0, 1.0 / max(self.verify_ms[0] * scale[0], 1e-6)
+        total = alive = 1.0
+        for k in range(1, limit + 1):  # one pass: E[accepted | k] grows term by term
+            alive *= accept[k - 1]
+            total += alive
+            rate = total / max((self.verify_ms[k] + self.draft_ms) * scale[1], 1e-6)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
 
 
 def cache_dir() -> Path:
@@ -110,9 +121,13 @@ def cache_key(target, drafter) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _median(values):
+def _lower_quartile(values):
+    """Timing noise on a shared machine is one-sided (a piece never runs
+    faster than its cost, but slows down whenever something else runs): the
+    lower quartile of the repetitions is the undisturbed cost, where the
+    median follows any slow phase that covers half of them."""
     values = sorted(values)
-    return values[len(values) // 2]
+    return values[(len(values) - 1) // 4]
 
 
 def non_decreasing(values: List[float]) -> List[float]:
@@ -127,26 +142,40 @@ def non_decreasing(values: List[float]) -> List[float]:
     return [m for m, n in blocks for _ in range(n)]
 
 
-def measure(target, drafter, context: int = 32, longer: int = 256, reps: int = 5, budget_s: float = 1.0,
-            max_reps: int = 25) -> CostModel:
-    """Time the target at every verify width and one drafter round, with
+class Sampler:
+    """Times the target at every verify width and one drafter round, with
     ``context`` and ``context + longer`` positions cached (the growth with
-    context is linear: attention reads every cached position).  Each piece is
-    warmed up once, then timed in interleaved repetitions (every piece once
-    per repetition, so a slow phase of the machine touches all alike) -- at
-    least ``reps``, more while within ``budget_s`` -- and the medians kept."""
-    vocab = target.vocab_size or 2
-    # Own keys: measuring must not move the global RNG (seeded runs stay
-    # reproducible whether or not the costs were cached).
-    keys = iter(mx.random.split(mx.random.key(0), 64))
-    token_key = next(keys)
-    widths = range(2, drafter.max_drafts + 2)
-    anchor = mx.array([1], dtype=mx.uint32)
+    context is linear: attention reads every cached position).  Each
+    ``take`` times every piece once (interleaved, so a slow phase of the
+    machine touches all alike); ``model`` turns the repetitions so far into
+    a cost model.  The benchmark keeps taking repetitions between its runs,
+    so its predictions see the machine as the runs did."""
 
-    def setting(length):
+    def __init__(self, target, drafter, context: int = 32, longer: int = 256):
+        self.target, self.drafter = target, drafter
+        self.context, self.longer = context, longer
+        # Own keys: measuring must not move the global RNG (seeded runs stay
+        # reproducible whether or not the costs were cached).
+        self._keys = iter(mx.random.split(mx.random.key(0), 64))
+        self._token_key = next(self._keys)
+        self._settings = [self._timers(context), self._timers(context + longer)]
+        for timers in self._settings:  # warm-up
+            for timer in timers:
+                timer()
+        self.samples = [[[] for _ in timers] for timers in self._settings]
+
+    @property
+    def repetitions(self) -> int:
+        return len(self.samples[0][0])
+
+    def _timers(self, length):
         """Timers for caches holding ``length`` positions."""
+        target, drafter = self.target, self.drafter
+        vocab = target.vocab_size or 2
+        token_key = self._token_key
+        anchor = mx.array([1], dtype=mx.uint32)
         cache, draft_cache = target.make_cache(), drafter.make_cache()
-        prompt = mx.random.randint(0, vocab, (1, length), key=next(keys)).astype(mx.uint32)
+        prompt = mx.random.randint(0, vocab, (1, length), key=next(self._keys)).astype(mx.uint32)
         _, features = target(prompt, cache)
         drafter.add_context(draft_cache, features, 0)
         mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
@@ -198,43 +227,55 @@ def measure(target, drafter, context: int = 32, longer: int = 256, reps: int = 5
                 c.trim(new_features.shape[1])
             return elapsed
 
+        widths = range(2, drafter.max_drafts + 2)
         return [plain_steps] + [lambda w=w: verify(w)[0] for w in widths] + [draft_round]
 
-    settings = [setting(context), setting(context + longer)]
-    for timers in settings:  # warm-up
-        for timer in timers:
-            timer()
-    samples = [[[] for _ in timers] for timers in settings]
-    began = time.perf_counter()
-    while len(samples[0][0]) < reps or (len(samples[0][0]) < max_reps and time.perf_counter() - began < budget_s):
-        for timers, into in zip(settings, samples):
+    def take(self) -> float:
+        """One more repetition of every piece; returns the seconds it took."""
+        began = time.perf_counter()
+        for timers, into in zip(self._settings, self.samples):
             for timer, values in zip(timers, into):
                 values.append(1000 * timer())
-    short, long = ([_median(v) for v in into] for into in samples)
-    short = short[:1] + non_decreasing(short[1:-1]) + short[-1:]
-    long = long[:1] + non_decreasing(long[1:-1]) + long[-1:]
-    growth = [max(0.0, (b - a) / longer) for a, b in zip(short, long)]
-    growth = growth[:1] + non_decreasing(growth[1:-1]) + growth[-1:]  # more queries read more
-    return CostModel(
-        verify_ms=short[:-1], draft_ms=short[-1], context=context,
-        verify_ms_per_position=growth[:-1], draft_ms_per_position=growth[-1],
-    )
+        return time.perf_counter() - began
+
+    def model(self) -> CostModel:
+        """The cost model of the repetitions so far: per piece the lower
+        quartile, wider verifies never cheaper, more context never cheaper."""
+        short, long = ([_lower_quartile(v) for v in into] for into in self.samples)
+        short = short[:1] + non_decreasing(short[1:-1]) + short[-1:]
+        long = long[:1] + non_decreasing(long[1:-1]) + long[-1:]
+        growth = [max(0.0, (b - a) / self.longer) for a, b in zip(short, long)]
+        growth = growth[:1] + non_decreasing(growth[1:-1]) + growth[-1:]  # more queries read more
+        return CostModel(
+            verify_ms=short[:-1], draft_ms=short[-1], context=self.context,
+            verify_ms_per_position=growth[:-1], draft_ms_per_position=growth[-1],
+        )
 
 
-def load_or_measure(target, drafter, refresh: bool = False) -> CostModel:
-    """The cached cost model of this pair on this machine, measured if absent
-    (or ``refresh``: measured now and cached, as the benchmark does so its
-    predictions see the machine as it runs).
+def extend(sampler: Sampler, reps: int = 3, budget_s: float = 2.0, max_reps: int = 40) -> Sampler:
+    """Take at least ``reps`` repetitions of every piece, more while within
+    ``budget_s`` (at most ``max_reps``)."""
+    began = time.perf_counter()
+    while sampler.repetitions < reps or (sampler.repetitions < max_reps and time.perf_counter() - began < budget_s):
+        sampler.take()
+    return sampler
 
-    Concurrent processes may both measure; each writes its file atomically
+
+def measure(target, drafter, context: int = 32, longer: int = 256, **budget) -> CostModel:
+    """The pair's cost model, measured now (``budget``: see ``extend``)."""
+    return extend(Sampler(target, drafter, context, longer), **budget).model()
+
+
+def cache_path(target, drafter) -> Path:
+    return cache_dir() / f"cost-{cache_key(target, drafter)}.json"
+
+
+def save(target, drafter, model: CostModel) -> None:
+    """Cache ``model`` as the pair's cost model on this machine.
+
+    Concurrent processes may both write; each writes its file atomically
     (temporary file + rename), so readers never see a partial one."""
-    path = cache_dir() / f"cost-{cache_key(target, drafter)}.json"
-    if not refresh:
-        try:
-            return CostModel(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            pass
-    model = measure(target, drafter)
+    path = cache_path(target, drafter)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cost-", suffix=".json")
@@ -243,4 +284,16 @@ def load_or_measure(target, drafter, refresh: bool = False) -> CostModel:
         os.replace(tmp, path)
     except OSError:
         pass  # an unwritable cache only costs a re-measure next time
+
+
+def load_or_measure(target, drafter, refresh: bool = False) -> CostModel:
+    """The cached cost model of this pair on this machine, measured (and
+    cached) if absent, or now with ``refresh``."""
+    if not refresh:
+        try:
+            return CostModel(**json.loads(cache_path(target, drafter).read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
+    model = measure(target, drafter)
+    save(target, drafter, model)
     return model

@@ -15,7 +15,8 @@ from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from .autocap import draft_length_for
-from .cost import load_or_measure
+from .cost import CostModel, load_or_measure
+from .cost import save as save_cost
 from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
 from .target import (
     TargetAdapter,
@@ -41,7 +42,7 @@ class SpeculativeStats:
     host_seconds: float = 0.0  # loop time outside waits for the device (and outside the caller)
     graph_seconds: float = 0.0  # ... of which building the target's and drafter's graphs
     wait_seconds: float = 0.0  # time blocked on device results
-    extra_ms: Optional[List[float]] = None  # automatic cap: learned time per round beyond the cost model
+    time_scale: Optional[List[float]] = None  # automatic cap: learned (undrafted, drafted) round time over the cost model's
 
     @property
     def host_ms_per_round(self) -> float:
@@ -118,13 +119,18 @@ def bind(drafter, model) -> TargetAdapter:
     return target
 
 
-def cost_model(drafter, target: TargetAdapter, refresh: bool = False):
+def cost_model(drafter, target: TargetAdapter, refresh: bool = False, measured: Optional[CostModel] = None):
     """The pair's cost model (cached on disk; measured on first use, or now
-    with ``refresh``)."""
+    with ``refresh``; ``measured``: one the caller measured, cached and used
+    from now on)."""
     memo = getattr(drafter, "_cost_model", None)
-    if memo is not None and memo[0]() is target.model and not refresh:
+    if measured is not None:
+        save_cost(target, drafter, measured)
+        cost = measured
+    elif memo is not None and memo[0]() is target.model and not refresh:
         return memo[1]
-    cost = load_or_measure(target, drafter, refresh)
+    else:
+        cost = load_or_measure(target, drafter, refresh)
     drafter._cost_model = (weakref.ref(target.model), cost)
     return cost
 
@@ -298,7 +304,7 @@ def decode(
     # decide which random draws are made, and a seed must reproduce the text.
     learn = rule == GREEDY
     lengths = draft_length_for(drafter, cost_model(drafter, target), max_drafts, learn) if auto else None
-    stats = SpeculativeStats(rule=rule, cap=None if auto else cap, extra_ms=lengths.extra_ms if auto else None)
+    stats = SpeculativeStats(rule=rule, cap=None if auto else cap, time_scale=lengths.time_scale if auto else None)
     drafter.stats = stats
 
     def forward(tokens, start):
@@ -500,9 +506,11 @@ def decode(
                     if lengths is not None and n > 0:
                         # The proposal was queued last round; its confidences
                         # are ready (or nearly) and pick this round's cap.
-                        scores = waited_for(confidence[:n].tolist)[1] if confidence is not None else None
-                        n = lengths.choose(n, scores)
-                        drafts, q = drafts[:n], (q[:n] if q is not None else None)
+                        scores = waited_for(confidence.tolist)[1][:n] if confidence is not None else None
+                        chosen = lengths.choose(n, scores)
+                        if chosen < n:
+                            n = chosen
+                            drafts, q = drafts[:n], (q[:n] if q is not None else None)
                     if n == 0:
                         drafts = q = None
                 verify_in = mx.concatenate([anchor, drafts]) if n > 0 else anchor
@@ -513,7 +521,7 @@ def decode(
                 accepted, next_token = accept(logprobs, drafts, q)
                 waited_for(lambda: mx.eval(accepted, next_token, verify_in))  # the round's one host sync
             a = accepted.item()
-            tokens = verify_in[1 : a + 1].tolist() + next_token.tolist()
+            tokens = verify_in.tolist()[1 : a + 1] + next_token.tolist()  # both evaluated: no slicing op
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
             rejected = n - a
             rollback(target_cache, rejected)

@@ -89,22 +89,52 @@ def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay(
     assert lengths.acceptance([0.8] * 7)[0] == pytest.approx(0.5, abs=0.08)
 
 
-def test_measured_round_overhead_enters_the_choice():
-    """Time per round that the cost model's pieces leave out (host work) is
-    learned from observed rounds and makes marginal drafting stop paying."""
+def test_measured_round_times_enter_the_choice():
+    """Rounds slower than the cost model says (host work, a machine slower
+    than when it was measured) are learned from observed rounds, per kind of
+    round, and make marginal drafting stop paying."""
     lengths = DraftLength(GPU_LIKE, 7)
     marginal = [0.3] * 7  # 1.43 tokens for 12.5 ms vs 1 for 10 ms: drafting 1 pays, barely
     assert lengths.choose(7, marginal) > 0
-    for _ in range(30):
-        lengths.observe(0, GPU_LIKE.round_ms(0) + 0.2)  # plain steps: nearly as measured
-        lengths.observe(3, GPU_LIKE.round_ms(3) + 4.0)  # drafted rounds: 4 ms of host work on top
-    assert lengths.extra_ms[0] == pytest.approx(0.2, abs=1e-9)
-    assert lengths.extra_ms[1] == pytest.approx(4.0, abs=1e-9)
+    for _ in range(60):
+        lengths.observe(0, GPU_LIKE.round_ms(0) * 1.02)  # plain steps: nearly as measured
+        lengths.observe(3, GPU_LIKE.round_ms(3) * 1.3)  # drafted rounds: 30 % more
+    assert lengths.time_scale[0] == pytest.approx(1.02, abs=0.01)
+    assert lengths.time_scale[1] == pytest.approx(1.3, abs=0.01)
     assert lengths.choose(7, marginal) == 0
     assert lengths.choose(7, [0.95] * 7) == 7  # a good proposal still pays
-    # A stalled or early round cannot teach a negative cost below half the model's.
-    lengths.observe(3, 0.0)
-    assert lengths.extra_ms[1] > -0.5 * GPU_LIKE.round_ms(3)
+
+
+def test_a_machine_slower_than_measured_keeps_the_choice():
+    """A uniform slow-down (a shared machine's slow phase, or a cost model
+    measured in one) scales every round alike and changes no cap."""
+    lengths = DraftLength(GPU_LIKE, 7)
+    accept = [0.7] * 7
+    before = [GPU_LIKE.best_cap(accept[:k], scale=lengths.time_scale) for k in range(8)]
+    for n in (0, 3, 0, 7, 5) * 10:
+        lengths.observe(n, GPU_LIKE.round_ms(n) * 2.5)
+    assert lengths.time_scale == pytest.approx([2.5, 2.5])
+    assert [GPU_LIKE.best_cap(accept[:k], scale=lengths.time_scale) for k in range(8)] == before
+    assert len(set(before)) > 2  # the caps compared are not all alike
+
+
+def test_undrafted_rounds_set_where_drafted_ones_start():
+    """Before any drafted round is timed, its scale follows the one seen so
+    far: a cost model measured during a slow phase must not make drafting
+    look 3x too dear next to plain steps that already run fast."""
+    lengths = DraftLength(GPU_LIKE, 7)
+    for _ in range(20):
+        lengths.observe(0, GPU_LIKE.round_ms(0) / 3)
+    assert lengths.time_scale[1] == pytest.approx(1 / 3, rel=0.01)
+
+
+def test_a_stalled_or_free_round_moves_the_scale_only_so_far():
+    lengths = DraftLength(GPU_LIKE, 7)
+    lengths.observe(3, 0.0)  # its work overlapped the caller
+    assert lengths.time_scale[1] >= 0.25
+    lengths = DraftLength(GPU_LIKE, 7)
+    lengths.observe(3, 1e6)  # a one-off stall
+    assert lengths.time_scale[1] <= 4.0
 
 
 def test_declined_proposals_stop_proposing_until_a_probe():
@@ -122,6 +152,25 @@ def test_declined_proposals_stop_proposing_until_a_probe():
             lengths.update(caps[-1], 0, [0.01] * caps[-1])
     assert caps == [7] + [0] * DECLINES
     assert proposed[: 1 + DECLINES] == [True] * (1 + DECLINES) and not any(proposed[1 + DECLINES :])
+
+
+def test_a_proposal_worth_verifying_is_followed_by_another():
+    """After a round that verified drafts the next proposal is made without
+    consulting the running rates (the drafter's confidence judges it), even
+    when those rates alone would say drafting does not pay."""
+    dear = CostModel(verify_ms=[10.0 + 6.0 * k for k in range(8)], draft_ms=2.0)
+    lengths = DraftLength(dear, 7)
+    lengths.calibrated = True
+    assert not lengths.should_draft()  # at the prior rate 0.5 no cap pays
+    assert lengths.choose(7, [1.0] * 7) > 0  # but this proposal is certain to be kept
+    assert lengths.should_draft()
+    assert lengths.choose(7, [0.0] * 7) == 0
+    assert not lengths.should_draft()
+
+
+def test_best_cap_prefers_fewer_drafts_on_a_tie():
+    flat = CostModel(verify_ms=[10.0, 20.0, 30.0], draft_ms=0.0)
+    assert flat.best_cap([1.0, 1.0]) == 0  # every cap gives 0.1 token per ms
 
 
 def test_learned_estimates_carry_over_to_the_next_generation():
@@ -197,10 +246,10 @@ def test_decoding_feeds_round_times_to_the_automatic_cap(models):
     more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
     drafter = OracleDrafter(text_args(model), prompt + more, right=lambda pos: True)
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60))
-    undrafted, drafted = drafter.stats.extra_ms
-    assert drafted != 0.0 and abs(drafted) < 1000.0  # drafted rounds were timed
+    undrafted, drafted = drafter.stats.time_scale
+    assert drafted != 1.0 and 0.25 <= drafted <= 4.0  # drafted rounds were timed
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=20, num_draft_tokens=2))
-    assert drafter.stats.extra_ms is None  # an explicit cap learns nothing
+    assert drafter.stats.time_scale is None  # an explicit cap learns nothing
 
 
 def test_sampling_caps_do_not_depend_on_earlier_generations(models):

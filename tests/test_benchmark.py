@@ -200,3 +200,16 @@ def test_oracle_pattern_depends_on_the_continuation():
     assert [oracle.right(p) for p in range(300)] != first
     oracle.set_continuation([5, 6, 7])
     assert [oracle.right(p) for p in range(300)] == first
+
+
+def test_cost_model_is_measured_again_between_the_runs(pair, monkeypatch):
+    """The machine's speed changes over minutes: the predictions use costs
+    measured before and between the runs; the automatic cap used the first."""
+    real = bench.costs.extend
+    monkeypatch.setattr(bench.costs, "extend", lambda sampler: real(sampler, reps=3, max_reps=3))
+    results = run(pair, "--trials", "2")
+    assert results["cost_repetitions"] > 3
+    start, final = results["cost_model_at_start"], results["cost_model"]
+    assert len(start["verify_ms"]) == len(final["verify_ms"]) == 8
+    cached = run(pair, "--cached-cost")  # reuses what the first run cached: nothing measured
+    assert "cost_repetitions" not in cached and cached["cost_model"] == start

@@ -139,3 +139,23 @@ def test_concurrent_processes_leave_one_valid_file(tmp_path_factory, cache_dir):
     files = list(cache_dir.glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["draft_ms"] > 0
     assert not list(cache_dir.glob(".cost-*"))  # no temporary files left behind
+
+
+def test_lower_quartile_ignores_slow_phases():
+    assert cost._lower_quartile([5.0, 1.0, 2.0, 100.0, 90.0]) == 2.0
+    assert cost._lower_quartile([3.0]) == 3.0
+
+
+def test_a_sampler_adds_repetitions_to_its_model(pair):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    sampler = cost.Sampler(bind(drafter, model), drafter)
+    assert sampler.repetitions == 0
+    assert sampler.take() > 0 and sampler.repetitions == 1
+    cost.extend(sampler, reps=3, max_reps=3)
+    assert sampler.repetitions == 3
+    first = sampler.model()
+    assert len(first.verify_ms) == drafter.max_drafts + 1 and first.context == 32
+    # Every piece's value is one of its repetitions (short context) or their difference.
+    for k, values in enumerate(sampler.samples[0][:1] + sampler.samples[0][-1:]):
+        assert [first.verify_ms[0], first.draft_ms][k] in values
