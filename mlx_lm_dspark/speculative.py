@@ -15,8 +15,7 @@ from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from .autocap import draft_length_for
-from .cost import CostModel, load_or_measure
-from .cost import save as save_cost
+from .cost import CostModel, load_or_measure, save
 from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
 from .target import (
     TargetAdapter,
@@ -125,7 +124,7 @@ def cost_model(drafter, target: TargetAdapter, refresh: bool = False, measured: 
     from now on)."""
     memo = getattr(drafter, "_cost_model", None)
     if measured is not None:
-        save_cost(target, drafter, measured)
+        save(target, drafter, measured)
         cost = measured
     elif memo is not None and memo[0]() is target.model and not refresh:
         return memo[1]

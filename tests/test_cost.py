@@ -156,6 +156,6 @@ def test_a_sampler_adds_repetitions_to_its_model(pair):
     assert sampler.repetitions == 3
     first = sampler.model()
     assert len(first.verify_ms) == drafter.max_drafts + 1 and first.context == 32
-    # Every piece's value is one of its repetitions (short context) or their difference.
+    # The plain step and the drafter round are each one of their own repetitions (short context).
     for k, values in enumerate(sampler.samples[0][:1] + sampler.samples[0][-1:]):
         assert [first.verify_ms[0], first.draft_ms][k] in values
