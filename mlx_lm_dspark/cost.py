@@ -190,7 +190,7 @@ class Sampler:
             tokens = mx.random.randint(0, vocab, (1, width), key=token_key).astype(mx.uint32)
             mx.eval(tokens)
             start = time.perf_counter()
-            logits, features = target(tokens, cache)
+            logits, features = target(tokens, cache, start_early=True)
             logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
             choice = mx.argmax(logprobs, axis=-1)
             kept = mx.cumprod((choice[:-1] == tokens[0, 1:]).astype(mx.int32)).sum()

@@ -355,7 +355,7 @@ class Drafter(nn.Module):
         return self.norm(h)
 
     def draft_block(self, cache: list, anchor: mx.array, start: int, num_drafts: Optional[int] = None,
-                    choose=None):
+                    choose=None, start_early: bool = False):
         """Everything one proposal computes (lazily).
 
         Returns a dict with ``hidden`` and ``base_logits`` for the whole block,
@@ -364,7 +364,9 @@ class Drafter(nn.Module):
         the drafted ``tokens``.  Drafts are the argmax unless ``choose(k,
         logits_row) -> (token [1], q_logprobs_row)`` picks them (sampling);
         its q rows are returned as ``q_logprobs``.  The Markov head chains
-        each slot on the token actually drafted before it.
+        each slot on the token actually drafted before it.  ``start_early``
+        queues the block's hidden states as soon as they are built, so the
+        device computes them while Python builds the heads and the chain.
         """
         B = self._block_size
         num_drafts = self.max_drafts if num_drafts is None else num_drafts
@@ -374,6 +376,8 @@ class Drafter(nn.Module):
             [anchor.reshape(1).astype(mx.uint32), mx.full((B - 1,), self.args.mask_token_id, mx.uint32)]
         )[None]
         hidden = self.block_hidden(cache, ids, start)
+        if start_early:
+            mx.async_eval(hidden)
         logits = self.base_logits(hidden)
         slots = slice(1, 1 + num_drafts) if self.args.shifted_alignment else slice(0, num_drafts)
         slot_logits, slot_hidden = logits[0, slots], hidden[0, slots]
@@ -430,7 +434,7 @@ class Drafter(nn.Module):
         """Drafts for the next ``num_drafts`` positions, their confidences
         (None without a confidence head) and, when ``choose`` samples them,
         the distributions they were sampled from (else None)."""
-        out = self.draft_block(cache, anchor, start, num_drafts, choose)
+        out = self.draft_block(cache, anchor, start, num_drafts, choose, start_early=True)
         conf = out["confidence_logits"]
         confidence = mx.sigmoid(conf.astype(mx.float32)) if conf is not None else None
         return out["tokens"], confidence, out["q_logprobs"]

@@ -310,7 +310,7 @@ def decode(
         """Target forward over a verify block (not yet committed)."""
         nonlocal built_s
         began = time.perf_counter()
-        logits, features = target(tokens[None], target_cache)
+        logits, features = target(tokens[None], target_cache, start_early=True)
         after_forward()
         built_s += time.perf_counter() - began
         return logits[0], features

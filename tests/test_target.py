@@ -1,4 +1,5 @@
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
@@ -44,6 +45,28 @@ def test_taps_keep_names_and_outputs(pair):
         cap = inner.final_logit_softcapping
         recomputed = mx.tanh(recomputed / cap) * cap
     assert mx.allclose(recomputed, logits, atol=1e-5)
+
+
+def test_starting_early_changes_no_value_and_stays_out_of_transforms(pair):
+    model, _ = pair
+    target = TargetAdapter(model, [0, len(model.layers) - 1])
+    tokens = mx.array([[5, 9, 33, 4, 70]])
+    cache, early_cache = target.make_cache(), target.make_cache()
+    late = target(tokens, cache)
+    early = target(tokens, early_cache, start_early=True)
+    assert all(mx.array_equal(a, b) for a, b in zip(late, early))
+    assert all(mx.array_equal(a, b) for c, e in zip(cache, early_cache) for a, b in zip(c.state, e.state))
+
+    # The default evaluates nothing, so the adapter runs inside a transformation
+    # whose traced arrays reach the forward (training may share weights with it).
+    def loss(early):
+        logits, _ = target(tokens, None, start_early=early)
+        return logits.astype(mx.float32).sum()
+
+    value, grads = nn.value_and_grad(model, lambda: loss(False))()
+    assert value.item() == pytest.approx(late[0].astype(mx.float32).sum().item(), rel=1e-3)
+    with pytest.raises(ValueError, match="transformation"):
+        nn.value_and_grad(model, lambda: loss(True))()
 
 
 def test_validate_pair_names_the_field(pair):
