@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 
-FORMAT = 5  # bump when what is measured changes
+FORMAT = 6  # bump when what is measured changes
 
 
 @dataclass
@@ -121,13 +122,23 @@ def cache_key(target, drafter) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _lower_quartile(values):
-    """Timing noise on a shared machine is one-sided (a piece never runs
-    faster than its cost, but slows down whenever something else runs): the
-    lower quartile of the repetitions is the undisturbed cost, where the
-    median follows any slow phase that covers half of them."""
-    values = sorted(values)
-    return values[(len(values) - 1) // 4]
+def relative_costs(samples) -> List[List[float]]:
+    """Per setting and piece, the typical cost from repetitions of every
+    piece (``samples[setting][piece][repetition]``, piece 0 of setting 0 the
+    plain step): the median over repetitions of the piece's time over the
+    plain step's in the same repetition, times the median plain step.
+
+    A shared machine's speed drifts over seconds (a plain step here takes
+    4 ms one minute and 6.5 ms the next); one repetition takes a fraction of
+    a second, so the ratios within it keep the pieces' relative costs, which
+    decide the cap, whatever phase each repetition fell in.  The median then
+    drops the bursts that hit single pieces.  (A lower quartile of each
+    piece's own times is not the typical cost: a wide verify's times spread
+    further than a plain step's, so it came out ~5 % too cheap.)"""
+    reference = samples[0][0]
+    base = statistics.median(reference)
+    return [[base * statistics.median(t / r for t, r in zip(times, reference)) for times in pieces]
+            for pieces in samples]
 
 
 def non_decreasing(values: List[float]) -> List[float]:
@@ -182,8 +193,15 @@ class Sampler:
         snapshot = [c.state for c in cache]
 
         def restore():
-            for c, state in zip(cache, snapshot):  # back to the context alone
-                c.state = state
+            """Back to the context alone.  Trimmed like the round loop rolls
+            back where the cache allows it: assigning the snapshot sizes the
+            buffer exactly, so the next forward would pay for regrowing it,
+            which a real round (writing into spare room) does not."""
+            for c, state in zip(cache, snapshot):
+                if c.is_trimmable():
+                    c.trim(c.offset - length)
+                else:
+                    c.state = state
 
         def verify(width):
             """A round with drafts: forward, the acceptance ops, one sync."""
@@ -239,9 +257,10 @@ class Sampler:
         return time.perf_counter() - began
 
     def model(self) -> CostModel:
-        """The cost model of the repetitions so far: per piece the lower
-        quartile, wider verifies never cheaper, more context never cheaper."""
-        short, long = ([_lower_quartile(v) for v in into] for into in self.samples)
+        """The cost model of the repetitions so far: per piece its typical
+        cost (``relative_costs``), wider verifies never cheaper, more context
+        never cheaper."""
+        short, long = relative_costs(self.samples)
         short = short[:1] + non_decreasing(short[1:-1]) + short[-1:]
         long = long[:1] + non_decreasing(long[1:-1]) + long[-1:]
         growth = [max(0.0, (b - a) / self.longer) for a, b in zip(short, long)]
