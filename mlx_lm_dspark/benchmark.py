@@ -2,11 +2,14 @@
 
     python -m mlx_lm_dspark.benchmark --model T --draft-model D --prompts all
 
-Per prompt and trial it runs plain decoding (mlx-lm's ``generate_step``) and
-speculative decoding with the same sampler alternately, times generation
-only (tokens per second from the first yielded token to the last; the
-prefill is reported on its own) and checks that greedy outputs are
-identical.  It reports plain and speculative tokens/s, the speed-up, τ
+Per prompt, trial and cap it runs plain decoding (mlx-lm's ``generate_step``)
+and then speculative decoding with the same sampler, times generation only
+(tokens per second from the first yielded token to the last; the prefill is
+reported on its own) and checks that greedy outputs are identical.  The
+speed-up of a prompt is the median over trials of each speculative run's
+rate over the plain run just before it: a shared machine's speed drifts by
+tens of percent over seconds, and the pair sees the same phase.  It reports
+plain and speculative tokens/s, the speed-up, τ
 (mean accepted drafts + 1 per round), the acceptance of each draft position,
 the drafts verified per round, the machine's cost model and the speed-up
 that cost model predicts for the acceptance and caps measured
@@ -106,6 +109,7 @@ class Run:
     prefill_s: float
     decode_s: float
     prompt: str = ""  # the prompt's name: trials of one prompt are pooled by median
+    plain: Optional["Run"] = None  # a speculative run's plain run, made just before it
     prompt_tokens: int = 0
     proposal_lengths: List[int] = field(default_factory=list)
     accepted_lengths: List[int] = field(default_factory=list)
@@ -338,6 +342,30 @@ def rate(runs: List[Run]) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def seconds_per_token(run: Run) -> float:
+    return run.decode_s / (len(run.tokens) - 1)
+
+
+def paired_speedup(runs: List[Run]) -> Optional[float]:
+    """Speculative runs' speed-up over their plain runs: per prompt the
+    median over trials of plain time per token over speculative time per
+    token within each pair, then over prompts total plain time over total
+    speculative time (each prompt's plain time: its tokens at its median
+    plain time per token)."""
+    by_prompt = {}
+    for r in runs:
+        if len(r.tokens) > 1 and r.plain is not None and len(r.plain.tokens) > 1:
+            by_prompt.setdefault(r.prompt, []).append(r)
+    plain_s = spec_s = 0.0
+    for trials in by_prompt.values():
+        tokens = sum(len(r.tokens) - 1 for r in trials) / len(trials)
+        per_token = statistics.median(seconds_per_token(r.plain) for r in trials)
+        plain_s += tokens * per_token
+        spec_s += tokens * per_token * statistics.median(seconds_per_token(r) / seconds_per_token(r.plain)
+                                                         for r in trials)
+    return plain_s / spec_s if spec_s > 0 else None
+
+
 def summarize_plain(runs: List[Run]) -> dict:
     return {
         "tokens_per_s": rate(runs),
@@ -354,7 +382,7 @@ def _mean_scale(runs: List[Run]) -> Optional[List[float]]:
     return [sum(e[i] for e in learned) / len(learned) for i in range(2)] if learned else None
 
 
-def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, cap) -> dict:
+def summarize_speculative(runs: List[Run], cost, max_drafts: int, cap) -> dict:
     out = summarize_plain(runs)
     proposals = [n for r in runs for n in r.proposal_lengths]
     accepted = [a for r in runs for a in r.accepted_lengths]
@@ -363,7 +391,7 @@ def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, c
     counts = {}
     for n in proposals:
         counts[str(n)] = counts.get(str(n), 0) + 1
-    speedup = out["tokens_per_s"] / plain["tokens_per_s"] if plain["tokens_per_s"] else None
+    speedup = paired_speedup(runs)
     predicted = predicted_speedup(cost, runs, conditional) if cost is not None else None
     out.update(
         cap="auto" if cap is None else cap,
@@ -387,12 +415,12 @@ def summarize_speculative(runs: List[Run], plain: dict, cost, max_drafts: int, c
 
 def summarize(plain: List[Run], spec: Dict, cost, max_drafts: int, main_key) -> dict:
     """Plain, main speculative configuration and sweep (if any) of a set of runs."""
-    p = summarize_plain(plain)
-    out = {"plain": p, "speculative": summarize_speculative(spec[main_key], p, cost, max_drafts, main_key)}
-    sweep = {k: summarize_speculative(v, p, cost, max_drafts, k) for k, v in spec.items() if k != "auto"}
+    out = {"plain": summarize_plain(plain),
+           "speculative": summarize_speculative(spec[main_key], cost, max_drafts, main_key)}
+    sweep = {k: summarize_speculative(v, cost, max_drafts, k) for k, v in spec.items() if k != "auto"}
     if len(spec) > 1:
         out["sweep"] = {str(k): sweep[k] for k in sorted(sweep)}
-        best = max(sweep, key=lambda k: sweep[k]["tokens_per_s"])
+        best = max(sweep, key=lambda k: sweep[k]["speedup"] or 0.0)
         out["best_fixed_cap"] = {"cap": best, "speedup": sweep[best]["speedup"]}
     return out
 
@@ -444,23 +472,23 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
     run_speculative(model, drafter, first, min(WARMUP_TOKENS, args.max_tokens), sampler, caps[0], eos_ids)
 
     runs = {p.name: ([], {key(c): [] for c in caps}) for p in prompts}
-    total = len(prompts) * args.trials * (1 + len(caps))
+    total = len(prompts) * args.trials * 2 * len(caps)
     with tqdm(total=total, desc="benchmark", unit="run", disable=not progress, file=sys.stderr) as bar:
         for p in prompts:
             plain_runs, spec_runs = runs[p.name]
             for trial in range(args.trials):
-                plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids)
-                plain.prompt = p.name
-                plain_runs.append(plain)
-                bar.update()
-                if oracle:
-                    drafter.set_continuation(p.tokens + plain.tokens)
                 # Each trial starts at another configuration, so a slow phase
                 # of the machine does not always land on the same one.
                 shift = trial % len(caps)
                 for cap in caps[shift:] + caps[:shift]:
+                    plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids)
+                    plain.prompt = p.name
+                    plain_runs.append(plain)
+                    bar.update()
+                    if oracle:
+                        drafter.set_continuation(p.tokens + plain.tokens)
                     spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids)
-                    spec.prompt = p.name
+                    spec.prompt, spec.plain = p.name, plain
                     if greedy:
                         check_same(plain, spec, tokenizer, f"prompt {p.name!r} (cap {key(cap)}, trial {trial + 1})")
                     spec_runs[key(cap)].append(spec)

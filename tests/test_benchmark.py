@@ -170,6 +170,23 @@ def test_rates_take_the_median_trial_of_each_prompt():
     assert bench.rate(runs("a", [1.0]) + runs("b", [4.0])) == pytest.approx(20 / 5.0)
 
 
+def test_speedups_pair_each_run_with_the_plain_run_before_it():
+    def pair(name, plain_s, spec_s):
+        run = bench.Run([0] * 11, 0.0, spec_s, prompt=name)
+        run.plain = bench.Run([0] * 11, 0.0, plain_s, prompt=name)
+        return run
+
+    # The machine twice as slow during the second trial: each pair still shows 2x.
+    assert bench.paired_speedup([pair("a", 1.0, 0.5), pair("a", 2.0, 1.0)]) == pytest.approx(2.0)
+    # Unpaired medians mix the phases (plain 1.6 s over speculative 1.0 s: 1.6x); the pairs
+    # say 2x, 2x and 1.6x, median 2x.
+    runs = [pair("a", 1.0, 0.5), pair("a", 2.0, 1.0), pair("a", 1.6, 1.0)]
+    assert bench.paired_speedup(runs) == pytest.approx(2.0)
+    # Prompts pool as total plain time over total speculative time.
+    assert bench.paired_speedup([pair("a", 1.0, 0.5), pair("b", 3.0, 1.0)]) == pytest.approx(4.0 / 1.5)
+    assert bench.paired_speedup([bench.Run([0] * 11, 0.0, 1.0, prompt="a")]) is None  # no plain run
+
+
 def test_plot_without_matplotlib_says_so(pair, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
