@@ -19,6 +19,8 @@ from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
+from . import early
+
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Gemma-4's RoPE per attention type when a config leaves it out (mlx-lm's
@@ -377,7 +379,7 @@ class Drafter(nn.Module):
         )[None]
         hidden = self.block_hidden(cache, ids, start)
         if start_early:
-            mx.async_eval(hidden)
+            early.start(hidden)
         logits = self.base_logits(hidden)
         slots = slice(1, 1 + num_drafts) if self.args.shifted_alignment else slice(0, num_drafts)
         slot_logits, slot_hidden = logits[0, slots], hidden[0, slots]

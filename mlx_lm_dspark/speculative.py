@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from . import early
 from .autocap import draft_length_for
 from .cost import CostModel, load_or_measure, save
 from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
@@ -306,13 +307,20 @@ def decode(
     stats = SpeculativeStats(rule=rule, cap=None if auto else cap, time_scale=lengths.time_scale if auto else None)
     drafter.stats = stats
 
+    def built(began, queued_before):
+        """Count the time since ``began`` as graph building, except what
+        queueing the graph's first layers spent (time on the device)."""
+        nonlocal built_s
+        queued = early.seconds() - queued_before
+        stats.wait_seconds += queued
+        built_s += time.perf_counter() - began - queued
+
     def forward(tokens, start):
         """Target forward over a verify block (not yet committed)."""
-        nonlocal built_s
-        began = time.perf_counter()
+        began, queued = time.perf_counter(), early.seconds()
         logits, features = target(tokens[None], target_cache, start_early=True)
         after_forward()
-        built_s += time.perf_counter() - began
+        built(began, queued)
         return logits[0], features
 
     def process(logits, inputs):
@@ -401,7 +409,6 @@ def decode(
     def propose(produced_after):
         """Queue the next round's drafts (they depend only on committed state)
         so the device works while the caller consumes this round's tokens."""
-        nonlocal built_s
         if 0 <= max_tokens <= produced_after:
             return 0, None
         remaining = max_tokens - produced_after if max_tokens >= 0 else cap + 1
@@ -412,9 +419,9 @@ def decode(
             return 0, None
         with mx.stream(stream):
             commit_context(None, None, flush=True)
-            began = time.perf_counter()
+            began, queued = time.perf_counter(), early.seconds()
             proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
-            built_s += time.perf_counter() - began
+            built(began, queued)
         start = time.perf_counter()
         mx.async_eval(*(x for x in proposal if x is not None))
         waited(start)

@@ -14,6 +14,7 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx_lm.models import cache as cache_lib
 
+from . import early
 from .config import FAMILY_OF_MODEL_TYPE
 
 
@@ -39,7 +40,7 @@ def _tapped_class(cls):
             if sink is not None and id(self) in sink:
                 sink[id(self)] = hidden = out[0] if isinstance(out, tuple) else out
                 if getattr(_capture, "start_early", False):
-                    mx.async_eval(hidden)
+                    early.start(hidden)
             return out
 
         sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
