@@ -12,8 +12,8 @@ tens of percent over seconds, and the pair sees the same phase.  It reports
 plain and speculative tokens/s, the speed-up, τ
 (mean accepted drafts + 1 per round), the acceptance of each draft position,
 the drafts verified per round, the machine's cost model and the speed-up
-that cost model predicts for the acceptance and caps measured
-(efficiency = measured / predicted).
+that cost model predicts for the rounds run (their caps, context lengths
+and accepted drafts; efficiency = measured / predicted).
 
 ``--oracle-acceptance F`` replaces the drafter by a benchmark-only oracle
 (``oracle_drafter.py``) that is right at each position with probability F;
@@ -36,12 +36,16 @@ cap 0..max to compare with the automatic cap.
 - ``overall``: the same over every prompt.
 
 ``plain`` has ``tokens_per_s``, ``prefill_ms``, ``generated_tokens``, ``runs``;
-``speculative`` has those and ``cap``, ``speedup``, ``tau``, ``rounds``,
+``speculative`` has those and ``cap``, ``speedup``, ``pair_quartiles`` (the
+quartiles of single runs' speed-ups over their plain runs), ``tau``, ``rounds``,
 ``drafted``, ``accepted``, ``drafts_per_round``, ``cap_counts``,
 ``acceptance_by_position`` (rounds where slot k was verified and kept /
 rounds where it was verified), ``conditional_acceptance`` (kept / reached:
 verified with every slot before it kept), ``predicted_speedup``,
-``efficiency``, ``host_ms_per_round`` (loop time outside waits for the device),
+``efficiency``, ``time_over_model`` (the paired plain runs' and the
+speculative runs' time over the cost model's for the same tokens and
+rounds: how far the machine was from the model during the runs, each side
+alone), ``host_ms_per_round`` (loop time outside waits for the device),
 ``loop_ms_per_round`` (the part of it not spent building the target's and
 drafter's graphs: what the round loop itself adds) and (automatic cap)
 ``learned_time_scale``: the (undrafted, drafted) rounds' measured time over
@@ -292,7 +296,7 @@ def check_same(plain: Run, spec: Run, tokenizer, label: str) -> None:
 
 def acceptance(runs: List[Run], max_drafts: int):
     """Per draft slot k: kept / verified, and kept / reached (verified with
-    every slot before it kept: the conditional acceptance the cost model uses)."""
+    every slot before it kept: what the automatic cap estimates per slot)."""
     rounds = [(n, a) for r in runs for n, a in zip(r.proposal_lengths, r.accepted_lengths)]
     by_position, conditional = [], []
     for k in range(1, max_drafts + 1):
@@ -304,26 +308,48 @@ def acceptance(runs: List[Run], max_drafts: int):
     return by_position, conditional
 
 
-def predicted_speedup(cost, runs: List[Run], conditional) -> Optional[float]:
-    """The cost model's speed-up for the caps used and the measured acceptance:
-    per round draft_ms + verify_ms[cap] at that round's context length for
-    1 + E[accepted | cap] tokens, against verify_ms[0] per plain token over
-    the same positions."""
-    accept = [c or 0.0 for c in conditional]
-    tokens = spec_ms = plain_ms = 0.0
+def seconds_per_token(run: Run) -> float:
+    return run.decode_s / (len(run.tokens) - 1)
+
+
+def modelled_ms(cost, run: Run):
+    """The cost model's (plain, speculative) time for a speculative run's
+    tokens after the first: per round draft_ms + verify_ms[cap] at that
+    round's context length, against verify_ms[0] per token over the same
+    positions."""
+    context = run.prompt_tokens
+    plain_ms = spec_ms = 0.0
+    for n, a in zip(run.proposal_lengths, run.accepted_lengths):
+        at = cost.at(context)
+        spec_ms += at.round_ms(min(n, cost.max_drafts))
+        plain_ms += (a + 1) * at.verify_ms[0]
+        context += a + 1
+    return plain_ms, spec_ms
+
+
+def predicted_speedup(cost, runs: List[Run]) -> Optional[float]:
+    """The cost model's speed-up for the rounds actually run (their caps,
+    context lengths and accepted drafts)."""
+    plain_ms = spec_ms = 0.0
     for r in runs:
-        context = r.prompt_tokens
-        for n, a in zip(r.proposal_lengths, r.accepted_lengths):
-            cap = min(n, cost.max_drafts)
-            expected = cost.expected_tokens(accept, cap)
-            at = cost.at(context)
-            tokens += expected
-            spec_ms += at.round_ms(cap)
-            plain_ms += expected * at.verify_ms[0]  # plain steps ~ over these positions
-            context += a + 1
-    if not tokens:
-        return None
-    return plain_ms / spec_ms
+        p, q = modelled_ms(cost, r)
+        plain_ms, spec_ms = plain_ms + p, spec_ms + q
+    return plain_ms / spec_ms if spec_ms > 0 else None
+
+
+def time_over_model(cost, runs: List[Run]) -> Optional[List[float]]:
+    """(plain, speculative) measured time over the cost model's: the paired
+    plain runs over verify_ms[0] per token, the speculative runs over their
+    rounds' modelled times (medians over runs).  Efficiency is about their
+    ratio; each alone says how far this machine's speed during the runs was
+    from the cost model's (and the loop's own overhead, for the second)."""
+    plain, spec = [], []
+    for r in runs:
+        p, q = modelled_ms(cost, r)
+        if q > 0 and r.plain is not None and len(r.plain.tokens) > 1:
+            spec.append(1000 * r.decode_s / q)
+            plain.append(1000 * seconds_per_token(r.plain) * (len(r.tokens) - 1) / p)
+    return [statistics.median(plain), statistics.median(spec)] if spec else None
 
 
 def rate(runs: List[Run]) -> float:
@@ -340,10 +366,6 @@ def rate(runs: List[Run]) -> float:
         tokens += n
         seconds += n * statistics.median(r.decode_s / (len(r.tokens) - 1) for r in trials)
     return tokens / seconds if seconds > 0 else 0.0
-
-
-def seconds_per_token(run: Run) -> float:
-    return run.decode_s / (len(run.tokens) - 1)
 
 
 def paired_speedup(runs: List[Run]) -> Optional[float]:
@@ -364,6 +386,18 @@ def paired_speedup(runs: List[Run]) -> Optional[float]:
         spec_s += tokens * per_token * statistics.median(seconds_per_token(r) / seconds_per_token(r.plain)
                                                          for r in trials)
     return plain_s / spec_s if spec_s > 0 else None
+
+
+def pair_quartiles(runs: List[Run]) -> Optional[List[float]]:
+    """Lower and upper quartile of the runs' speed-ups over their own plain
+    runs: how much single pairs scatter on this machine (the speed-up is
+    the median of a prompt's pairs; differences well inside this spread
+    need many more trials to tell apart)."""
+    ratios = sorted(seconds_per_token(r.plain) / seconds_per_token(r) for r in runs
+                    if len(r.tokens) > 1 and r.plain is not None and len(r.plain.tokens) > 1)
+    if not ratios:
+        return None
+    return [ratios[(len(ratios) - 1) // 4], ratios[(3 * len(ratios)) // 4]]
 
 
 def summarize_plain(runs: List[Run]) -> dict:
@@ -392,10 +426,11 @@ def summarize_speculative(runs: List[Run], cost, max_drafts: int, cap) -> dict:
     for n in proposals:
         counts[str(n)] = counts.get(str(n), 0) + 1
     speedup = paired_speedup(runs)
-    predicted = predicted_speedup(cost, runs, conditional) if cost is not None else None
+    predicted = predicted_speedup(cost, runs) if cost is not None else None
     out.update(
         cap="auto" if cap is None else cap,
         speedup=speedup,
+        pair_quartiles=pair_quartiles(runs),
         tau=(sum(accepted) + rounds) / rounds if rounds else None,
         rounds=rounds,
         drafted=sum(proposals),
@@ -406,6 +441,7 @@ def summarize_speculative(runs: List[Run], cost, max_drafts: int, cap) -> dict:
         conditional_acceptance=conditional,
         predicted_speedup=predicted,
         efficiency=speedup / predicted if speedup is not None and predicted else None,
+        time_over_model=time_over_model(cost, runs) if cost is not None else None,
         host_ms_per_round=1000 * sum(r.host_s for r in runs) / rounds if rounds else None,
         loop_ms_per_round=1000 * sum(r.host_s - r.graph_s for r in runs) / rounds if rounds else None,
         learned_time_scale=_mean_scale(runs),
@@ -533,6 +569,10 @@ def _acceptance_cells(values) -> str:
     return " ".join("  - " if v is None else f"{v:.2f}" for v in values)
 
 
+def _spread(quartiles) -> str:
+    return "-" if not quartiles else f"{quartiles[0]:.2f}-{quartiles[1]:.2f}"
+
+
 def format_report(results: dict) -> str:
     """The results as readable tables."""
     lines = []
@@ -553,14 +593,15 @@ def format_report(results: dict) -> str:
     if cost.get("verify_ms_per_position"):
         lines.append(f"  growth per 100 more positions: draft {100 * cost['draft_ms_per_position']:.2f} ms; verify ms "
                      "by width: " + " ".join(f"{100 * v:.2f}" for v in cost["verify_ms_per_position"]))
-    header = (f"{'prompt':<16}{'prefill ms':>11}{'plain tok/s':>12}{'spec tok/s':>11}{'speedup':>8}{'τ':>6}"
+    header = (f"{'prompt':<16}{'prefill ms':>11}{'plain tok/s':>12}{'spec tok/s':>11}{'speedup':>8}{'pairs q1-q3':>13}{'τ':>6}"
               f"{'drafts/rd':>10}{'pred':>7}{'eff':>6}{'host ms/rd':>11}{'loop ms/rd':>11}  acceptance by position")
     lines += ["", header, "-" * len(header)]
 
     def row(name, s):
         p, q = s["plain"], s["speculative"]
         return (f"{name:<16}{p['prefill_ms']:>11.1f}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
-                f"{_num(q['speedup'], '{:.2f}x'):>8}{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}"
+                f"{_num(q['speedup'], '{:.2f}x'):>8}{_spread(q.get('pair_quartiles')):>13}"
+                f"{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}"
                 f"{_num(q['predicted_speedup'], '{:.2f}x'):>7}{_num(q['efficiency']):>6}"
                 f"{_num(q['host_ms_per_round']):>11}{_num(q.get('loop_ms_per_round')):>11}  "
                 f"{_acceptance_cells(q['acceptance_by_position'])}")

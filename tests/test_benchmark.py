@@ -13,7 +13,8 @@ from mlx_lm_dspark.tiny import build_pair
 SPEC_KEYS = {
     "tokens_per_s", "prefill_ms", "generated_tokens", "runs", "cap", "speedup", "tau", "rounds", "drafted",
     "accepted", "drafts_per_round", "cap_counts", "acceptance_by_position", "conditional_acceptance",
-    "predicted_speedup", "efficiency", "host_ms_per_round", "loop_ms_per_round",
+    "predicted_speedup", "efficiency", "host_ms_per_round", "loop_ms_per_round", "pair_quartiles",
+    "time_over_model",
 }
 
 
@@ -132,18 +133,19 @@ def test_oracle_pattern_is_deterministic_with_the_chosen_rate():
     assert values != [uniform(1, pos) for pos in range(20000)]
 
 
-def test_predicted_speedup_from_costs_and_acceptance():
+def test_predicted_speedup_from_costs_and_the_rounds_run():
     cost = CostModel(verify_ms=[10.0, 10.0, 10.0, 10.0], draft_ms=0.0)
     perfect = [bench.Run([0] * 9, 0.0, 1.0, proposal_lengths=[3, 3], accepted_lengths=[3, 3])]
     by_position, conditional = bench.acceptance(perfect, 3)
     assert by_position == conditional == [1.0, 1.0, 1.0]
-    assert bench.predicted_speedup(cost, perfect, conditional) == pytest.approx(4.0)
+    assert bench.predicted_speedup(cost, perfect) == pytest.approx(4.0)
     # Slot 1 kept half the time, slot 2 never reached when slot 1 failed.
     half = [bench.Run([0] * 5, 0.0, 1.0, proposal_lengths=[2, 2], accepted_lengths=[2, 0])]
     by_position, conditional = bench.acceptance(half, 2)
     assert by_position == [0.5, 0.5] and conditional == [0.5, 1.0]
     slow_draft = CostModel(verify_ms=[10.0, 10.0, 10.0], draft_ms=10.0)
-    assert bench.predicted_speedup(slow_draft, half, conditional) == pytest.approx((1 + 0.5 + 0.5) / 2)
+    # 4 tokens (3 + 1) in two rounds of 20 ms, against 4 plain steps of 10 ms.
+    assert bench.predicted_speedup(slow_draft, half) == pytest.approx(40.0 / 40.0)
 
 
 def test_predicted_speedup_follows_the_context_length():
@@ -153,10 +155,21 @@ def test_predicted_speedup_follows_the_context_length():
                      verify_ms_per_position=[0.0, 0.01, 0.01, 0.01], draft_ms_per_position=0.0)
     short = [bench.Run([0] * 9, 0.0, 1.0, prompt_tokens=0, proposal_lengths=[3, 3], accepted_lengths=[3, 3])]
     long = [bench.Run([0] * 9, 0.0, 1.0, prompt_tokens=1000, proposal_lengths=[3, 3], accepted_lengths=[3, 3])]
-    conditional = [1.0, 1.0, 1.0]
     # Rounds start at contexts 0 and 4 (then 1000 and 1004): 10 + 0.01 * context ms each.
-    assert bench.predicted_speedup(cost, short, conditional) == pytest.approx(80.0 / (10.0 + 10.04))
-    assert bench.predicted_speedup(cost, long, conditional) == pytest.approx(80.0 / (20.0 + 20.04))
+    assert bench.predicted_speedup(cost, short) == pytest.approx(80.0 / (10.0 + 10.04))
+    assert bench.predicted_speedup(cost, long) == pytest.approx(80.0 / (20.0 + 20.04))
+
+
+def test_time_over_model_compares_each_side_with_the_cost_model():
+    cost = CostModel(verify_ms=[10.0, 10.0, 20.0], draft_ms=10.0)
+    # 8 tokens after the first: two rounds keeping both of 2 drafts (30 ms each) and two
+    # undrafted rounds (10 ms each), 80 ms modelled, 90 ms measured; its plain run took
+    # 120 ms for the same 8 tokens (80 ms modelled).
+    run = bench.Run([0] * 9, 0.0, 0.090, prompt="a", proposal_lengths=[2, 2, 0, 0], accepted_lengths=[2, 2, 0, 0])
+    run.plain = bench.Run([0] * 9, 0.0, 0.120, prompt="a")
+    assert bench.modelled_ms(cost, run) == pytest.approx((80.0, 80.0))
+    assert bench.time_over_model(cost, [run]) == pytest.approx([1.5, 90.0 / 80.0])
+    assert bench.time_over_model(cost, [bench.Run([0] * 9, 0.0, 0.1, prompt="a")]) is None  # unpaired
 
 
 def test_rates_take_the_median_trial_of_each_prompt():
@@ -185,6 +198,7 @@ def test_speedups_pair_each_run_with_the_plain_run_before_it():
     # Prompts pool as total plain time over total speculative time.
     assert bench.paired_speedup([pair("a", 1.0, 0.5), pair("b", 3.0, 1.0)]) == pytest.approx(4.0 / 1.5)
     assert bench.paired_speedup([bench.Run([0] * 11, 0.0, 1.0, prompt="a")]) is None  # no plain run
+    assert bench.pair_quartiles(runs + [pair("a", 3.0, 1.0)]) == pytest.approx([1.6, 3.0])
 
 
 def test_plot_without_matplotlib_says_so(pair, tmp_path, monkeypatch, capsys):
