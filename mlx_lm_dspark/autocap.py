@@ -141,11 +141,16 @@ class DraftLength:
             if confidence is not None:
                 self.predicted[k] += confidence[k]
 
-    def observe(self, drafts: int, elapsed_ms: float) -> None:
+    def observe(self, drafts: int, elapsed_ms: float, proposed: Optional[bool] = None) -> None:
         """Record the wall time of a finished round (the caller's time between
-        tokens excluded) that verified ``drafts`` drafts."""
-        i = int(drafts > 0)
-        modelled = self.now.round_ms(drafts)
+        tokens excluded) that verified ``drafts`` drafts.  ``proposed``: the
+        drafter ran (default: drafts > 0).  A declined proposal (drafts
+        proposed, none verified) costs a drafter round and an unpipelined
+        step: timed as a plain step it would make plain steps look up to 3x
+        dearer than they are, and drafting look cheap next to them."""
+        proposed = drafts > 0 if proposed is None else proposed
+        i = int(proposed)
+        modelled = self.now.verify_ms[drafts] + (self.now.draft_ms if proposed else 0.0)
         # A round seen as nearly free (its work overlapped the caller) or a
         # one-off stall is not the machine's new speed.
         took = min(max(elapsed_ms, 0.25 * modelled), 4.0 * modelled)

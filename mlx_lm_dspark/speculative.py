@@ -375,7 +375,7 @@ def decode(
 
     caller_s = 0.0  # time spent in the caller between our yields
     built_s = 0.0  # time spent building the networks' graphs (host time counts it per round)
-    open_round = []  # [start time, drafts verified, caller_s at start] of the round under way
+    open_round = []  # [start time, drafts verified, caller_s at start, drafter ran] of the round under way
 
     def round_begins():
         """Start timing a round (closing the previous one; a drafted round
@@ -383,9 +383,9 @@ def decode(
         really cost beyond its measured pieces."""
         now = time.perf_counter()
         if lengths is not None and learn and open_round:
-            t0, n0, c0 = open_round
-            lengths.observe(n0, 1000 * ((now - t0) - (caller_s - c0)))
-        open_round[:] = [now, 0, caller_s]
+            t0, n0, c0, proposed = open_round
+            lengths.observe(n0, 1000 * ((now - t0) - (caller_s - c0)), proposed)
+        open_round[:] = [now, 0, caller_s, False]
 
     pending = []  # (features, start) committed but not yet in the drafter context
     pending_positions = 0
@@ -540,7 +540,7 @@ def decode(
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
             stats.accepted_lengths.append(a)
-            open_round[1] = n
+            open_round[1], open_round[3] = n, True  # a proposal was made (and maybe declined)
             if lengths is not None and n > 0:
                 lengths.update(n, a, scores)
             anchor = next_token

@@ -128,6 +128,31 @@ def test_undrafted_rounds_set_where_drafted_ones_start():
     assert lengths.time_scale[1] == pytest.approx(1 / 3, rel=0.01)
 
 
+def test_declined_proposals_are_timed_as_drafter_rounds():
+    """A round whose proposal was declined ran the drafter and an unpipelined
+    step: as a plain step it would look ~3x too slow, plain steps would
+    seem dear and drafting cheap next to them (a drafter that is never right
+    kept drafting 1 token a round that way)."""
+    lengths = DraftLength(GPU_LIKE, 7)
+    declined_ms = GPU_LIKE.verify_ms[0] + GPU_LIKE.draft_ms
+    for _ in range(30):
+        lengths.observe(0, GPU_LIKE.round_ms(0))  # plain steps, as measured
+        lengths.observe(0, declined_ms, proposed=True)
+    assert lengths.time_scale == pytest.approx([1.0, 1.0])
+
+
+def test_the_loop_times_declined_proposals_as_drafter_rounds(models, monkeypatch):
+    model, drafter_dir = models["qwen3"]
+    drafter = load_drafter(drafter_dir, bits=None)
+    seen = []
+    monkeypatch.setattr(DraftLength, "choose", lambda self, proposed, confidence=None: 0)  # decline all
+    monkeypatch.setattr(DraftLength, "should_draft", lambda self: True)
+    monkeypatch.setattr(DraftLength, "observe", lambda self, drafts, ms, proposed=None: seen.append((drafts, proposed)))
+    list(speculative_generate_step(mx.array([5, 6, 7]), model, drafter, max_tokens=12))
+    assert drafter.stats.proposal_lengths[:-1] == [0] * (len(drafter.stats.proposal_lengths) - 1)
+    assert seen and set(seen) == {(0, True)}  # every round proposed, none verified a draft
+
+
 def test_a_stalled_or_free_round_moves_the_scale_only_so_far():
     lengths = DraftLength(GPU_LIKE, 7)
     lengths.observe(3, 0.0)  # its work overlapped the caller
