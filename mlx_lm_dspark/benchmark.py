@@ -312,6 +312,12 @@ def seconds_per_token(run: Run) -> float:
     return run.decode_s / (len(run.tokens) - 1)
 
 
+def paired(runs: List[Run]) -> List[Run]:
+    """The speculative runs that have a plain run to compare with (and both
+    more than one token, so both have a rate)."""
+    return [r for r in runs if len(r.tokens) > 1 and r.plain is not None and len(r.plain.tokens) > 1]
+
+
 def modelled_ms(cost, run: Run):
     """The cost model's (plain, speculative) time for a speculative run's
     tokens after the first: per round draft_ms + verify_ms[cap] at that
@@ -344,9 +350,9 @@ def time_over_model(cost, runs: List[Run]) -> Optional[List[float]]:
     ratio; each alone says how far this machine's speed during the runs was
     from the cost model's (and the loop's own overhead, for the second)."""
     plain, spec = [], []
-    for r in runs:
+    for r in paired(runs):
         p, q = modelled_ms(cost, r)
-        if q > 0 and r.plain is not None and len(r.plain.tokens) > 1:
+        if q > 0:
             spec.append(1000 * r.decode_s / q)
             plain.append(1000 * seconds_per_token(r.plain) * (len(r.tokens) - 1) / p)
     return [statistics.median(plain), statistics.median(spec)] if spec else None
@@ -364,7 +370,7 @@ def rate(runs: List[Run]) -> float:
     for trials in by_prompt.values():
         n = sum(len(r.tokens) - 1 for r in trials) / len(trials)
         tokens += n
-        seconds += n * statistics.median(r.decode_s / (len(r.tokens) - 1) for r in trials)
+        seconds += n * statistics.median(seconds_per_token(r) for r in trials)
     return tokens / seconds if seconds > 0 else 0.0
 
 
@@ -375,9 +381,8 @@ def paired_speedup(runs: List[Run]) -> Optional[float]:
     speculative time (each prompt's plain time: its tokens at its median
     plain time per token)."""
     by_prompt = {}
-    for r in runs:
-        if len(r.tokens) > 1 and r.plain is not None and len(r.plain.tokens) > 1:
-            by_prompt.setdefault(r.prompt, []).append(r)
+    for r in paired(runs):
+        by_prompt.setdefault(r.prompt, []).append(r)
     plain_s = spec_s = 0.0
     for trials in by_prompt.values():
         tokens = sum(len(r.tokens) - 1 for r in trials) / len(trials)
@@ -393,8 +398,7 @@ def pair_quartiles(runs: List[Run]) -> Optional[List[float]]:
     runs: how much single pairs scatter on this machine (the speed-up is
     the median of a prompt's pairs; differences well inside this spread
     need many more trials to tell apart)."""
-    ratios = sorted(seconds_per_token(r.plain) / seconds_per_token(r) for r in runs
-                    if len(r.tokens) > 1 and r.plain is not None and len(r.plain.tokens) > 1)
+    ratios = sorted(seconds_per_token(r.plain) / seconds_per_token(r) for r in paired(runs))
     if not ratios:
         return None
     return [ratios[(len(ratios) - 1) // 4], ratios[(3 * len(ratios)) // 4]]
