@@ -525,7 +525,8 @@ def decode(
                 cached += n + 1
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 accepted, next_token = accept(logprobs, drafts, q)
-                waited_for(lambda: mx.eval(accepted, next_token, verify_in))  # the round's one host sync
+                # The round's sync (with the automatic cap, its second read: the confidences were the first).
+                waited_for(lambda: mx.eval(accepted, next_token, verify_in))
             a = accepted.item()
             tokens = verify_in.tolist()[1 : a + 1] + next_token.tolist()  # both evaluated: no slicing op
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
