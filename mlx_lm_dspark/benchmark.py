@@ -19,7 +19,7 @@ and accepted drafts; efficiency = measured / predicted).
 (``oracle_drafter.py``) that is right at each position with probability F;
 with ``--draft-model`` too, the real drafter still runs every round (its
 cost is kept, its tokens replaced).  ``--sweep-caps`` also runs every fixed
-cap 0..max to compare with the automatic cap.
+cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
 
 ``--json PATH`` writes everything; top-level keys:
 
@@ -139,7 +139,11 @@ def setup_arg_parser():
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (and the oracle's pattern).")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="Fixed cap on drafts per round (default: automatic).")
-    parser.add_argument("--sweep-caps", action="store_true", help="Also run every fixed cap 0..max drafts.")
+    sweep = parser.add_mutually_exclusive_group()
+    sweep.add_argument("--sweep-caps", action="store_true", help="Also run every fixed cap 0..max drafts.")
+    sweep.add_argument("--caps", type=parse_caps, default=None,
+                       help="Also run these fixed caps (comma-separated, e.g. 0,5,7): a sweep of the "
+                            "candidates only, so more trials fit in the same time.")
     parser.add_argument("--draft-bits", default="4", help="Quantize the drafter on load ('none': stored precision).")
     parser.add_argument("--oracle-acceptance", type=float, default=None,
                         help="Replace the drafter by an oracle right at each position with this probability.")
@@ -468,12 +472,30 @@ def summarize(plain: List[Run], spec: Dict, cost, max_drafts: int, main_key) -> 
 # ---------------------------------------------------------------- the benchmark
 
 
+def parse_caps(value: str) -> List[int]:
+    """``--caps``: comma-separated fixed caps, each at least 0."""
+    try:
+        caps = [int(c) for c in value.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,5,7, got {value!r}") from None
+    if not caps or min(caps) < 0:
+        raise argparse.ArgumentTypeError(f"expected caps of at least 0 such as 0,5,7, got {value!r}")
+    return sorted(set(caps))
+
+
 def configurations(args, max_drafts: int) -> list:
-    """Caps to run: the main one (None = automatic) first, then the sweep."""
+    """Caps to run: the main one (None = automatic) first, then the sweep
+    (every cap with --sweep-caps, or those of --caps)."""
     main_cap = args.num_draft_tokens
     caps = [main_cap]
+    chosen = getattr(args, "caps", None)
+    if chosen and max(chosen) > max_drafts:
+        raise ValueError(f"--caps {','.join(map(str, chosen))}: this drafter drafts at most {max_drafts} "
+                         f"tokens a round; give caps from 0 to {max_drafts}.")
     if args.sweep_caps:
         caps += [c for c in range(max_drafts + 1) if c != main_cap]
+    elif chosen:
+        caps += [c for c in chosen if c != main_cap]
     return caps
 
 

@@ -57,6 +57,24 @@ def test_end_to_end_writes_the_documented_json(pair, tmp_path, capsys):
     assert results["overall"]["sweep"]["3"]["cap_counts"]["3"] >= 4
 
 
+def test_caps_runs_only_the_candidates(pair):
+    results = run(pair, "--caps", "3,0", "--num-draft-tokens", "3", tokens=8)
+    for entry in results["prompts"] + [results["overall"]]:
+        assert entry["speculative"]["cap"] == 3 and set(entry["sweep"]) == {"0", "3"}  # the main cap is fixed too
+        assert entry["sweep"]["0"]["drafted"] == 0 and entry["best_fixed_cap"]["cap"] in (0, 3)
+
+
+def test_bad_caps_are_refused(pair, capsys):
+    for caps in ("0,x", "-1", ","):
+        with pytest.raises(SystemExit):
+            bench.main(["--model", pair[0], "--draft-model", pair[1], "--caps", caps])
+        assert "expected" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one or the other
+        bench.main(["--model", pair[0], "--draft-model", pair[1], "--caps", "1", "--sweep-caps"])
+    with pytest.raises(ValueError, match="at most 7 tokens a round; give caps from 0 to 7"):
+        run(pair, "--caps", "0,9")
+
+
 def test_greedy_mismatch_fails_loudly(pair, monkeypatch):
     real = bench.speculative_generate_step
 
