@@ -13,6 +13,14 @@ better than believed.  The first proposal is such a probe; later probes are
 spaced so that they cost at most 2 % of plain decoding time, and those that
 find nothing come less often.  What is learned (acceptance, calibration,
 round times against the cost model) stays with the drafter from one generation to the next.
+
+Reading a proposal's confidences before building the verify costs a wait
+for the drafter (the verify graph cannot be built while it computes).
+While the running rates alone keep choosing caps that the confidences rate
+as good as their own choice (within 1 % of its expected tokens per second),
+rounds choose from the rates and judge the confidences after the verify
+instead; the first round where reading them would have paid brings the
+reads back.
 """
 
 import math
@@ -29,6 +37,8 @@ DECLINES = 2  # declined proposals in a row before rounds stop proposing (until 
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
 TIME_DECAY = 0.9  # weight of the past in the running round-time scales (per round)
 SCALE_PRIOR = 1.0  # rounds' worth of the pooled scale a kind of round starts from (fading as its own come)
+AGREED_ROUNDS = 4  # rounds in a row the rates chose as well as the confidences before rounds stop waiting for them
+READ_GAIN = 0.01  # ... "as well": within this share of the tokens per second the confidences' own choice promises
 
 
 class DraftLength:
@@ -45,6 +55,7 @@ class DraftLength:
         self.probed_cap = None  # the cap a probe round overrode
         self.declined = 0  # consecutive proposals ``choose`` verified none of
         self.drafting = False  # whether the last proposal's cap was above 0 (not a probe's)
+        self.agreed = 0  # rounds in a row the running rates chose as well as the confidences
         # A probe costs a draft and a full-width verify, unpipelined: count the
         # whole round plus about one step of lost overlap.
         extra = cost.round_ms(self.max_drafts) + cost.verify_ms[0]
@@ -91,6 +102,7 @@ class DraftLength:
         self.declined = 0
         self.drafting = False
         self.probed_cap = None
+        self.agreed = 0
         self.now = self.cost
 
     def should_draft(self) -> bool:
@@ -106,6 +118,12 @@ class DraftLength:
             return True
         self.idle += 1
         return False
+
+    def reads_confidence(self) -> bool:
+        """Whether this round waits for its proposal's confidences before
+        choosing the cap (else the running rates choose, and ``update``
+        judges the confidences afterwards)."""
+        return self.agreed < AGREED_ROUNDS
 
     def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
         """How many of the ``proposed`` drafts to verify this round."""
@@ -124,8 +142,21 @@ class DraftLength:
         self.declined = 0 if cap > 0 else self.declined + 1
         return cap
 
-    def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
-        """Record a round: ``verified`` drafts, the first ``accepted`` kept."""
+    def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None,
+               proposed: Optional[int] = None) -> None:
+        """Record a round: ``verified`` drafts of the ``proposed``, the first
+        ``accepted`` kept, ``confidence`` the proposal's scores."""
+        if confidence is not None and proposed:
+            # Would reading the confidences first have paid this round?
+            limit, now, scale = min(proposed, self.max_drafts), self.now, self.time_scale
+            informed = self.acceptance(confidence)
+            by_rates = now.best_cap(self._rates(), limit=limit, scale=scale)
+            by_scores = now.best_cap(informed, limit=limit, scale=scale)
+            paid = now.tokens_per_ms(informed, by_rates, scale) < (1 - READ_GAIN) * now.tokens_per_ms(
+                informed, by_scores, scale)
+            self.agreed = 0 if paid else self.agreed + 1
+        if verified == 0:
+            return  # a declined proposal: the target judged no draft
         if self.probed_cap is not None:
             if accepted > self.probed_cap:  # the probe found more: keep probing often
                 self.probe_every = self.min_probe_every

@@ -38,13 +38,14 @@ cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
 ``plain`` has ``tokens_per_s``, ``prefill_ms``, ``generated_tokens``, ``runs``;
 ``speculative`` has those and ``cap``, ``speedup``, ``pair_quartiles`` (the
 quartiles of single runs' speed-ups over their plain runs), ``tau``, ``rounds``,
-``drafted``, ``accepted``, ``drafts_per_round``, ``cap_counts``,
+``drafted``, ``declined`` (rounds whose proposal was made, then none of it
+verified: the automatic cap judged it not worth verifying), ``accepted``, ``drafts_per_round``, ``cap_counts``,
 ``acceptance_by_position`` (rounds where slot k was verified and kept /
 rounds where it was verified), ``conditional_acceptance`` (kept / reached:
 verified with every slot before it kept), ``predicted_speedup``,
 ``efficiency``, ``time_over_model`` (the paired plain runs' and the
 speculative runs' time over the cost model's for the same tokens and
-rounds: how far the machine was from the model during the runs, each side
+rounds, a declined proposal costing a drafter round: how far the machine was from the model during the runs, each side
 alone), ``host_ms_per_round`` (loop time outside waits for the device),
 ``loop_ms_per_round`` (the part of it not spent building the target's and
 drafter's graphs: what the round loop itself adds) and (automatic cap)
@@ -117,6 +118,7 @@ class Run:
     prompt_tokens: int = 0
     proposal_lengths: List[int] = field(default_factory=list)
     accepted_lengths: List[int] = field(default_factory=list)
+    declined: List[int] = field(default_factory=list)  # rounds whose proposal was made, then none of it verified
     host_s: float = 0.0
     graph_s: float = 0.0
     time_scale: Optional[List[float]] = None  # automatic cap's learned round time over the cost model's
@@ -266,6 +268,7 @@ def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler,
     if stats is not None:
         run.proposal_lengths = list(stats.proposal_lengths)
         run.accepted_lengths = list(stats.accepted_lengths)
+        run.declined = list(stats.declined)
         run.host_s = stats.host_seconds
         run.graph_s = stats.graph_seconds
         run.time_scale = list(stats.time_scale) if stats.time_scale is not None else None
@@ -325,13 +328,14 @@ def paired(runs: List[Run]) -> List[Run]:
 def modelled_ms(cost, run: Run):
     """The cost model's (plain, speculative) time for a speculative run's
     tokens after the first: per round draft_ms + verify_ms[cap] at that
-    round's context length, against verify_ms[0] per token over the same
-    positions."""
+    round's context length (a declined proposal: draft_ms + verify_ms[0]),
+    against verify_ms[0] per token over the same positions."""
     context = run.prompt_tokens
+    declined = set(run.declined)
     plain_ms = spec_ms = 0.0
-    for n, a in zip(run.proposal_lengths, run.accepted_lengths):
+    for i, (n, a) in enumerate(zip(run.proposal_lengths, run.accepted_lengths)):
         at = cost.at(context)
-        spec_ms += at.round_ms(min(n, cost.max_drafts))
+        spec_ms += at.round_ms(min(n, cost.max_drafts)) + (at.draft_ms if i in declined else 0.0)
         plain_ms += (a + 1) * at.verify_ms[0]
         context += a + 1
     return plain_ms, spec_ms
@@ -442,6 +446,7 @@ def summarize_speculative(runs: List[Run], cost, max_drafts: int, cap) -> dict:
         tau=(sum(accepted) + rounds) / rounds if rounds else None,
         rounds=rounds,
         drafted=sum(proposals),
+        declined=sum(len(r.declined) for r in runs),
         accepted=sum(accepted),
         drafts_per_round=sum(proposals) / rounds if rounds else None,
         cap_counts=dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),

@@ -38,6 +38,7 @@ class SpeculativeStats:
     rule: str = "greedy"
     proposal_lengths: List[int] = field(default_factory=list)  # drafts verified per round
     accepted_lengths: List[int] = field(default_factory=list)
+    declined: List[int] = field(default_factory=list)  # rounds whose proposal was made, then none of it verified
     cap: Optional[int] = None  # the fixed cap, or None when chosen per round
     host_seconds: float = 0.0  # loop time outside waits for the device (and outside the caller)
     graph_seconds: float = 0.0  # ... of which building the target's and drafter's graphs
@@ -502,17 +503,21 @@ def decode(
             round_start = time.perf_counter()
             wait_before, built_before = stats.wait_seconds, built_s
             with mx.stream(stream):
-                drafts = q = scores = None
+                drafts = q = scores = confidence = None
+                proposed = 0  # drafts the automatic cap chooses from
                 if n > 0:
                     drafts, confidence, q = proposal
                     if threshold is not None and confidence is not None:
                         below = waited_for((confidence < threshold).tolist)[1]
                         n = below.index(True) if True in below else n
                         drafts, q = drafts[:n], (q[:n] if q is not None else None)
+                    proposed = n
                     if lengths is not None and n > 0:
-                        # The proposal was queued last round; its confidences
-                        # are ready (or nearly) and pick this round's cap.
-                        scores = waited_for(confidence.tolist)[1][:n] if confidence is not None else None
+                        # The proposal was queued last round; reading its
+                        # confidences waits for it (or not: while the running
+                        # rates agree with them, the rates choose).
+                        if confidence is not None and lengths.reads_confidence():
+                            scores = waited_for(confidence.tolist)[1][:n]
                         chosen = lengths.choose(n, scores)
                         if chosen < n:
                             n = chosen
@@ -525,8 +530,9 @@ def decode(
                 cached += n + 1
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 accepted, next_token = accept(logprobs, drafts, q)
-                # The round's sync (with the automatic cap, its second read: the confidences were the first).
-                waited_for(lambda: mx.eval(accepted, next_token, verify_in))
+                # The round's sync (its second when the automatic cap read the confidences first).
+                judged = confidence if lengths is not None and scores is None and confidence is not None else None
+                waited_for(lambda: mx.eval(accepted, next_token, verify_in, *([judged] if judged is not None else [])))
             a = accepted.item()
             tokens = verify_in.tolist()[1 : a + 1] + next_token.tolist()  # both evaluated: no slicing op
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
@@ -541,9 +547,13 @@ def decode(
                 history = history[: history.size - rejected]
             stats.proposal_lengths.append(n)
             stats.accepted_lengths.append(a)
+            if n == 0:
+                stats.declined.append(stats.rounds - 1)
             open_round[1], open_round[3] = n, True  # a proposal was made (and maybe declined)
-            if lengths is not None and n > 0:
-                lengths.update(n, a, scores)
+            if lengths is not None and proposed > 0:
+                if judged is not None:
+                    scores = judged.tolist()[:proposed]  # evaluated: no slicing op
+                lengths.update(n, a, scores, proposed)
             anchor = next_token
             start = position
             position += a + 1

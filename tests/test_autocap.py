@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_lm_dspark import load_drafter
-from mlx_lm_dspark.autocap import DECLINES, PROBE_BUDGET, PROBE_EVERY, DraftLength
+from mlx_lm_dspark.autocap import AGREED_ROUNDS, DECLINES, PROBE_BUDGET, PROBE_EVERY, DraftLength
 from mlx_lm_dspark.cost import CostModel
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
@@ -151,6 +151,8 @@ def test_the_loop_times_declined_proposals_as_drafter_rounds(models, monkeypatch
     list(speculative_generate_step(mx.array([5, 6, 7]), model, drafter, max_tokens=12))
     assert drafter.stats.proposal_lengths[:-1] == [0] * (len(drafter.stats.proposal_lengths) - 1)
     assert seen and set(seen) == {(0, True)}  # every round proposed, none verified a draft
+    # ... and the statistics say so (the last round, one token from the end, drafts nothing)
+    assert drafter.stats.declined == list(range(drafter.stats.rounds - 1))
 
 
 def test_a_stalled_or_free_round_moves_the_scale_only_so_far():
@@ -227,6 +229,60 @@ def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
     assert caps[0] == 7  # the first proposal is verified whole: the head is 20x too pessimistic ...
     assert all(c > 0 for c in caps)  # ... so drafting goes on every round ...
     assert caps[-10:] == [7] * 10  # ... and soon with the full block
+
+
+def test_rounds_stop_waiting_for_confidences_that_agree_with_the_rates():
+    lengths = DraftLength(GPU_LIKE, 7)
+    sure = [0.9] * 7
+    rounds = 0
+    while lengths.reads_confidence():
+        rounds += 1
+        assert rounds <= 30, "the rates never came to agree with the confidences"
+        cap = lengths.choose(7, sure)
+        lengths.update(cap, cap, sure, 7)  # every draft kept
+    assert rounds >= AGREED_ROUNDS
+    assert lengths.choose(7) == 7  # the rates choose the whole block, as the confidences would
+    lengths.update(7, 7, sure, 7)
+    assert not lengths.reads_confidence()
+    # A proposal the confidences would have cut after two slots: judged after
+    # its round, the next rounds read the confidences again.
+    doubtful = [0.95, 0.9, 0.02, 0.9, 0.9, 0.9, 0.9]
+    assert lengths.now.best_cap(lengths.acceptance(doubtful), scale=lengths.time_scale) == 2
+    lengths.update(7, 2, doubtful, 7)
+    assert lengths.reads_confidence()
+    assert lengths.choose(7, doubtful) == 2
+    lengths.start()
+    assert lengths.reads_confidence()  # each generation starts reading
+
+
+class ConfidentOracle(OracleDrafter):
+    """The test oracle with a confidence head that always says 0.95."""
+
+    def propose(self, cache, anchor, start, num_drafts, choose=None):
+        tokens, _, q = super().propose(cache, anchor, start, num_drafts, choose)
+        return tokens, mx.full((num_drafts,), 0.95, dtype=mx.float32), q
+
+
+@pytest.mark.parametrize("right", ["perfect", "partial"])
+def test_the_loop_chooses_without_waiting_while_the_rates_agree(models, monkeypatch, right):
+    model, _ = models["qwen3"]
+    prompt = [(5 * i + 1) % 300 + 5 for i in range(17)]
+    expected = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=90)]
+    more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=110)]
+    pattern = (lambda pos: True) if right == "perfect" else (lambda pos: pos % 5 != 0)
+    drafter = ConfidentOracle(text_args(model), prompt + more, right=pattern)
+    monkeypatch.setattr("mlx_lm_dspark.speculative.cost_model", lambda drafter, target: GPU_LIKE)
+    seen, real_choose = [], DraftLength.choose
+
+    def choose(self, proposed, confidence=None):
+        seen.append(confidence is not None)
+        return real_choose(self, proposed, confidence)
+
+    monkeypatch.setattr(DraftLength, "choose", choose)
+    got = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=90)]
+    assert got == expected
+    assert seen[:AGREED_ROUNDS] == [True] * AGREED_ROUNDS  # a generation starts reading
+    assert False in seen  # then the rates chose as well and rounds stopped waiting
 
 
 @pytest.fixture(scope="module")

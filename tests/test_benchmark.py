@@ -14,7 +14,7 @@ SPEC_KEYS = {
     "tokens_per_s", "prefill_ms", "generated_tokens", "runs", "cap", "speedup", "tau", "rounds", "drafted",
     "accepted", "drafts_per_round", "cap_counts", "acceptance_by_position", "conditional_acceptance",
     "predicted_speedup", "efficiency", "host_ms_per_round", "loop_ms_per_round", "pair_quartiles",
-    "time_over_model",
+    "time_over_model", "declined",
 }
 
 
@@ -164,6 +164,9 @@ def test_predicted_speedup_from_costs_and_the_rounds_run():
     slow_draft = CostModel(verify_ms=[10.0, 10.0, 10.0], draft_ms=10.0)
     # 4 tokens (3 + 1) in two rounds of 20 ms, against 4 plain steps of 10 ms.
     assert bench.predicted_speedup(slow_draft, half) == pytest.approx(40.0 / 40.0)
+    # A declined proposal ran the drafter: its round costs a draft and a plain step.
+    declined = [bench.Run([0] * 3, 0.0, 1.0, proposal_lengths=[0, 0], accepted_lengths=[0, 0], declined=[1])]
+    assert bench.predicted_speedup(slow_draft, declined) == pytest.approx(20.0 / 30.0)
 
 
 def test_predicted_speedup_follows_the_context_length():
