@@ -39,14 +39,14 @@ cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
 ``speculative`` has those and ``cap``, ``speedup``, ``pair_quartiles`` (the
 quartiles of single runs' speed-ups over their plain runs), ``tau``, ``rounds``,
 ``drafted``, ``declined`` (rounds whose proposal was made, then none of it
-verified: the automatic cap judged it not worth verifying), ``accepted``, ``drafts_per_round``, ``cap_counts``,
+verified), ``accepted``, ``drafts_per_round``, ``cap_counts``,
 ``acceptance_by_position`` (rounds where slot k was verified and kept /
 rounds where it was verified), ``conditional_acceptance`` (kept / reached:
 verified with every slot before it kept), ``predicted_speedup``,
 ``efficiency``, ``time_over_model`` (the paired plain runs' and the
 speculative runs' time over the cost model's for the same tokens and
-rounds, a declined proposal costing a drafter round: how far the machine was from the model during the runs, each side
-alone), ``host_ms_per_round`` (loop time outside waits for the device),
+rounds, a declined proposal costing a drafter round: how far the machine
+was from the model during the runs, each side alone), ``host_ms_per_round`` (loop time outside waits for the device),
 ``loop_ms_per_round`` (the part of it not spent building the target's and
 drafter's graphs: what the round loop itself adds) and (automatic cap)
 ``learned_time_scale``: the (undrafted, drafted) rounds' measured time over

@@ -514,8 +514,8 @@ def decode(
                     proposed = n
                     if lengths is not None and n > 0:
                         # The proposal was queued last round; reading its
-                        # confidences waits for it (or not: while the running
-                        # rates agree with them, the rates choose).
+                        # confidences waits for it (skipped while the running
+                        # rates choose as well: ``reads_confidence``).
                         if confidence is not None and lengths.reads_confidence():
                             scores = waited_for(confidence.tolist)[1][:n]
                         chosen = lengths.choose(n, scores)
@@ -531,8 +531,9 @@ def decode(
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 accepted, next_token = accept(logprobs, drafts, q)
                 # The round's sync (its second when the automatic cap read the confidences first).
-                judged = confidence if lengths is not None and scores is None and confidence is not None else None
-                waited_for(lambda: mx.eval(accepted, next_token, verify_in, *([judged] if judged is not None else [])))
+                judged = confidence if lengths is not None and scores is None else None  # read after it
+                outputs = [accepted, next_token, verify_in] + ([judged] if judged is not None else [])
+                waited_for(lambda: mx.eval(*outputs))
             a = accepted.item()
             tokens = verify_in.tolist()[1 : a + 1] + next_token.tolist()  # both evaluated: no slicing op
             # Keep anchor + accepted drafts; drop the rejected tail everywhere.
