@@ -16,11 +16,11 @@ round times against the cost model) stays with the drafter from one generation t
 
 Reading a proposal's confidences before building the verify costs a wait
 for the drafter (the verify graph cannot be built while it computes).
-While the running rates alone keep choosing caps that the confidences rate
-as good as their own choice (within 1 % of its expected tokens per second),
-rounds choose from the rates and judge the confidences after the verify
-instead; the first round where reading them would have paid brings the
-reads back.
+While the confidences typical of recent proposals keep choosing caps as
+good as the proposal's own would (within 1 % of the expected tokens per
+second its confidences promise), rounds choose from the typical ones and
+judge their own after the verify instead; the first round where reading
+them would have paid brings the reads back.
 """
 
 import math
@@ -37,8 +37,8 @@ DECLINES = 2  # declined proposals in a row before rounds stop proposing (until 
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
 TIME_DECAY = 0.9  # weight of the past in the running round-time scales (per round)
 SCALE_PRIOR = 1.0  # rounds' worth of the pooled scale a kind of round starts from (fading as its own come)
-AGREED_ROUNDS = 4  # rounds in a row the rates chose as well as the confidences before rounds stop waiting for them
-READ_GAIN = 0.01  # ... "as well": within this share of the tokens per second the confidences' own choice promises
+AGREED_ROUNDS = 4  # rounds in a row typical confidences chose as well as the proposal's before rounds stop waiting for them
+READ_GAIN = 0.01  # ... "as well": within this share of the tokens per second the proposal's own choice promises
 
 
 class DraftLength:
@@ -55,7 +55,10 @@ class DraftLength:
         self.probed_cap = None  # the cap a probe round overrode
         self.declined = 0  # consecutive proposals ``choose`` verified none of
         self.drafting = False  # whether the last proposal's cap was above 0 (not a probe's)
-        self.agreed = 0  # rounds in a row the running rates chose as well as the confidences
+        self.agreed = 0  # rounds in a row typical confidences chose as well as the proposal's own
+        self.chosen = (None, None, 0)  # the last ``choose``: (confidence given, acceptance estimates, best cap)
+        self.confidence_sum = [0.0] * n  # decayed sums of each slot's confidence over proposals ...
+        self.confidence_weight = [0.0] * n  # ... and of their number
         # A probe costs a draft and a full-width verify, unpipelined: count the
         # whole round plus about one step of lost overlap.
         extra = cost.round_ms(self.max_drafts) + cost.verify_ms[0]
@@ -121,14 +124,20 @@ class DraftLength:
 
     def reads_confidence(self) -> bool:
         """Whether this round waits for its proposal's confidences before
-        choosing the cap (else the running rates choose, and ``update``
-        judges the confidences afterwards)."""
+        choosing the cap (else ``typical_confidence`` stands in for them, and
+        ``update`` judges them afterwards)."""
         return self.agreed < AGREED_ROUNDS
+
+    def typical_confidence(self) -> List[float]:
+        """Each slot's confidence averaged over recent proposals."""
+        return [c / w if w > 0 else PRIOR for c, w in zip(self.confidence_sum, self.confidence_weight)]
 
     def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
         """How many of the ``proposed`` drafts to verify this round."""
         limit = min(proposed, self.max_drafts)
-        cap = self.now.best_cap(self.acceptance(confidence), limit=limit, scale=self.time_scale)
+        estimates = self.acceptance(confidence)
+        cap = self.now.best_cap(estimates, limit=limit, scale=self.time_scale)
+        self.chosen = (confidence, estimates, cap)  # ``update`` judges the choice
         if cap < limit and (self.idle >= self.probe_every or not self.calibrated):  # a probe: verify all
             self.calibrated = True
             self.idle = 0
@@ -149,12 +158,20 @@ class DraftLength:
         if confidence is not None and proposed:
             # Would reading the confidences first have paid this round?
             limit, now, scale = min(proposed, self.max_drafts), self.now, self.time_scale
-            informed = self.acceptance(confidence)
-            by_rates = now.best_cap(self._rates(), limit=limit, scale=scale)
-            by_scores = now.best_cap(informed, limit=limit, scale=scale)
-            paid = now.tokens_per_ms(informed, by_rates, scale) < (1 - READ_GAIN) * now.tokens_per_ms(
-                informed, by_scores, scale)
+            seen, estimates, cap = self.chosen
+            if seen is confidence:  # the round read them
+                informed, by_own = estimates, cap
+                by_typical = now.best_cap(self.acceptance(self.typical_confidence()), limit=limit, scale=scale)
+            else:  # typical ones stood in for them
+                informed = self.acceptance(confidence)
+                by_own = now.best_cap(informed, limit=limit, scale=scale)
+                by_typical = cap
+            paid = now.tokens_per_ms(informed, by_typical, scale) < (1 - READ_GAIN) * now.tokens_per_ms(
+                informed, by_own, scale)
             self.agreed = 0 if paid else self.agreed + 1
+            for k, c in enumerate(confidence[: self.max_drafts]):
+                self.confidence_sum[k] = DECAY * self.confidence_sum[k] + c
+                self.confidence_weight[k] = DECAY * self.confidence_weight[k] + 1.0
         if verified == 0:
             return  # a declined proposal: the target judged no draft
         if self.probed_cap is not None:

@@ -514,11 +514,15 @@ def decode(
                     proposed = n
                     if lengths is not None and n > 0:
                         # The proposal was queued last round; reading its
-                        # confidences waits for it (skipped while the running
-                        # rates choose as well: ``reads_confidence``).
-                        if confidence is not None and lengths.reads_confidence():
+                        # confidences waits for it (skipped while typical
+                        # ones choose as well: ``reads_confidence``).
+                        if confidence is None:
+                            chosen = lengths.choose(n)
+                        elif lengths.reads_confidence():
                             scores = waited_for(confidence.tolist)[1][:n]
-                        chosen = lengths.choose(n, scores)
+                            chosen = lengths.choose(n, scores)
+                        else:
+                            chosen = lengths.choose(n, lengths.typical_confidence())
                         if chosen < n:
                             n = chosen
                             drafts, q = drafts[:n], (q[:n] if q is not None else None)

@@ -231,7 +231,7 @@ def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
     assert caps[-10:] == [7] * 10  # ... and soon with the full block
 
 
-def test_rounds_stop_waiting_for_confidences_that_agree_with_the_rates():
+def test_rounds_stop_waiting_for_confidences_that_typical_ones_stand_in_for():
     lengths = DraftLength(GPU_LIKE, 7)
     sure = [0.9] * 7
     rounds = 0
@@ -241,7 +241,8 @@ def test_rounds_stop_waiting_for_confidences_that_agree_with_the_rates():
         cap = lengths.choose(7, sure)
         lengths.update(cap, cap, sure, 7)  # every draft kept
     assert rounds >= AGREED_ROUNDS
-    assert lengths.choose(7) == 7  # the rates choose the whole block, as the confidences would
+    assert lengths.typical_confidence() == pytest.approx(sure)
+    assert lengths.choose(7, lengths.typical_confidence()) == 7  # as the proposal's own would
     lengths.update(7, 7, sure, 7)
     assert not lengths.reads_confidence()
     # A proposal the confidences would have cut after two slots: judged after
@@ -275,14 +276,14 @@ def test_the_loop_chooses_without_waiting_while_the_rates_agree(models, monkeypa
     seen, real_choose = [], DraftLength.choose
 
     def choose(self, proposed, confidence=None):
-        seen.append(confidence is not None)
+        seen.append(self.reads_confidence())  # whether this round waited for its confidences
         return real_choose(self, proposed, confidence)
 
     monkeypatch.setattr(DraftLength, "choose", choose)
     got = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=90)]
     assert got == expected
     assert seen[:AGREED_ROUNDS] == [True] * AGREED_ROUNDS  # a generation starts reading
-    assert False in seen  # then the rates chose as well and rounds stopped waiting
+    assert False in seen  # then typical confidences chose as well and rounds stopped waiting
 
 
 @pytest.fixture(scope="module")
