@@ -166,8 +166,8 @@ class DraftLength:
                 informed = self.acceptance(confidence)
                 by_own = now.best_cap(informed, limit=limit, scale=scale)
                 by_typical = cap
-            paid = now.tokens_per_ms(informed, by_typical, scale) < (1 - READ_GAIN) * now.tokens_per_ms(
-                informed, by_own, scale)
+            paid = by_typical != by_own and now.tokens_per_ms(informed, by_typical, scale) < (
+                1 - READ_GAIN) * now.tokens_per_ms(informed, by_own, scale)
             self.agreed = 0 if paid else self.agreed + 1
             for k, c in enumerate(confidence[: self.max_drafts]):
                 self.confidence_sum[k] = DECAY * self.confidence_sum[k] + c
