@@ -735,6 +735,10 @@ def run(argv=None) -> dict:
     model, tokenizer = mlx_lm.load(args.model)
     drafter = make_drafter(args, model)
     prompts = load_prompts(args)
+    try:
+        configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
+    except ValueError as e:
+        parser.error(str(e))
     results = benchmark(model, tokenizer, drafter, prompts, args)
     results = {
         "config": {

@@ -237,7 +237,7 @@ def test_rounds_stop_waiting_for_confidences_that_typical_ones_stand_in_for():
     rounds = 0
     while lengths.reads_confidence():
         rounds += 1
-        assert rounds <= 30, "the rates never came to agree with the confidences"
+        assert rounds <= 30, "typical confidences never came to choose as well as the proposal's"
         cap = lengths.choose(7, sure)
         lengths.update(cap, cap, sure, 7)  # every draft kept
     assert rounds >= AGREED_ROUNDS
@@ -265,7 +265,7 @@ class ConfidentOracle(OracleDrafter):
 
 
 @pytest.mark.parametrize("right", ["perfect", "partial"])
-def test_the_loop_chooses_without_waiting_while_the_rates_agree(models, monkeypatch, right):
+def test_the_loop_chooses_without_waiting_while_typical_confidences_do_as_well(models, monkeypatch, right):
     model, _ = models["qwen3"]
     prompt = [(5 * i + 1) % 300 + 5 for i in range(17)]
     expected = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=90)]

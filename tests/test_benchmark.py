@@ -71,8 +71,11 @@ def test_bad_caps_are_refused(pair, capsys):
         assert "expected" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one or the other
         bench.main(["--model", pair[0], "--draft-model", pair[1], "--caps", "1", "--sweep-caps"])
-    with pytest.raises(ValueError, match="at most 7 tokens a round; give caps from 0 to 7"):
+    with pytest.raises(SystemExit):
         run(pair, "--caps", "0,9")
+    assert "at most 7 tokens a round; give caps from 0 to 7" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at most 7 tokens a round"):  # the function itself
+        bench.configurations(bench.setup_arg_parser().parse_args(["--model", "m", "--caps", "0,9"]), 7)
 
 
 def test_greedy_mismatch_fails_loudly(pair, monkeypatch):
