@@ -37,6 +37,8 @@ DECLINES = 2  # declined proposals in a row before rounds stop proposing (until 
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
 TIME_DECAY = 0.9  # weight of the past in the running round-time scales (per round)
 SCALE_PRIOR = 1.0  # rounds' worth of the pooled scale a kind of round starts from (fading as its own come)
+PRIOR_FADED = 200  # ... gone (TIME_DECAY ** 200 < 1e-9) after this many of its own rounds
+AT_STEP = 8  # positions the context grows before the costs at it are recomputed
 AGREED_ROUNDS = 4  # rounds in a row typical confidences chose as well as the proposal's before rounds stop waiting for them
 READ_GAIN = 0.01  # ... "as well": within this share of the tokens per second the proposal's own choice promises
 
@@ -78,26 +80,31 @@ class DraftLength:
 
     def acceptance(self, confidence: Optional[List[float]] = None) -> List[float]:
         """Per-slot conditional acceptance expected for this round."""
-        rates = self._rates()
         if confidence is None:
-            return rates
+            return self._rates()
         # Calibration scale per slot, shrunk towards the scale of all slots
         # together (slots past the usual cap are seldom verified).  Priors
         # are in the head's own units, so a few probes correct even a head
-        # that is far too pessimistic.
-        confidence = [max(c, 1e-3) for c in confidence[: self.max_drafts]]
-        prior = PRIOR_WEIGHT * sum(confidence) / len(confidence) if confidence else 0.0
-        pooled = (sum(self.kept) + prior) / (sum(self.predicted) + prior) if confidence else 1.0
+        # that is far too pessimistic.  (One pass: this runs twice a round.)
+        confidence = [c if c > 1e-3 else 1e-3 for c in confidence[: self.max_drafts]]
+        if not confidence:
+            return []
+        prior = PRIOR_WEIGHT * sum(confidence) / len(confidence)
+        pooled = (sum(self.kept) + prior) / (sum(self.predicted) + prior)
         out = []
-        for k, c in enumerate(confidence):
-            scale = (self.kept[k] + PRIOR_WEIGHT * c * pooled) / (self.predicted[k] + PRIOR_WEIGHT * c)
-            out.append(min(1.0, max(0.0, c * scale)))
+        for c, kept, predicted in zip(confidence, self.kept, self.predicted):
+            weight = PRIOR_WEIGHT * c
+            a = c * (kept + weight * pooled) / (predicted + weight)
+            out.append(a if a < 1.0 else 1.0)
         return out
 
     def at(self, context: int) -> None:
         """Decoding has reached ``context`` cached positions: verify and draft
-        costs grow with it, and with them the best cap falls."""
-        self.now = self.cost.at(context)
+        costs grow with it, and with them the best cap falls.  (Recomputed
+        every ``AT_STEP`` positions: the costs move by well under 1 % in
+        between, and the loop calls this every round.)"""
+        if self.now is self.cost or abs(context - self.now.context) >= AT_STEP:
+            self.now = self.cost.at(context)
 
     def start(self) -> None:
         """A new generation: forget the streak of declined proposals (the
@@ -125,7 +132,7 @@ class DraftLength:
     def reads_confidence(self) -> bool:
         """Whether this round waits for its proposal's confidences before
         choosing the cap (else ``typical_confidence`` stands in for them, and
-        ``update`` judges them afterwards)."""
+        ``judge`` judges them afterwards)."""
         return self.agreed < AGREED_ROUNDS
 
     def typical_confidence(self) -> List[float]:
@@ -137,7 +144,7 @@ class DraftLength:
         limit = min(proposed, self.max_drafts)
         estimates = self.acceptance(confidence)
         cap = self.now.best_cap(estimates, limit=limit, scale=self.time_scale)
-        self.chosen = (confidence, estimates, cap)  # ``update`` judges the choice
+        self.chosen = (confidence, estimates, cap)  # ``judge`` judges the choice
         if cap < limit and (self.idle >= self.probe_every or not self.calibrated):  # a probe: verify all
             self.calibrated = True
             self.idle = 0
@@ -151,27 +158,9 @@ class DraftLength:
         self.declined = 0 if cap > 0 else self.declined + 1
         return cap
 
-    def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None,
-               proposed: Optional[int] = None) -> None:
-        """Record a round: ``verified`` drafts of the ``proposed``, the first
-        ``accepted`` kept, ``confidence`` the proposal's scores."""
-        if confidence is not None and proposed:
-            # Would reading the confidences first have paid this round?
-            limit, now, scale = min(proposed, self.max_drafts), self.now, self.time_scale
-            seen, estimates, cap = self.chosen
-            if seen is confidence:  # the round read them
-                informed, by_own = estimates, cap
-                by_typical = now.best_cap(self.acceptance(self.typical_confidence()), limit=limit, scale=scale)
-            else:  # typical ones stood in for them
-                informed = self.acceptance(confidence)
-                by_own = now.best_cap(informed, limit=limit, scale=scale)
-                by_typical = cap
-            paid = by_typical != by_own and now.tokens_per_ms(informed, by_typical, scale) < (
-                1 - READ_GAIN) * now.tokens_per_ms(informed, by_own, scale)
-            self.agreed = 0 if paid else self.agreed + 1
-            for k, c in enumerate(confidence[: self.max_drafts]):
-                self.confidence_sum[k] = DECAY * self.confidence_sum[k] + c
-                self.confidence_weight[k] = DECAY * self.confidence_weight[k] + 1.0
+    def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
+        """Record a round that verified ``verified`` drafts and kept the first
+        ``accepted``; ``confidence``: the proposal's scores."""
         if verified == 0:
             return  # a declined proposal: the target judged no draft
         if self.probed_cap is not None:
@@ -179,15 +168,40 @@ class DraftLength:
                 self.probe_every = self.min_probe_every
                 self.declined = 0
             self.probed_cap = None
-        self.tried = [t * DECAY for t in self.tried]
-        self.kept = [k * DECAY for k in self.kept]
-        self.predicted = [p * DECAY for p in self.predicted]
         self.calibrated = self.calibrated or verified >= self.max_drafts
-        for k in range(min(verified, accepted + 1)):  # slots the target judged
-            self.tried[k] += 1.0
-            self.kept[k] += float(k < accepted)
-            if confidence is not None:
-                self.predicted[k] += confidence[k]
+        judged = min(verified, accepted + 1)  # slots the target judged
+        tried, kept, predicted = self.tried, self.kept, self.predicted
+        for k in range(self.max_drafts):
+            tried[k] *= DECAY
+            kept[k] *= DECAY
+            predicted[k] *= DECAY
+            if k < judged:
+                tried[k] += 1.0
+                kept[k] += k < accepted
+                if confidence is not None:
+                    predicted[k] += confidence[k]
+
+    def judge(self, confidence: List[float], proposed: int) -> None:
+        """Would reading the confidences of a proposal of ``proposed`` drafts
+        before choosing its cap have paid?  Called with ``update``, before
+        the next proposal is queued: run while the device computes, this
+        Python takes twice as long on a 2-core CPU."""
+        limit, now, scale = min(proposed, self.max_drafts), self.now, self.time_scale
+        seen, estimates, cap = self.chosen
+        if seen is confidence:  # the round read them
+            informed, by_own = estimates, cap
+            by_typical = now.best_cap(self.acceptance(self.typical_confidence()), limit=limit, scale=scale)
+        else:  # typical ones stood in for them
+            informed = self.acceptance(confidence)
+            by_own = now.best_cap(informed, limit=limit, scale=scale)
+            by_typical = cap
+        paid = by_typical != by_own and now.tokens_per_ms(informed, by_typical, scale) < (
+            1 - READ_GAIN) * now.tokens_per_ms(informed, by_own, scale)
+        self.agreed = 0 if paid else self.agreed + 1
+        sums, weights = self.confidence_sum, self.confidence_weight
+        for k, c in enumerate(confidence[: self.max_drafts]):
+            sums[k] = DECAY * sums[k] + c
+            weights[k] = DECAY * weights[k] + 1.0
 
     def observe(self, drafts: int, elapsed_ms: float, proposed: Optional[bool] = None) -> None:
         """Record the wall time of a finished round (the caller's time between
@@ -209,8 +223,12 @@ class DraftLength:
         # machine slower than when measured is slower for both kinds); its
         # own rounds take over as they come.
         pooled = (sum(self.took_ms) + 1e-9) / (sum(self.modelled_ms) + 1e-9)
-        for k, typical in ((0, self.now.round_ms(0)), (1, self.now.round_ms(self.max_drafts))):
-            prior = SCALE_PRIOR * typical * TIME_DECAY ** self.timed[k]
+        for k in (0, 1):
+            if self.timed[k] >= PRIOR_FADED:  # its own rounds alone: only the kind just timed moved
+                if k == i:
+                    self.time_scale[k] = self.took_ms[k] / self.modelled_ms[k]
+                continue
+            prior = SCALE_PRIOR * self.now.round_ms(self.max_drafts if k else 0) * TIME_DECAY ** self.timed[k]
             self.time_scale[k] = (self.took_ms[k] + prior * pooled) / (self.modelled_ms[k] + prior)
 
 

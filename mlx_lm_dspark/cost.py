@@ -75,12 +75,13 @@ class CostModel:
         """The number of drafts with the highest expected tokens per second
         (the smallest such number on a tie)."""
         limit = min(self.max_drafts, len(accept) if limit is None else limit)
-        best, best_rate = 0, 1.0 / max(self.round_ms(0, scale), 1e-6)
+        verify, draft, drafted = self.verify_ms, self.draft_ms, scale[1]
+        best, best_rate = 0, 1.0 / max(verify[0] * scale[0], 1e-6)
         total = alive = 1.0
-        for k in range(1, limit + 1):  # one pass: E[accepted | k] grows term by term
+        for k in range(1, limit + 1):  # one pass: E[accepted | k] grows term by term (``round_ms`` inlined)
             alive *= accept[k - 1]
             total += alive
-            rate = total / max(self.round_ms(k, scale), 1e-6)
+            rate = total / max((verify[k] + draft) * drafted, 1e-6)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best

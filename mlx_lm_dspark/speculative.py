@@ -558,7 +558,9 @@ def decode(
             if lengths is not None and proposed > 0:
                 if judged is not None:
                     scores = judged.tolist()[:proposed]  # evaluated: no slicing op
-                lengths.update(n, a, scores, proposed)
+                lengths.update(n, a, scores)
+                if scores is not None:
+                    lengths.judge(scores, proposed)
             anchor = next_token
             start = position
             position += a + 1

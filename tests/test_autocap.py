@@ -7,7 +7,15 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_lm_dspark import load_drafter
-from mlx_lm_dspark.autocap import AGREED_ROUNDS, DECLINES, PROBE_BUDGET, PROBE_EVERY, DraftLength
+from mlx_lm_dspark.autocap import (
+    AGREED_ROUNDS,
+    AT_STEP,
+    DECLINES,
+    PRIOR_FADED,
+    PROBE_BUDGET,
+    PROBE_EVERY,
+    DraftLength,
+)
 from mlx_lm_dspark.cost import CostModel
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
@@ -52,6 +60,22 @@ def test_the_cap_falls_as_the_context_grows():
     late = lengths.choose(7, confidence)
     assert early == growing.at(10).best_cap(accept) and late == growing.at(8000).best_cap(accept)
     assert 0 < late < early
+
+
+def test_costs_follow_the_context_within_a_few_positions():
+    growing = CostModel(verify_ms=[10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5], draft_ms=2.0, context=0,
+                        verify_ms_per_position=[0.001 * w for w in range(1, 9)], draft_ms_per_position=0.001)
+    lengths = DraftLength(growing, 7)
+    recomputed = set()
+    for context in range(5, 300, 3):  # rounds keeping 3 tokens each
+        lengths.at(context)
+        assert 0 <= context - lengths.now.context < AT_STEP
+        assert lengths.now.verify_ms == pytest.approx(growing.at(lengths.now.context).verify_ms)
+        recomputed.add(lengths.now.context)
+    assert 20 < len(recomputed) < 60  # neither every round nor never
+    lengths.start()
+    lengths.at(7)
+    assert lengths.now.context == 7  # a new generation starts from its own context
 
 
 def test_running_estimates_learn_acceptance_and_skip_drafting_that_does_not_pay():
@@ -103,6 +127,17 @@ def test_measured_round_times_enter_the_choice():
     assert lengths.time_scale[1] == pytest.approx(1.3, abs=0.01)
     assert lengths.choose(7, marginal) == 0
     assert lengths.choose(7, [0.95] * 7) == 7  # a good proposal still pays
+
+
+def test_after_many_rounds_each_kind_keeps_its_own_scale():
+    lengths = DraftLength(GPU_LIKE, 7)
+    for _ in range(PRIOR_FADED + 50):
+        lengths.observe(0, GPU_LIKE.round_ms(0) * 0.8)
+        lengths.observe(5, GPU_LIKE.round_ms(5) * 1.6)
+    assert lengths.time_scale == pytest.approx([0.8, 1.6])
+    for _ in range(60):  # a slow phase for drafted rounds only
+        lengths.observe(5, GPU_LIKE.round_ms(5) * 2.4)
+    assert lengths.time_scale == pytest.approx([0.8, 2.4], rel=0.01)
 
 
 def test_a_machine_slower_than_measured_keeps_the_choice():
@@ -239,17 +274,20 @@ def test_rounds_stop_waiting_for_confidences_that_typical_ones_stand_in_for():
         rounds += 1
         assert rounds <= 30, "typical confidences never came to choose as well as the proposal's"
         cap = lengths.choose(7, sure)
-        lengths.update(cap, cap, sure, 7)  # every draft kept
+        lengths.update(cap, cap, sure)  # every draft kept
+        lengths.judge(sure, 7)
     assert rounds >= AGREED_ROUNDS
     assert lengths.typical_confidence() == pytest.approx(sure)
     assert lengths.choose(7, lengths.typical_confidence()) == 7  # as the proposal's own would
-    lengths.update(7, 7, sure, 7)
+    lengths.update(7, 7, sure)
+    lengths.judge(sure, 7)
     assert not lengths.reads_confidence()
     # A proposal the confidences would have cut after two slots: judged after
     # its round, the next rounds read the confidences again.
     doubtful = [0.95, 0.9, 0.02, 0.9, 0.9, 0.9, 0.9]
     assert lengths.now.best_cap(lengths.acceptance(doubtful), scale=lengths.time_scale) == 2
-    lengths.update(7, 2, doubtful, 7)
+    lengths.update(7, 2, doubtful)
+    lengths.judge(doubtful, 7)
     assert lengths.reads_confidence()
     assert lengths.choose(7, doubtful) == 2
     lengths.start()
