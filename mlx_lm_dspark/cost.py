@@ -10,6 +10,7 @@ kept in the user's cache directory, keyed by everything that changes them.
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -23,7 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 
-FORMAT = 7  # bump when what is measured changes
+FORMAT = 8  # bump when what is measured changes
 
 
 @dataclass
@@ -140,6 +141,53 @@ def relative_costs(samples) -> List[List[float]]:
     base = statistics.median(reference)
     return [[base * statistics.median(t / r for t, r in zip(times, reference)) for times in pieces]
             for pieces in samples]
+
+
+def relative_errors(samples) -> List[List[float]]:
+    """The standard error of each ``relative_costs`` value: its ratios'
+    spread (median absolute deviation, as a standard deviation) over the
+    root of the number of repetitions, for a median."""
+    reference = samples[0][0]
+    base = statistics.median(reference)
+    out = []
+    for pieces in samples:
+        row = []
+        for times in pieces:
+            ratios = [t / r for t, r in zip(times, reference)]
+            middle = statistics.median(ratios)
+            spread = 1.4826 * statistics.median(abs(x - middle) for x in ratios)
+            row.append(base * 1.2533 * spread / math.sqrt(len(ratios)))
+        out.append(row)
+    return out
+
+
+def towards_line(values: List[float], errors: List[float]) -> List[float]:
+    """Verify costs by width, each pulled towards the least-squares line
+    through all of them (weighted by 1 / error^2: a width hit by bursts moves
+    it little) as far as its distance from the line is within its timing
+    error (shrunk by 1 - error^2 / distance^2, zero when negative).
+
+    With a few seconds of repetitions on a noisy machine one width's cost is
+    off by ~5 %, as much as the true difference between neighbouring caps,
+    so an unsmoothed model picked caps 5, 6 or 7 from run to run for the same
+    pair; a real step between widths (a kernel switch on a GPU) stands well
+    clear of the errors and is kept."""
+    n = len(values)
+    if n < 3:
+        return list(values)
+    weights = [1.0 / (e * e + (1e-3 * v) ** 2) for v, e in zip(values, errors)]
+    total = sum(weights)
+    middle_x = sum(w * x for x, w in enumerate(weights)) / total
+    middle_y = sum(w * v for v, w in zip(values, weights)) / total
+    slope = sum(w * (x - middle_x) * (v - middle_y) for x, (v, w) in enumerate(zip(values, weights))) / sum(
+        w * (x - middle_x) ** 2 for x, w in enumerate(weights))
+    out = []
+    for x, (v, e) in enumerate(zip(values, errors)):
+        line = middle_y + slope * (x - middle_x)
+        d = v - line
+        keep = max(0.0, 1.0 - (e * e) / (d * d)) if d else 0.0
+        out.append(line + keep * d)
+    return out
 
 
 def non_decreasing(values: List[float]) -> List[float]:
@@ -263,11 +311,12 @@ class Sampler:
 
     def model(self) -> CostModel:
         """The cost model of the repetitions so far: per piece its typical
-        cost (``relative_costs``), wider verifies never cheaper, more context
-        never cheaper."""
-        short, long = relative_costs(self.samples)
-        short = short[:1] + non_decreasing(short[1:-1]) + short[-1:]
-        long = long[:1] + non_decreasing(long[1:-1]) + long[-1:]
+        cost (``relative_costs``), verify widths smoothed within their errors
+        (``towards_line``), wider verifies never cheaper, more context never
+        cheaper."""
+        costs, errors = relative_costs(self.samples), relative_errors(self.samples)
+        short, long = [c[:1] + non_decreasing(towards_line(c[1:-1], e[1:-1])) + c[-1:]
+                       for c, e in zip(costs, errors)]
         growth = [max(0.0, (b - a) / self.longer) for a, b in zip(short, long)]
         growth = growth[:1] + non_decreasing(growth[1:-1]) + growth[-1:]  # more queries read more
         return CostModel(
