@@ -137,26 +137,30 @@ def relative_costs(samples) -> List[List[float]]:
     drops the bursts that hit single pieces.  (A lower quartile of each
     piece's own times is not the typical cost: a wide verify's times spread
     further than a plain step's, so it came out ~5 % too cheap.)"""
+    base, ratios = _ratios(samples)
+    return [[base * statistics.median(r) for r in pieces] for pieces in ratios]
+
+
+def _ratios(samples):
+    """(the median plain step, each piece's times over the plain step's in
+    the same repetition)."""
     reference = samples[0][0]
-    base = statistics.median(reference)
-    return [[base * statistics.median(t / r for t, r in zip(times, reference)) for times in pieces]
-            for pieces in samples]
+    return statistics.median(reference), [
+        [[t / r for t, r in zip(times, reference)] for times in pieces] for pieces in samples]
 
 
 def relative_errors(samples) -> List[List[float]]:
     """The standard error of each ``relative_costs`` value: its ratios'
     spread (median absolute deviation, as a standard deviation) over the
     root of the number of repetitions, for a median."""
-    reference = samples[0][0]
-    base = statistics.median(reference)
+    base, ratios = _ratios(samples)
     out = []
-    for pieces in samples:
+    for pieces in ratios:
         row = []
-        for times in pieces:
-            ratios = [t / r for t, r in zip(times, reference)]
-            middle = statistics.median(ratios)
-            spread = 1.4826 * statistics.median(abs(x - middle) for x in ratios)
-            row.append(base * 1.2533 * spread / math.sqrt(len(ratios)))
+        for r in pieces:
+            middle = statistics.median(r)
+            spread = 1.4826 * statistics.median(abs(x - middle) for x in r)
+            row.append(base * 1.2533 * spread / math.sqrt(len(r)))
         out.append(row)
     return out
 
@@ -175,7 +179,7 @@ def towards_line(values: List[float], errors: List[float]) -> List[float]:
     n = len(values)
     if n < 3:
         return list(values)
-    weights = [1.0 / (e * e + (1e-3 * v) ** 2) for v, e in zip(values, errors)]
+    weights = [1.0 / (e * e + (1e-3 * v) ** 2 + 1e-12) for v, e in zip(values, errors)]
     total = sum(weights)
     middle_x = sum(w * x for x, w in enumerate(weights)) / total
     middle_y = sum(w * v for v, w in zip(values, weights)) / total
