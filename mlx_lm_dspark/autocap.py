@@ -224,12 +224,14 @@ class DraftLength:
         # Each kind starts from the scale seen so far over all rounds (a
         # machine slower than when measured is slower for both kinds); its
         # own rounds take over as they come.
-        pooled = (sum(self.took_ms) + 1e-9) / (sum(self.modelled_ms) + 1e-9)
+        pooled = None
         for k in (0, 1):
             if self.timed[k] >= PRIOR_FADED:  # its own rounds alone: only the kind just timed moved
                 if k == i:
                     self.time_scale[k] = self.took_ms[k] / self.modelled_ms[k]
                 continue
+            if pooled is None:
+                pooled = (sum(self.took_ms) + 1e-9) / (sum(self.modelled_ms) + 1e-9)
             prior = SCALE_PRIOR * self.now.round_ms(self.max_drafts if k else 0) * TIME_DECAY ** self.timed[k]
             self.time_scale[k] = (self.took_ms[k] + prior * pooled) / (self.modelled_ms[k] + prior)
 
