@@ -553,7 +553,7 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
                     plain_runs.append(plain)
                     bar.update()
                     if oracle:
-                        drafter.set_continuation(p.tokens + plain.tokens)
+                        drafter.set_continuation(p.tokens + plain.tokens, trial)
                     spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids)
                     spec.prompt, spec.plain = p.name, plain
                     if greedy:

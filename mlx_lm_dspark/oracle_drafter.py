@@ -3,9 +3,10 @@
 It proposes the target's own plain-decoding continuation (set with
 ``set_continuation`` after a plain run), each position right with
 probability ``acceptance`` and wrong otherwise.  Whether a position is right
-is a hash of (seed, the continuation, position), so every run over the same
-prompt and continuation sees the same pattern and different prompts see
-independent ones.  Its confidence is ``acceptance`` for every slot: the per-slot
+is a hash of (seed, the continuation, the trial, position): runs of one trial
+(the caps compared on it) see the same pattern, while other trials and other
+prompts see independent ones, so no fixed cap is fitted in hindsight to one
+pattern.  Its confidence is ``acceptance`` for every slot: the per-slot
 acceptance the automatic cap should expect.
 
 Wrapping a real drafter (``inner``) keeps that drafter's work in every round
@@ -89,10 +90,12 @@ class OracleDrafter:
             self.max_drafts = block_size
         self.block_size = self.max_drafts
 
-    def set_continuation(self, tokens) -> None:
-        """The sequence to draft from: prompt + the plain run's tokens."""
+    def set_continuation(self, tokens, trial: int = 0) -> None:
+        """The sequence to draft from (prompt + the plain run's tokens), and
+        the trial whose right/wrong pattern to use."""
         self.continuation = [int(t) for t in tokens]
-        self.salt = zlib.crc32(struct.pack(f"<{len(self.continuation)}q", *self.continuation))
+        packed = struct.pack(f"<{len(self.continuation) + 1}q", int(trial), *self.continuation)
+        self.salt = zlib.crc32(packed)
 
     def right(self, position: int) -> bool:
         return uniform(self.seed + (self.salt << 20), position) < self.acceptance

@@ -255,6 +255,15 @@ def test_oracle_pattern_depends_on_the_continuation():
     assert [oracle.right(p) for p in range(300)] != first
     oracle.set_continuation([5, 6, 7])
     assert [oracle.right(p) for p in range(300)] == first
+    # Each trial draws its own pattern at the same rate; a trial's runs share theirs.
+    trials = []
+    for trial in range(1, 4):
+        oracle.set_continuation([5, 6, 7], trial)
+        trials.append([oracle.right(p) for p in range(300)])
+        oracle.set_continuation([5, 6, 7], trial)
+        assert [oracle.right(p) for p in range(300)] == trials[-1]
+    assert all(t != first for t in trials) and len({tuple(t) for t in trials}) == 3
+    assert sum(map(sum, trials)) / 900 == pytest.approx(0.5, abs=0.06)
 
 
 def test_cost_model_is_measured_again_between_the_runs(pair, monkeypatch):
