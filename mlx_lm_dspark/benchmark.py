@@ -32,7 +32,10 @@ cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
   runs, which the automatic cap used;
 - ``prompts``: per prompt ``name``, ``category``, ``prompt_tokens``, ``plain``,
   ``speculative`` and (with --sweep-caps) ``sweep`` (cap -> speculative);
-- ``by_category``: per category ``plain``, ``speculative``, ``sweep``, ``best_fixed_cap``;
+- ``by_category``: per category ``plain``, ``speculative``, ``sweep``, ``best_fixed_cap``
+  (``cap``, ``speedup``, and ``held_out``: the automatic cap's speed-up over
+  the best fixed cap chosen on the other half of the trials, see
+  ``held_out_best_fixed``);
 - ``overall``: the same over every prompt.
 
 ``plain`` has ``tokens_per_s``, ``prefill_ms``, ``generated_tokens``, ``runs``;
@@ -55,6 +58,7 @@ the cost model's that the cap learned while decoding.
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -114,6 +118,7 @@ class Run:
     prefill_s: float
     decode_s: float
     prompt: str = ""  # the prompt's name: trials of one prompt are pooled by median
+    trial: int = 0
     plain: Optional["Run"] = None  # a speculative run's plain run, made just before it
     prompt_tokens: int = 0
     proposal_lengths: List[int] = field(default_factory=list)
@@ -462,6 +467,34 @@ def summarize_speculative(runs: List[Run], cost, max_drafts: int, cap) -> dict:
     return out
 
 
+def held_out_best_fixed(spec: Dict, main_key) -> Optional[dict]:
+    """The automatic cap's speed-up over the best fixed cap with that cap
+    chosen on one half of the trials and compared on the other, then the
+    halves swapped (geometric mean of the two ratios).  The best of several
+    speed-ups measured on the same runs that judge it wins partly by their
+    noise (on this machine single pairs scatter by tens of percent), which
+    biases an in-sample "auto vs best fixed" against any automatic cap."""
+    fixed = [k for k in spec if k != "auto"]
+    trials = sorted({r.trial for r in spec.get("auto", [])})
+    if main_key != "auto" or not fixed or len(trials) < 2:
+        return None
+    halves = (set(trials[0::2]), set(trials[1::2]))
+
+    def speedup(k, half):
+        return paired_speedup([r for r in spec[k] if r.trial in half])
+
+    ratios, caps = [], []
+    for pick, judge in (halves, halves[::-1]):
+        best = max(fixed, key=lambda k: speedup(k, pick) or 0.0)
+        auto, other = speedup("auto", judge), speedup(best, judge)
+        if auto and other:
+            ratios.append(auto / other)
+            caps.append(best)
+    if not ratios:
+        return None
+    return {"caps": caps, "ratio": math.prod(ratios) ** (1 / len(ratios))}
+
+
 def summarize(plain: List[Run], spec: Dict, cost, max_drafts: int, main_key) -> dict:
     """Plain, main speculative configuration and sweep (if any) of a set of runs."""
     out = {"plain": summarize_plain(plain),
@@ -470,7 +503,8 @@ def summarize(plain: List[Run], spec: Dict, cost, max_drafts: int, main_key) -> 
     if len(spec) > 1:
         out["sweep"] = {str(k): sweep[k] for k in sorted(sweep)}
         best = max(sweep, key=lambda k: sweep[k]["speedup"] or 0.0)
-        out["best_fixed_cap"] = {"cap": best, "speedup": sweep[best]["speedup"]}
+        out["best_fixed_cap"] = {"cap": best, "speedup": sweep[best]["speedup"],
+                                 "held_out": held_out_best_fixed(spec, main_key)}
     return out
 
 
@@ -549,13 +583,13 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
                 shift = trial % len(caps)
                 for cap in caps[shift:] + caps[:shift]:
                     plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids)
-                    plain.prompt = p.name
+                    plain.prompt, plain.trial = p.name, trial
                     plain_runs.append(plain)
                     bar.update()
                     if oracle:
                         drafter.set_continuation(p.tokens + plain.tokens, trial)
                     spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids)
-                    spec.prompt, spec.plain = p.name, plain
+                    spec.prompt, spec.plain, spec.trial = p.name, plain, trial
                     if greedy:
                         check_same(plain, spec, tokenizer, f"prompt {p.name!r} (cap {key(cap)}, trial {trial + 1})")
                     spec_runs[key(cap)].append(spec)
@@ -652,15 +686,19 @@ def format_report(results: dict) -> str:
     if "sweep" in results["overall"]:
         caps = list(results["overall"]["sweep"])
         main = results["overall"]["speculative"]["cap"]
-        head = f"{'speed-up':<16}{str(main):>8}" + "".join(f"{'cap ' + c:>8}" for c in caps) + "   best fixed"
+        head = (f"{'speed-up':<16}{str(main):>8}" + "".join(f"{'cap ' + c:>8}" for c in caps)
+                + f"   {'best fixed':<12}{'auto vs it':>11}{'held out':>10}")
         lines += ["", head, "-" * len(head)]
         groups = dict(results["by_category"])
         groups["overall"] = results["overall"]
         for name, s in groups.items():
             cells = "".join(f"{_num(s['sweep'][c]['speedup'], '{:.2f}x'):>8}" for c in caps)
-            best = s["best_fixed_cap"]
-            lines.append(f"{name:<16}{_num(s['speculative']['speedup'], '{:.2f}x'):>8}{cells}"
-                         f"   {best['cap']} ({_num(best['speedup'], '{:.2f}x')})")
+            best, main_speedup = s["best_fixed_cap"], s["speculative"]["speedup"]
+            versus = main_speedup / best["speedup"] - 1 if main_speedup and best["speedup"] else None
+            held = best.get("held_out")
+            lines.append(f"{name:<16}{_num(main_speedup, '{:.2f}x'):>8}{cells}"
+                         f"   {str(best['cap']) + ' (' + _num(best['speedup'], '{:.2f}x') + ')':<12}"
+                         f"{_num(versus, '{:+.1%}'):>11}{_num(held and held['ratio'] - 1, '{:+.1%}'):>10}")
         overall = results["overall"]
         for label, field_name, fmt in (("τ", "tau", "{:.2f}"), ("pred.", "predicted_speedup", "{:.2f}x"),
                                        ("eff.", "efficiency", "{:.2f}")):

@@ -241,6 +241,32 @@ def test_bad_options_are_refused(pair):
         bench.main(["--model", pair[0], "--draft-model", pair[1], "--prompts", "poems"])
 
 
+def test_held_out_best_fixed_cap_is_chosen_on_other_trials():
+    """Two equally fast fixed caps whose noise favours each in turn: the
+    in-sample best fixed cap beats an automatic cap of the same speed by
+    its noise; chosen on the other trials it does not."""
+
+    def pair(trial, speedup):
+        plain = bench.Run([0] * 11, 0.0, 1.0, prompt="p", trial=trial)
+        return bench.Run([0] * 11, 0.0, 1.0 / speedup, prompt="p", plain=plain, trial=trial)
+
+    trials = range(8)
+    noisy = lambda trial, cap: 1.5 * (1.2 if (trial + cap) % 2 else 1 / 1.2)  # noqa: E731
+    spec = {"auto": [pair(t, 1.5) for t in trials],
+            5: [pair(t, noisy(t, 5) * (1.1 if t < 2 else 1.0)) for t in trials],
+            6: [pair(t, noisy(t, 6)) for t in trials]}
+    summary = bench.summarize([r.plain for r in spec["auto"]], spec, None, 7, "auto")
+    best = summary["best_fixed_cap"]
+    assert summary["speculative"]["speedup"] == pytest.approx(1.5)
+    assert best["speedup"] > 1.5  # in sample, the noise makes a fixed cap "better"
+    held = best["held_out"]
+    # Even trials favour cap 5, odd ones cap 6: each half picks the cap the other half disfavours.
+    assert held["caps"] == [5, 6] and held["ratio"] == pytest.approx(1.2)
+    # A fixed main configuration has no held-out comparison.
+    fixed = {5: spec[5], 6: spec[6]}
+    assert bench.summarize([r.plain for r in spec[5]], fixed, None, 7, 5)["best_fixed_cap"]["held_out"] is None
+
+
 def test_oracle_pattern_depends_on_the_continuation():
     from types import SimpleNamespace
 
