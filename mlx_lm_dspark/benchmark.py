@@ -687,7 +687,7 @@ def format_report(results: dict) -> str:
         caps = list(results["overall"]["sweep"])
         main = results["overall"]["speculative"]["cap"]
         head = (f"{'speed-up':<16}{str(main):>8}" + "".join(f"{'cap ' + c:>8}" for c in caps)
-                + f"   {'best fixed':<12}{'auto vs it':>11}{'held out':>10}")
+                + f"   {'best fixed':<12}{'vs best':>9}{'held out':>10}")
         lines += ["", head, "-" * len(head)]
         groups = dict(results["by_category"])
         groups["overall"] = results["overall"]
@@ -698,7 +698,7 @@ def format_report(results: dict) -> str:
             held = best.get("held_out")
             lines.append(f"{name:<16}{_num(main_speedup, '{:.2f}x'):>8}{cells}"
                          f"   {str(best['cap']) + ' (' + _num(best['speedup'], '{:.2f}x') + ')':<12}"
-                         f"{_num(versus, '{:+.1%}'):>11}{_num(held and held['ratio'] - 1, '{:+.1%}'):>10}")
+                         f"{_num(versus, '{:+.1%}'):>9}{_num(held and held['ratio'] - 1, '{:+.1%}'):>10}")
         overall = results["overall"]
         for label, field_name, fmt in (("τ", "tau", "{:.2f}"), ("pred.", "predicted_speedup", "{:.2f}x"),
                                        ("eff.", "efficiency", "{:.2f}")):
