@@ -33,6 +33,7 @@ PRIOR = 0.5  # acceptance assumed for a slot never tried
 PRIOR_WEIGHT = 2.0  # ... worth this many rounds of evidence
 PROBE_EVERY = 8  # at least this many rounds verifying less than all drafts before a probe ...
 PROBE_BUDGET = 0.02  # ... and enough that probes cost at most this share of plain decoding time ...
+CALIBRATION_ROUNDS = 4  # whole proposals verified before the estimates may stop drafting
 DECLINES = 2  # declined proposals in a row before rounds stop proposing (until a probe)
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
 TIME_DECAY = 0.9  # weight of the past in the running round-time scales (per round)
@@ -53,10 +54,11 @@ class DraftLength:
         self.kept = [0.0] * n  # ... and kept
         self.predicted = [0.0] * n  # ... sum of its confidence when verified
         self.idle = 0  # rounds since the slots past the cap were last verified
-        self.calibrated = False  # whether a whole proposal was ever verified
+        self.calibrated = False  # whether CALIBRATION_ROUNDS whole proposals were verified
+        self.whole = 0  # ... how many were
         self.probed_cap = None  # the cap a probe round overrode
         self.declined = 0  # consecutive proposals ``choose`` verified none of
-        self.drafting = False  # whether the last proposal's cap was above 0 (not a probe's)
+        self.drafting = False  # whether the last proposal's cap was above 0 (or a probe found more); kept across generations
         self.agreed = 0  # rounds in a row typical confidences chose as well as the proposal's own
         self.chosen = (None, None, 0)  # the last ``choose``: (confidence given, acceptance estimates, best cap)
         self.confidence_sum = [0.0] * n  # decayed sums of each slot's confidence over proposals ...
@@ -74,6 +76,7 @@ class DraftLength:
         self.took_ms = [0.0, 0.0]  # decayed sums of measured round times ...
         self.modelled_ms = [0.0, 0.0]  # ... and of the cost model's for the same rounds
         self.timed = [0, 0]  # rounds of each kind timed
+        self.last_kind = None  # the kind of the last round observed (2: a declined proposal)
 
     def _rates(self) -> List[float]:
         return [(k + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT) for k, t in zip(self.kept, self.tried)]
@@ -108,13 +111,16 @@ class DraftLength:
 
     def start(self) -> None:
         """A new generation: forget the streak of declined proposals (the
-        learned estimates, the probe spacing and the typical confidences carry
-        over; if the new prompt's confidences differ, its first judged round
-        brings the reads back: waiting for them in the first rounds of every
-        generation cost 2-3 % of a 96-token one)."""
+        learned estimates, the probe spacing, the typical confidences and
+        whether rounds were drafting carry over: a generation that starts
+        undrafted asks the running rates, which after a few rounds still
+        lean on their prior and kept a good drafter idle for whole
+        generations; if the new prompt's confidences differ, its first judged
+        round brings the reads back: waiting for them in the first rounds of
+        every generation cost 2-3 % of a 96-token one)."""
         self.declined = 0
-        self.drafting = False
         self.probed_cap = None
+        self.last_kind = None
         self.now = self.cost
 
     def should_draft(self) -> bool:
@@ -148,15 +154,16 @@ class DraftLength:
         cap = self.now.best_cap(estimates, limit=limit, scale=self.time_scale)
         self.chosen = (confidence, estimates, cap)  # ``judge`` judges the choice
         if cap < limit and (self.idle >= self.probe_every or not self.calibrated):  # a probe: verify all
-            self.calibrated = True
+            if self.calibrated:
+                self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
             self.idle = 0
-            self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
             self.probed_cap = cap
             self.drafting = cap > 0
             return limit
-        self.drafting = cap > 0
         self.idle = 0 if cap == limit else self.idle + 1
-        self.calibrated = self.calibrated or cap == limit
+        if cap == 0 and limit < self.max_drafts:
+            return 0  # too few tokens left to draft (a generation's end): says nothing of the drafter
+        self.drafting = cap > 0
         self.declined = 0 if cap > 0 else self.declined + 1
         return cap
 
@@ -166,11 +173,14 @@ class DraftLength:
         if verified == 0:
             return  # a declined proposal: the target judged no draft
         if self.probed_cap is not None:
-            if accepted > self.probed_cap:  # the probe found more: keep probing often
+            if accepted > self.probed_cap:  # the probe found more: propose again, keep probing often
                 self.probe_every = self.min_probe_every
                 self.declined = 0
+                self.drafting = True
             self.probed_cap = None
-        self.calibrated = self.calibrated or verified >= self.max_drafts
+        if verified >= self.max_drafts:
+            self.whole += 1
+            self.calibrated = self.calibrated or self.whole >= CALIBRATION_ROUNDS
         judged = min(verified, accepted + 1)  # slots the target judged
         tried, kept, predicted = self.tried, self.kept, self.predicted
         for k in range(self.max_drafts):
@@ -208,12 +218,19 @@ class DraftLength:
     def observe(self, drafts: int, elapsed_ms: float, proposed: Optional[bool] = None) -> None:
         """Record the wall time of a finished round (the caller's time between
         tokens excluded) that verified ``drafts`` drafts.  ``proposed``: the
-        drafter ran (default: drafts > 0).  A declined proposal (drafts
-        proposed, none verified) costs a drafter round and an unpipelined
-        step: timed as a plain step it would make plain steps look up to 3x
-        dearer than they are, and drafting look cheap next to them."""
+        drafter ran (default: drafts > 0).  Only rounds like the one before
+        them are timed: the scales are for runs of drafted or of undrafted
+        rounds.  A declined proposal (a drafter round and an unpipelined
+        step) timed as a plain step would make plain steps look up to 3x
+        dearer than they are; timed as a drafted round (1.6x its modelled
+        time here), with the switches between kinds, it made drafting look
+        dear while rounds mostly skipped it, and a good drafter stayed idle."""
         proposed = drafts > 0 if proposed is None else proposed
-        i = int(proposed)
+        kind = 2 if proposed and drafts == 0 else int(proposed)
+        last, self.last_kind = self.last_kind, kind
+        if kind == 2 or (last is not None and last != kind):
+            return
+        i = kind
         modelled = self.now.verify_ms[drafts] + (self.now.draft_ms if proposed else 0.0)
         # A round seen as nearly free (its work overlapped the caller) or a
         # one-off stall is not the machine's new speed.

@@ -10,6 +10,7 @@ from mlx_lm_dspark import load_drafter
 from mlx_lm_dspark.autocap import (
     AGREED_ROUNDS,
     AT_STEP,
+    CALIBRATION_ROUNDS,
     DECLINES,
     PRIOR_FADED,
     PROBE_BUDGET,
@@ -40,6 +41,10 @@ def test_best_cap_follows_costs_and_acceptance():
 
 def test_confidence_sets_the_cap_of_each_round():
     lengths = DraftLength(GPU_LIKE, 7)
+    assert lengths.choose(7, [0.01] * 7) == 7  # calibration: whole proposals are verified ...
+    for _ in range(CALIBRATION_ROUNDS):
+        lengths.update(7, 7, [0.95] * 7)
+    assert lengths.calibrated  # ... until CALIBRATION_ROUNDS were
     assert lengths.choose(7, [0.95] * 7) == 7
     assert lengths.choose(7, [0.95, 0.9, 0.02, 0.9, 0.9, 0.9, 0.9]) == 2
     assert lengths.choose(3, [0.95] * 7) == 3  # never more than proposed
@@ -118,10 +123,12 @@ def test_measured_round_times_enter_the_choice():
     than when it was measured) are learned from observed rounds, per kind of
     round, and make marginal drafting stop paying."""
     lengths = DraftLength(GPU_LIKE, 7)
+    lengths.calibrated = True
     marginal = [0.3] * 7  # 1.43 tokens for 12.5 ms vs 1 for 10 ms: drafting 1 pays, barely
     assert lengths.choose(7, marginal) > 0
     for _ in range(60):
         lengths.observe(0, GPU_LIKE.round_ms(0) * 1.02)  # plain steps: nearly as measured
+    for _ in range(60):
         lengths.observe(3, GPU_LIKE.round_ms(3) * 1.3)  # drafted rounds: 30 % more
     assert lengths.time_scale[0] == pytest.approx(1.02, abs=0.01)
     assert lengths.time_scale[1] == pytest.approx(1.3, abs=0.01)
@@ -131,9 +138,11 @@ def test_measured_round_times_enter_the_choice():
 
 def test_after_many_rounds_each_kind_keeps_its_own_scale():
     lengths = DraftLength(GPU_LIKE, 7)
-    for _ in range(PRIOR_FADED + 50):
-        lengths.observe(0, GPU_LIKE.round_ms(0) * 0.8)
-        lengths.observe(5, GPU_LIKE.round_ms(5) * 1.6)
+    for _ in range(PRIOR_FADED // 10 + 5):  # runs of 10 rounds of each kind (a run's first is a switch)
+        for _ in range(11):
+            lengths.observe(0, GPU_LIKE.round_ms(0) * 0.8)
+        for _ in range(11):
+            lengths.observe(5, GPU_LIKE.round_ms(5) * 1.6)
     assert lengths.time_scale == pytest.approx([0.8, 1.6])
     for _ in range(60):  # a slow phase for drafted rounds only
         lengths.observe(5, GPU_LIKE.round_ms(5) * 2.4)
@@ -146,7 +155,7 @@ def test_a_machine_slower_than_measured_keeps_the_choice():
     lengths = DraftLength(GPU_LIKE, 7)
     accept = [0.7] * 7
     before = [GPU_LIKE.best_cap(accept[:k], scale=lengths.time_scale) for k in range(8)]
-    for n in (0, 3, 0, 7, 5) * 10:
+    for n in (0, 0, 0, 3, 7, 5, 3) * 10:
         lengths.observe(n, GPU_LIKE.round_ms(n) * 2.5)
     assert lengths.time_scale == pytest.approx([2.5, 2.5])
     assert [GPU_LIKE.best_cap(accept[:k], scale=lengths.time_scale) for k in range(8)] == before
@@ -163,17 +172,28 @@ def test_undrafted_rounds_set_where_drafted_ones_start():
     assert lengths.time_scale[1] == pytest.approx(1 / 3, rel=0.01)
 
 
-def test_declined_proposals_are_timed_as_drafter_rounds():
+def test_declined_proposals_and_switches_move_neither_scale():
     """A round whose proposal was declined ran the drafter and an unpipelined
-    step: as a plain step it would look ~3x too slow, plain steps would
-    seem dear and drafting cheap next to them (a drafter that is never right
-    kept drafting 1 token a round that way)."""
+    step, and a round after one of the other kind is not pipelined like its
+    kind: timed as plain steps they made plain steps seem dear and drafting
+    cheap (a drafter that is never right kept drafting 1 token a round);
+    timed as drafted rounds they made drafting seem dear while rounds mostly
+    skipped it (a drafter right 80 % of the time stayed idle for whole
+    generations)."""
     lengths = DraftLength(GPU_LIKE, 7)
     declined_ms = GPU_LIKE.verify_ms[0] + GPU_LIKE.draft_ms
     for _ in range(30):
+        lengths.observe(0, 2 * GPU_LIKE.round_ms(0))  # after a lone drafted round: a switch
         lengths.observe(0, GPU_LIKE.round_ms(0))  # plain steps, as measured
-        lengths.observe(0, declined_ms, proposed=True)
-    assert lengths.time_scale == pytest.approx([1.0, 1.0])
+        lengths.observe(0, 3 * declined_ms, proposed=True)
+        lengths.observe(0, 2 * GPU_LIKE.round_ms(0))  # after a declined proposal: a switch
+        lengths.observe(0, GPU_LIKE.round_ms(0))
+        lengths.observe(5, 3 * GPU_LIKE.round_ms(5))  # a lone drafted round (a probe)
+    assert lengths.time_scale == pytest.approx([1.0, 1.0], rel=0.02)
+    assert lengths.timed[1] == 0
+    for _ in range(20):
+        lengths.observe(5, 2 * GPU_LIKE.round_ms(5))  # a run of drafted rounds is timed
+    assert lengths.time_scale[1] > 1.5
 
 
 def test_the_loop_times_declined_proposals_as_drafter_rounds(models, monkeypatch):
@@ -201,10 +221,10 @@ def test_a_stalled_or_free_round_moves_the_scale_only_so_far():
 
 def test_declined_proposals_stop_proposing_until_a_probe():
     # The running rates say drafting pays (GPU-like costs, no evidence yet), but
-    # the confidence head says this drafter is hopeless: the first proposal is
-    # verified whole (calibration), then after DECLINES proposals verified
-    # none, rounds stop paying for proposals.
+    # the confidence head says this drafter is hopeless: after DECLINES
+    # proposals verified none, rounds stop paying for proposals.
     lengths = DraftLength(GPU_LIKE, 7)
+    lengths.calibrated = True  # past the whole proposals of calibration
     proposed, caps = [], []
     for _ in range(40):
         drafting = lengths.should_draft()
@@ -212,8 +232,8 @@ def test_declined_proposals_stop_proposing_until_a_probe():
         if drafting:
             caps.append(lengths.choose(7, [0.01] * 7))
             lengths.update(caps[-1], 0, [0.01] * caps[-1])
-    assert caps == [7] + [0] * DECLINES
-    assert proposed[: 1 + DECLINES] == [True] * (1 + DECLINES) and not any(proposed[1 + DECLINES :])
+    assert caps == [0] * DECLINES
+    assert proposed[:DECLINES] == [True] * DECLINES and not any(proposed[DECLINES:])
 
 
 def test_a_proposal_worth_verifying_is_followed_by_another():
@@ -264,6 +284,79 @@ def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
     assert caps[0] == 7  # the first proposal is verified whole: the head is 20x too pessimistic ...
     assert all(c > 0 for c in caps)  # ... so drafting goes on every round ...
     assert caps[-10:] == [7] * 10  # ... and soon with the full block
+
+
+# The tiny test pair's costs on this CPU: drafting pays when drafts are
+# right 80 % of the time, not at the running rates' prior of 50 %.
+TINY_LIKE = CostModel(verify_ms=[2.47, 3.24, 3.41, 3.57, 3.73, 3.89, 4.06, 4.22], draft_ms=1.98)
+
+
+def simulate_generation(lengths, tokens, right, declined_factor=1.6):
+    """Drive ``lengths`` as the round loop does over one greedy generation of
+    ``tokens`` tokens whose drafts are right where ``right(position)``;
+    rounds take their modelled time (declined proposals ``declined_factor``
+    times it).  Returns the caps of the rounds (None: no proposal)."""
+    lengths.start()
+    produced, caps = 0, []
+    while produced < tokens:
+        lengths.at(32 + produced)
+        n = min(7, tokens - produced - 1)
+        if n <= 0 or not lengths.should_draft():
+            lengths.observe(0, TINY_LIKE.verify_ms[0])
+            caps.append(None)
+            produced += 1
+            continue
+        confidence = [0.8] * n
+        cap = lengths.choose(n, confidence)
+        accepted = 0
+        while accepted < cap and right(produced + accepted):
+            accepted += 1
+        lengths.update(cap, accepted, confidence)
+        lengths.judge(confidence, n)
+        modelled = TINY_LIKE.round_ms(cap)
+        lengths.observe(cap, modelled * (declined_factor if cap == 0 else 1.0), proposed=True)
+        caps.append(cap)
+        produced += accepted + 1
+    return caps
+
+
+def test_a_good_drafter_keeps_drafting_from_one_generation_to_the_next():
+    """A short first generation (a warm-up) ends with too few tokens left to
+    draft; the next generations draft from their first round on."""
+    import random
+
+    assert TINY_LIKE.best_cap([0.8] * 7) == 7 and TINY_LIKE.best_cap([0.5] * 7) == 0
+    lengths = DraftLength(TINY_LIKE, 7)
+    for seed in range(12):
+        pattern = random.Random(seed)
+        rights = [pattern.random() < 0.8 for _ in range(200)]
+        caps = simulate_generation(lengths, 16 if seed == 0 else 96, lambda pos: rights[pos])
+        if seed > 0:
+            assert caps[0] is not None and caps[0] > 0, (seed, caps)
+            undrafted = sum(c is None or c == 0 for c in caps[:-3])  # the last rounds have too few tokens left
+            assert undrafted <= 2, (seed, caps)
+
+
+def test_a_probe_that_finds_more_resumes_proposals():
+    lengths = DraftLength(TINY_LIKE, 7)
+    for _ in range(10):
+        lengths.update(7, 0, [0.3] * 7)  # a bad phase: the running rates say drafting does not pay ...
+    lengths.declined = DECLINES  # ... and drafting stopped
+    while not lengths.should_draft():
+        pass
+    assert lengths.choose(7, [0.3] * 7) == 7  # a probe: the estimate said 0
+    lengths.update(7, 5, [0.3] * 7)  # ... and 5 were right
+    assert TINY_LIKE.best_cap(lengths._rates()) == 0  # the rates alone would wait for the next probe
+    assert lengths.should_draft()  # proposals resume at once; their confidences judge them
+
+
+def test_too_few_tokens_left_is_not_a_declined_proposal():
+    lengths = DraftLength(TINY_LIKE, 7)
+    lengths.calibrated = lengths.drafting = True
+    assert lengths.choose(1, [0.8]) == 0  # one draft cannot pay for a drafter round here
+    assert lengths.declined == 0 and lengths.drafting
+    assert lengths.choose(7, [0.05] * 7) == 0  # a whole proposal not worth verifying is
+    assert lengths.declined == 1 and not lengths.drafting
 
 
 def test_rounds_stop_waiting_for_confidences_that_typical_ones_stand_in_for():
