@@ -55,9 +55,14 @@ class CostModel:
     def round_ms(self, drafts: int, scale=(1.0, 1.0)) -> float:
         """A round's time; ``scale`` = (undrafted, drafted) rounds' measured
         time over the cost model's, learned while decoding (the machine's
-        speed now against when it was measured, plus host work)."""
+        speed now against when it was measured, plus host work).  A drafted
+        round's verify is never cheaper than a plain step: with plain steps
+        timed much slower than drafted rounds (drafter work hidden behind the
+        caller's), one draft nobody accepts looked cheaper than a plain step
+        and, drafting every round, the plain steps' scale was never
+        corrected."""
         if drafts:
-            return (self.verify_ms[drafts] + self.draft_ms) * scale[1]
+            return self.draft_ms * scale[1] + max(self.verify_ms[drafts] * scale[1], self.verify_ms[0] * scale[0])
         return self.verify_ms[0] * scale[0]
 
     def expected_tokens(self, accept: List[float], drafts: int) -> float:
@@ -76,13 +81,16 @@ class CostModel:
         """The number of drafts with the highest expected tokens per second
         (the smallest such number on a tie)."""
         limit = min(self.max_drafts, len(accept) if limit is None else limit)
-        verify, draft, drafted = self.verify_ms, self.draft_ms, scale[1]
-        best, best_rate = 0, 1.0 / max(verify[0] * scale[0], 1e-6)
+        verify, drafted = self.verify_ms, scale[1]
+        plain = verify[0] * scale[0]
+        draft = self.draft_ms * drafted
+        best, best_rate = 0, 1.0 / max(plain, 1e-6)
         total = alive = 1.0
         for k in range(1, limit + 1):  # one pass: E[accepted | k] grows term by term (``round_ms`` inlined)
             alive *= accept[k - 1]
             total += alive
-            rate = total / max((verify[k] + draft) * drafted, 1e-6)
+            check = verify[k] * drafted
+            rate = total / max(draft + (check if check > plain else plain), 1e-6)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best

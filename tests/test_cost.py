@@ -48,6 +48,21 @@ def test_wider_verifies_and_longer_contexts_never_cost_less(pair):
     assert wide == sorted(wide) and growth[1:] == sorted(growth[1:])
 
 
+def test_a_drafted_round_never_verifies_for_less_than_a_plain_step():
+    """Plain steps timed 2.5x their model and drafted rounds as modelled: a
+    draft nobody accepts must still not look cheaper than a plain step."""
+    costs = cost.CostModel(verify_ms=[10.0 * w for w in range(1, 9)], draft_ms=2.0)
+    scale = (2.5, 1.0)
+    assert costs.round_ms(1, scale) == pytest.approx(2.0 + 25.0)
+    assert costs.round_ms(7, scale) == pytest.approx(2.0 + 80.0)
+    assert costs.best_cap([0.0] * 7, scale=scale) == 0
+    assert costs.best_cap([0.05] * 7, scale=scale) == 0
+    assert costs.best_cap([0.95] * 7, scale=scale) > 0
+    for accept in ([0.0] * 7, [0.5] * 7, [0.95] * 7):  # the one-pass search agrees with round_ms
+        rates = [costs.tokens_per_ms(accept, k, scale) for k in range(8)]
+        assert costs.best_cap(accept, scale=scale) == rates.index(max(rates))
+
+
 def test_non_decreasing_pools_dips_as_noise():
     assert cost.non_decreasing([3.0, 1.0, 2.0, 5.0, 4.0]) == [2.0, 2.0, 2.0, 4.5, 4.5]
     assert cost.non_decreasing([1.0, 2.0, 2.0, 7.0]) == [1.0, 2.0, 2.0, 7.0]
