@@ -60,6 +60,7 @@ class DraftLength:
         self.declined = 0  # consecutive proposals ``choose`` verified none of
         self.drafting = False  # whether the last proposal's cap was above 0 (or a probe found more); kept across generations
         self.agreed = 0  # rounds in a row typical confidences chose as well as the proposal's own
+        self.perfect = [1.0] * n  # acceptance of a drafter always right
         self.chosen = (None, None, 0)  # the last ``choose``: (confidence given, acceptance estimates, best cap)
         self.confidence_sum = [0.0] * n  # decayed sums of each slot's confidence over proposals ...
         self.confidence_weight = [0.0] * n  # ... and of their number
@@ -127,7 +128,11 @@ class DraftLength:
         """Whether the next round proposes at all: the running rates say
         drafting pays and the last proposals were not declined (a declined
         proposal costs a drafter run for nothing), or a probe is due.  A
-        proposal is followed by ``choose``."""
+        proposal is followed by ``choose``.  Never where drafts all kept
+        would not pay (verifying K tokens costs K steps on a CPU-bound
+        target): calibrating and probing there only cost time."""
+        if self.now.best_cap(self.perfect, scale=self.time_scale) == 0:
+            return False
         if self.idle >= self.probe_every or not self.calibrated:
             return True
         if self.drafting:

@@ -350,6 +350,17 @@ def test_a_probe_that_finds_more_resumes_proposals():
     assert lengths.should_draft()  # proposals resume at once; their confidences judge them
 
 
+def test_no_proposals_where_even_a_perfect_drafter_would_not_pay():
+    """Verifying K tokens at K steps' cost (a CPU-bound target): no round
+    proposes, not even to calibrate or probe."""
+    dear = CostModel(verify_ms=[10.0 * w * 1.05 for w in range(1, 9)], draft_ms=5.0)
+    assert dear.best_cap([1.0] * 7) == 0
+    lengths = DraftLength(dear, 7)
+    assert not any(lengths.should_draft() for _ in range(10 * lengths.min_probe_every))
+    cheap = DraftLength(TINY_LIKE, 7)
+    assert cheap.should_draft()  # where drafting can pay, the first round proposes (calibration)
+
+
 def test_too_few_tokens_left_is_not_a_declined_proposal():
     lengths = DraftLength(TINY_LIKE, 7)
     lengths.calibrated = lengths.drafting = True
