@@ -9,10 +9,14 @@ head, from running per-slot acceptance rates.  When even the best cap is
 predicted slower than plain decoding, the round skips drafting.  Every so
 often a probe round verifies a whole proposal whatever the estimates say:
 the only way to learn that a drafter (or a pessimistic confidence head) is
-better than believed.  The first proposal is such a probe; later probes are
-spaced so that they cost at most 2 % of plain decoding time, and those that
-find nothing come less often.  What is learned (acceptance, calibration,
-round times against the cost model) stays with the drafter from one generation to the next.
+better than believed.  The first proposals are verified whole until
+``CALIBRATION_ROUNDS`` were (one unlucky round must not decide); later
+probes are spaced so that they cost at most 2 % of plain decoding time,
+those that find nothing come less often, and one that finds more resumes
+proposals.  Where even a drafter always right would not pay, no round
+proposes.  What is learned (acceptance, calibration, round times against the
+cost model, whether rounds were drafting) stays with the drafter from one
+generation to the next.
 
 Reading a proposal's confidences before building the verify costs a wait
 for the drafter (the verify graph cannot be built while it computes).
