@@ -134,13 +134,15 @@ class DraftLength:
         proposal costs a drafter run for nothing), or a probe is due.  A
         proposal is followed by ``choose``.  Never where drafts all kept
         would not pay (verifying K tokens costs K steps on a CPU-bound
-        target): calibrating and probing there only cost time."""
+        target): calibrating and probing there only cost time.  (Checked
+        after ``drafting``: a proposal worth verifying implies drafting can
+        pay, and drafted rounds skip the check.)"""
+        if self.drafting:
+            return True  # the last proposal was worth verifying: ``choose`` judges this one
         if self.now.best_cap(self.perfect, scale=self.time_scale) == 0:
             return False
         if self.idle >= self.probe_every or not self.calibrated:
             return True
-        if self.drafting:
-            return True  # the last proposal was worth verifying: ``choose`` judges this one
         if self.declined < DECLINES and self.now.best_cap(self._rates(), scale=self.time_scale) > 0:
             return True
         self.idle += 1
