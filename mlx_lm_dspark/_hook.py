@@ -12,14 +12,14 @@ import sys
 
 # host module -> "module:function" applied right after the host module executes
 HOST_PATCHES = {
-    "mlx_lm.sample_utils": "mlx_lm_dspark.patch_mlx_lm:patch_sample_utils",
-    "mlx_lm.utils": "mlx_lm_dspark.patch_mlx_lm:patch_utils",
-    "mlx_lm.generate": "mlx_lm_dspark.patch_mlx_lm:patch_generate",
-    "mlx_lm.server": "mlx_lm_dspark.patch_mlx_lm:patch_server",
-    "mlx_vlm.speculative.drafters": "mlx_lm_dspark.patch_mlx_vlm:patch_drafters",
-    "mlx_vlm.generate.ar": "mlx_lm_dspark.patch_mlx_vlm:patch_ar",
-    "mlx_vlm.generate.dispatch": "mlx_lm_dspark.patch_mlx_vlm:patch_dispatch",
-    "mlx_vlm.server.cli": "mlx_lm_dspark.patch_mlx_vlm:patch_server_cli",
+    "mlx_lm.sample_utils": "mlx_lm_dspark.hosts.mlx_lm:patch_sample_utils",
+    "mlx_lm.utils": "mlx_lm_dspark.hosts.mlx_lm:patch_utils",
+    "mlx_lm.generate": "mlx_lm_dspark.hosts.mlx_lm:patch_generate",
+    "mlx_lm.server": "mlx_lm_dspark.hosts.mlx_lm:patch_server",
+    "mlx_vlm.speculative.drafters": "mlx_lm_dspark.hosts.mlx_vlm:patch_drafters",
+    "mlx_vlm.generate.ar": "mlx_lm_dspark.hosts.mlx_vlm:patch_ar",
+    "mlx_vlm.generate.dispatch": "mlx_lm_dspark.hosts.mlx_vlm:patch_dispatch",
+    "mlx_vlm.server.cli": "mlx_lm_dspark.hosts.mlx_vlm:patch_server_cli",
 }
 
 

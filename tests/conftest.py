@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MLX_LM_DSPARK_SHARED", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "deepspec"
+DATA = Path(__file__).resolve().parent / "data"  # copies of shared/fixtures and shared/data/eval_prompts
+FIXTURES = DATA / "deepspec"
+EAGLE3_FIXTURES = DATA / "deepspec_eagle3"
+EVAL_PROMPTS = DATA / "eval_prompts"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -23,16 +24,14 @@ if "MLX_LM_DSPARK_CACHE" not in os.environ:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        raise FileNotFoundError(
-            f"Golden fixtures not found at {FIXTURES}; set MLX_LM_DSPARK_SHARED to the shared/ directory."
-        )
+        raise FileNotFoundError(f"Golden fixtures not found at {FIXTURES}: the checkout is incomplete.")
     return FIXTURES
 
 
 @pytest.fixture(scope="session")
 def qwen3_dirs(tmp_path_factory):
     """(target dir, drafter dir) of a tiny Qwen3 pair per drafter layout."""
-    from mlx_lm_dspark.tiny import build_pair
+    from mlx_lm_dspark_tools.tiny import build_pair
 
     root = tmp_path_factory.mktemp("layouts")
     dirs = {}

@@ -10,7 +10,7 @@ import pytest
 
 from mlx_lm_dspark import cost, load_drafter
 from mlx_lm_dspark.speculative import bind
-from mlx_lm_dspark.tiny import build_pair
+from mlx_lm_dspark_tools.tiny import build_pair
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from mlx_lm_dspark.tiny import build_pair
+from mlx_lm_dspark_tools.tiny import build_pair
 
 PROMPT = "the quick brown fox jumps over the lazy dog and the cat"
 

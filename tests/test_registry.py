@@ -4,7 +4,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from mlx_lm_dspark import registry
 from mlx_lm_dspark.loader import load_drafter
-from mlx_lm_dspark.tiny import build_pair
+from mlx_lm_dspark_tools.tiny import build_pair
 
 
 def test_kinds_come_from_entry_points():

@@ -17,7 +17,7 @@ from http.server import ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from mlx_lm_dspark.tiny import build_pair
+from mlx_lm_dspark_tools.tiny import build_pair
 
 server = importlib.import_module("mlx_lm.server")
 
@@ -333,7 +333,7 @@ def _fake_server(serve_single=None, validate=True):
 
 
 def test_server_patch_fails_loudly_when_the_host_changes():
-    from mlx_lm_dspark import patch_mlx_lm
+    from mlx_lm_dspark.hosts import mlx_lm as patch_mlx_lm
 
     patch_mlx_lm.patch_server(_fake_server())  # the expected shape patches fine
 

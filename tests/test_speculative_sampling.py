@@ -32,7 +32,7 @@ from mlx_lm_dspark.drafter import Drafter, ModelArgs
 from mlx_lm_dspark.sampling import SamplerSettings, distribution
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
-from mlx_lm_dspark.tiny import make_qwen3_target
+from mlx_lm_dspark_tools.tiny import make_qwen3_target
 from oracle import ModelDrafter, TableDrafter
 
 VOCAB = 12
@@ -419,7 +419,7 @@ def test_cli_sampling_flags_are_distributed_like_plain_sampling(tmp_path):
     import sys
 
     from mlx_lm.utils import load
-    from mlx_lm_dspark.tiny import build_pair
+    from mlx_lm_dspark_tools.tiny import build_pair
 
     target_dir, drafter_dir = build_pair(tmp_path, "qwen3", vocab_size=128, num_layers=2, hidden_size=32,
                                          head_dim=16, intermediate_size=64, target_layer_ids=(0, 1),

@@ -14,7 +14,7 @@ from mlx_lm_dspark.target import (
     rollback,
     validate_pair,
 )
-from mlx_lm_dspark.tiny import build_pair
+from mlx_lm_dspark_tools.tiny import build_pair
 
 
 @pytest.fixture(scope="module", params=["qwen3", "gemma4"])

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm_dspark import train as T
 from mlx_lm_dspark.loader import load_drafter
 from mlx_lm_dspark.target import TargetAdapter
-from mlx_lm_dspark.tiny import make_gemma4_target, make_qwen3_target, save_target
+from mlx_lm_dspark_tools.tiny import make_gemma4_target, make_qwen3_target, save_target
 
 TAPS = [1, 2]
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }} : {{ m.content }}\n{% endfor %}"

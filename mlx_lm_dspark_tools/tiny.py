@@ -640,7 +640,7 @@ PRESETS = {
 
 
 def main(argv=None) -> None:
-    """Write a random target + drafter pair: python -m mlx_lm_dspark.tiny DIR [--preset P] [--bits B]."""
+    """Write a random target + drafter pair: python -m mlx_lm_dspark_tools.tiny DIR [--preset P] [--bits B]."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Write a random target and DSpark drafter (offline).")

@@ -1,7 +1,7 @@
 """Our round loop against mlx-vlm's native DSpark loop, same target and drafter weights.
 
-    python -m mlx_lm_dspark.benchmark_vlm --tiny DIR          # builds the tiny Gemma-4 pair in DIR
-    python -m mlx_lm_dspark.benchmark_vlm --model T --draft-model D [--image PNG]
+    python -m mlx_lm_dspark_tools.benchmark_vlm --tiny DIR          # builds the tiny Gemma-4 pair in DIR
+    python -m mlx_lm_dspark_tools.benchmark_vlm --model T --draft-model D [--image PNG]
 
 Per prompt (text prompts, and the same prompts with an image when one is
 given) and trial, runs mlx-vlm's plain decoding, its native DSpark loop
@@ -72,7 +72,7 @@ def run(argv=None) -> dict:
     from mlx_vlm import load
     from mlx_vlm.speculative.drafters import load_drafter
 
-    from .patch_mlx_vlm import KIND
+    from mlx_lm_dspark.hosts.mlx_vlm import KIND
 
     model, processor = load(args.model)
     native, native_kind = load_drafter(args.draft_model)

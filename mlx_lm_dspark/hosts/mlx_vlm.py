@@ -30,8 +30,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .patch_mlx_lm import HostMismatchError, _once, argparse_with
-from .patch_mlx_lm import _expect_params as expect_host_params
+from .mlx_lm import HostMismatchError, _once, argparse_with
+from .mlx_lm import _expect_params as expect_host_params
 
 KIND = "mlx-lm-dspark"
 HOST_KIND = "dflash"  # the mlx-vlm kind whose prefill our drafters need
@@ -74,7 +74,7 @@ def _local_config(path_or_repo) -> dict:
 
 
 def _ours(config: dict) -> bool:
-    from .registry import kind_for
+    from ..registry import kind_for
 
     return bool(config) and kind_for(config) is not None
 
@@ -108,7 +108,7 @@ class _HostKind(str):
 
 
 def _load_ours(path_or_repo):
-    from .loader import load_drafter
+    from ..loader import load_drafter
 
     drafter = load_drafter(path_or_repo, bits=None)
     logger.info("Loaded %s as an mlx-lm-dspark %s drafter.", path_or_repo, drafter.kind)
@@ -148,7 +148,7 @@ def patch_drafters(drafters) -> None:
 
 
 def _is_ours(draft_model) -> bool:
-    from .speculative import is_drafter
+    from ..speculative import is_drafter
 
     return is_drafter(draft_model)
 
@@ -181,9 +181,9 @@ def our_rounds(model, drafter, prompt_cache, features, first_token, logprobs, *,
     holds the prompt, ``features`` [1, L, n_taps·H] are the tapped states of
     its last L positions, ``first_token`` was sampled after them.  Yields
     (token, logprobs) from ``first_token`` on."""
-    from .sampling import greedy_sampler
-    from .speculative import bind, decode
-    from .target import cache_length, check_rollback
+    from ..sampling import greedy_sampler
+    from ..speculative import bind, decode
+    from ..target import cache_length, check_rollback
 
     target = bind(drafter, model)
     check_rollback(prompt_cache)

@@ -25,7 +25,7 @@ import threading
 import types
 from pathlib import Path
 
-from . import loader
+from .. import loader
 
 SUPPORTED_MLX_LM = "0.32.2"
 LEGACY_NUM_DRAFT_TOKENS = 3  # mlx_lm.generate's --num-draft-tokens default
@@ -113,7 +113,7 @@ def patch_utils(utils) -> None:
 def patch_sample_utils(sample_utils) -> None:
     if not _once(sample_utils):
         return
-    from .sampling import SamplerSettings
+    from ..sampling import SamplerSettings
 
     fields = list(SamplerSettings.__dataclass_fields__)
     make_sampler = _expect_params(sample_utils, "make_sampler", fields)
@@ -215,7 +215,7 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
 def patch_generate(generate_module) -> None:
     if not _once(generate_module):
         return
-    from .speculative import is_drafter, speculative_generate_step as ours
+    from ..speculative import is_drafter, speculative_generate_step as ours
 
     stock_step = _expect_params(
         generate_module,
@@ -283,7 +283,7 @@ class _ReportingQueue:
         self._context = None
 
     def put(self, item, *args, **kwargs):
-        from .speculative import is_drafter
+        from ..speculative import is_drafter
 
         draft = self._provider.draft_model
         if isinstance(item, self._context_type):

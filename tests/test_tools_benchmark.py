@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-import mlx_lm_dspark.benchmark as bench
+import mlx_lm_dspark_tools.benchmark as bench
 from mlx_lm_dspark.cost import CostModel
-from mlx_lm_dspark.oracle_drafter import uniform
-from mlx_lm_dspark.tiny import build_pair
+from mlx_lm_dspark_tools.oracle import uniform
+from mlx_lm_dspark_tools.tiny import build_pair
 
 SPEC_KEYS = {
     "tokens_per_s", "prefill_ms", "generated_tokens", "runs", "cap", "speedup", "tau", "rounds", "drafted",
@@ -116,9 +116,8 @@ def test_prompt_files_are_read(tmp_path):
 
 
 def test_the_shared_eval_prompt_sets_are_read():
-    from conftest import SHARED
+    from conftest import EVAL_PROMPTS as root
 
-    root = SHARED / "data" / "eval_prompts"
     files = sorted(root.glob("*.jsonl"))
     assert files, f"no eval prompt sets under {root}"
     for f in files:
@@ -270,7 +269,7 @@ def test_held_out_best_fixed_cap_is_chosen_on_other_trials():
 def test_oracle_pattern_depends_on_the_continuation():
     from types import SimpleNamespace
 
-    from mlx_lm_dspark.oracle_drafter import OracleDrafter
+    from mlx_lm_dspark_tools.oracle import OracleDrafter
 
     inner = SimpleNamespace(args=SimpleNamespace(vocab_size=100), target_layer_ids=[0], max_drafts=7)
     oracle = OracleDrafter(None, 0.5, inner=inner)

@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("mlx_vlm", reason="the mlx-vlm integration needs the `vlm` extra (pip install '.[vlm]')")
 
-from mlx_lm_dspark import patch_mlx_vlm  # noqa: E402
+from mlx_lm_dspark.hosts import mlx_vlm as patch_mlx_vlm  # noqa: E402
 from mlx_lm_dspark.drafter import Drafter  # noqa: E402
-from mlx_lm_dspark.patch_mlx_lm import HostMismatchError  # noqa: E402
-from mlx_lm_dspark.tiny_vlm import build_vlm_pair, make_image  # noqa: E402
+from mlx_lm_dspark.hosts.mlx_lm import HostMismatchError  # noqa: E402
+from mlx_lm_dspark_tools.tiny_vlm import build_vlm_pair, make_image  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog and then"
 LONG = " ".join(["a story about a small red house near the river"] * 4)

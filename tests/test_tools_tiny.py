@@ -13,7 +13,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.utils import load_tokenizer
 
-import mlx_lm_dspark.tiny as tm
+import mlx_lm_dspark_tools.tiny as tm
 
 PROMPT = "the quick brown fox jumps over the lazy dog and the cat"
 TOKENS = mx.array([[5, 9, 33, 4, 70, 211, 17, 300, 8, 42, 99, 123]])  # longer than the 8-token window

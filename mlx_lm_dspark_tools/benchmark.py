@@ -1,6 +1,6 @@
 """Benchmark speculative decoding with a DSpark/DFlash drafter against plain decoding.
 
-    python -m mlx_lm_dspark.benchmark --model T --draft-model D --prompts all
+    python -m mlx_lm_dspark_tools.benchmark --model T --draft-model D --prompts all
 
 Per prompt, trial and cap it runs plain decoding (mlx-lm's ``generate_step``)
 and then speculative decoding with the same sampler, times generation only
@@ -69,8 +69,8 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (first: importing .speculative before mlx-lm is circular)
 
-from . import cost as costs
-from .speculative import bind, cost_model, speculative_generate_step
+from mlx_lm_dspark import cost as costs
+from mlx_lm_dspark.speculative import bind, cost_model, speculative_generate_step
 
 PROMPTS = {
     "chat": [
@@ -220,8 +220,8 @@ def parse_bits(value) -> Optional[int]:
 
 def make_drafter(args, model):
     """The drafter to benchmark: loaded, the oracle, or the oracle around it."""
-    from .loader import load_drafter
-    from .oracle_drafter import OracleDrafter
+    from mlx_lm_dspark.loader import load_drafter
+    from .oracle import OracleDrafter
 
     inner = None
     if args.draft_model:

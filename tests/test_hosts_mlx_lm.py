@@ -10,8 +10,8 @@ from pathlib import Path
 import mlx_lm
 import pytest
 
-from mlx_lm_dspark import patch_mlx_lm
-from mlx_lm_dspark.tiny import build_pair, save_qwen3_target
+from mlx_lm_dspark.hosts import mlx_lm as patch_mlx_lm
+from mlx_lm_dspark_tools.tiny import build_pair, save_qwen3_target
 
 BIN = Path(sys.executable).parent
 PROMPT = "the quick brown fox jumps over the lazy dog and the cat"

@@ -1,0 +1,1 @@
+"""Host integration: one module per host library (mlx-lm, mlx-vlm), each patch checking its host first."""
