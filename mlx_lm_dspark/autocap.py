@@ -1,30 +1,35 @@
 """Automatic draft length: each round's number of drafts to verify.
 
 The cap maximises expected tokens per second under the machine's cost model
-(``cost.py``): (1 + E[accepted | K]) / (T_draft + T_verify(K + 1)).  The
-acceptance of each draft slot is estimated per round from the drafter's
-confidence head (trained to predict exactly that), scaled by a running
-calibration against what the target really accepted; without a confidence
-head, from running per-slot acceptance rates.  When even the best cap is
-predicted slower than plain decoding, the round skips drafting.  Every so
-often a probe round verifies a whole proposal whatever the estimates say:
-the only way to learn that a drafter (or a pessimistic confidence head) is
-better than believed.  The first proposals are verified whole until
-``CALIBRATION_ROUNDS`` were (one unlucky round must not decide); later
-probes are spaced so that they cost at most 2 % of plain decoding time,
-those that find nothing come less often, and one that finds more resumes
-proposals.  Where even a drafter always right would not pay, no round
-proposes.  What is learned (acceptance, calibration, round times against the
-cost model, whether rounds were drafting) stays with the drafter from one
-generation to the next.
+(``cost.py``): (1 + E[accepted | K]) / (T_draft + T_verify(K + 1)).
+``DraftLength`` makes that choice each round from four parts, one job each:
 
-Reading a proposal's confidences before building the verify costs a wait
-for the drafter (the verify graph cannot be built while it computes).
-While the confidences typical of recent proposals keep choosing caps as
-good as the proposal's own would (within 1 % of the expected tokens per
-second its confidences promise), rounds choose from the typical ones and
-judge their own after the verify instead; the first round where reading
-them would have paid brings the reads back.
+- ``AcceptanceEstimates``: each draft slot's chance of being kept.  From the
+  drafter's confidence head (trained to predict exactly that), scaled by a
+  running calibration against what the target really accepted; without a
+  confidence head, from running per-slot acceptance rates.
+- ``RoundTimeScale``: measured round times over the cost model's, for rounds
+  without and with drafts, so that the choice follows the machine as it runs
+  now (and the host work the measured pieces leave out).
+- ``ProbeSchedule``: when rounds propose at all.  When even the best cap is
+  predicted slower than plain decoding, rounds skip drafting; every so often
+  a probe verifies a whole proposal whatever the estimates say, the only way
+  to learn that a drafter (or a pessimistic confidence head) is better than
+  believed.  The first ``CALIBRATION_ROUNDS`` proposals are verified whole
+  (one unlucky round must not decide); later probes are spaced to cost at
+  most ``PROBE_BUDGET`` of plain decoding time, come less often while they
+  find nothing and resume proposals when one finds more.  Where even a
+  drafter always right would not pay, no round proposes.
+- ``ConfidenceReads``: whether a round waits for its proposal's confidences.
+  Reading them before building the verify costs a wait for the drafter (the
+  verify graph cannot be built while it computes).  While the confidences
+  typical of recent proposals choose caps as good as the proposal's own
+  would, rounds choose from the typical ones and judge their own after the
+  verify instead; the first round where reading them would have paid brings
+  the reads back.
+
+What is learned stays with the drafter from one generation to the next
+(``draft_length_for``).
 """
 
 import math
@@ -48,53 +53,30 @@ AGREED_ROUNDS = 4  # rounds in a row typical confidences chose as well as the pr
 READ_GAIN = 0.01  # ... "as well": within this share of the tokens per second the proposal's own choice promises
 
 
-class DraftLength:
-    def __init__(self, cost: CostModel, max_drafts: int):
-        self.cost = cost
-        self.now = cost  # the costs at the current context length (``at``)
-        self.max_drafts = min(max_drafts, cost.max_drafts)
-        n = self.max_drafts
-        self.tried = [0.0] * n  # decayed number of rounds slot k was verified
-        self.kept = [0.0] * n  # ... and kept
-        self.predicted = [0.0] * n  # ... sum of its confidence when verified
-        self.idle = 0  # rounds since the slots past the cap were last verified
-        self.calibrated = False  # whether CALIBRATION_ROUNDS whole proposals were verified
-        self.whole = 0  # ... how many were
-        self.probed_cap = None  # the cap a probe round overrode
-        self.declined = 0  # consecutive proposals ``choose`` verified none of
-        self.drafting = False  # whether the last proposal's cap was above 0 (or a probe found more); kept across generations
-        self.agreed = 0  # rounds in a row typical confidences chose as well as the proposal's own
-        self.perfect = [1.0] * n  # acceptance of a drafter always right
-        self.chosen = (None, None, 0)  # the last ``choose``: (confidence given, acceptance estimates, best cap)
-        self.confidence_sum = [0.0] * n  # decayed sums of each slot's confidence over proposals ...
-        self.confidence_weight = [0.0] * n  # ... and of their number
-        # A probe costs a draft and a full-width verify, unpipelined: count the
-        # whole round plus about one step of lost overlap.
-        extra = cost.round_ms(self.max_drafts) + cost.verify_ms[0]
-        self.min_probe_every = max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * cost.verify_ms[0])))
-        self.probe_every = self.min_probe_every
-        # Measured round time over the cost model's, for rounds without and
-        # with drafts: the machine now against when it was measured (a shared
-        # machine has slow phases lasting minutes), plus the host work and
-        # lost overlap that timing the pieces alone leaves out.
-        self.time_scale = [1.0, 1.0]
-        self.took_ms = [0.0, 0.0]  # decayed sums of measured round times ...
-        self.modelled_ms = [0.0, 0.0]  # ... and of the cost model's for the same rounds
-        self.timed = [0, 0]  # rounds of each kind timed
-        self.last_kind = None  # the kind of the last round observed (2: a declined proposal)
+class AcceptanceEstimates:
+    """Per-slot conditional acceptance: decayed counts of the rounds each
+    slot was judged by the target, kept, and the confidence it was given."""
 
-    def _rates(self) -> List[float]:
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.tried = [0.0] * slots  # decayed number of rounds slot k was verified
+        self.kept = [0.0] * slots  # ... and kept
+        self.predicted = [0.0] * slots  # ... sum of its confidence when verified
+
+    def rates(self) -> List[float]:
+        """The running acceptance rates, leaning on ``PRIOR`` while untried."""
         return [(k + PRIOR * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT) for k, t in zip(self.kept, self.tried)]
 
     def acceptance(self, confidence: Optional[List[float]] = None) -> List[float]:
-        """Per-slot conditional acceptance expected for this round."""
+        """Per-slot conditional acceptance expected for a proposal with these
+        ``confidence`` scores (None: the running rates)."""
         if confidence is None:
-            return self._rates()
+            return self.rates()
         # Calibration scale per slot, shrunk towards the scale of all slots
         # together (slots past the usual cap are seldom verified).  Priors
         # are in the head's own units, so a few probes correct even a head
         # that is far too pessimistic.  (One pass: this runs twice a round.)
-        confidence = [c if c > 1e-3 else 1e-3 for c in confidence[: self.max_drafts]]
+        confidence = [c if c > 1e-3 else 1e-3 for c in confidence[: self.slots]]
         if not confidence:
             return []
         prior = PRIOR_WEIGHT * sum(confidence) / len(confidence)
@@ -106,95 +88,12 @@ class DraftLength:
             out.append(a if a < 1.0 else 1.0)
         return out
 
-    def at(self, context: int) -> None:
-        """Decoding has reached ``context`` cached positions: verify and draft
-        costs grow with it, and with them the best cap falls.  (Recomputed
-        every ``AT_STEP`` positions: the costs move by well under 1 % in
-        between, and the loop calls this every round.)"""
-        if self.now is self.cost or abs(context - self.now.context) >= AT_STEP:
-            self.now = self.cost.at(context)
-
-    def start(self) -> None:
-        """A new generation: forget the streak of declined proposals (the
-        learned estimates, the probe spacing, the typical confidences and
-        whether rounds were drafting carry over: a generation that starts
-        undrafted asks the running rates, which after a few rounds still
-        lean on their prior and kept a good drafter idle for whole
-        generations; if the new prompt's confidences differ, its first judged
-        round brings the reads back: waiting for them in the first rounds of
-        every generation cost 2-3 % of a 96-token one)."""
-        self.declined = 0
-        self.probed_cap = None
-        self.last_kind = None
-        self.now = self.cost
-
-    def should_draft(self) -> bool:
-        """Whether the next round proposes at all: the running rates say
-        drafting pays and the last proposals were not declined (a declined
-        proposal costs a drafter run for nothing), or a probe is due.  A
-        proposal is followed by ``choose``.  Never where drafts all kept
-        would not pay (verifying K tokens costs K steps on a CPU-bound
-        target): calibrating and probing there only cost time.  (Checked
-        after ``drafting``: a proposal worth verifying implies drafting can
-        pay, and drafted rounds skip the check.)"""
-        if self.drafting:
-            return True  # the last proposal was worth verifying: ``choose`` judges this one
-        if self.now.best_cap(self.perfect, scale=self.time_scale) == 0:
-            return False
-        if self.idle >= self.probe_every or not self.calibrated:
-            return True
-        if self.declined < DECLINES and self.now.best_cap(self._rates(), scale=self.time_scale) > 0:
-            return True
-        self.idle += 1
-        return False
-
-    def reads_confidence(self) -> bool:
-        """Whether this round waits for its proposal's confidences before
-        choosing the cap (else ``typical_confidence`` stands in for them, and
-        ``judge`` judges them afterwards)."""
-        return self.agreed < AGREED_ROUNDS
-
-    def typical_confidence(self) -> List[float]:
-        """Each slot's confidence averaged over recent proposals."""
-        return [c / w if w > 0 else PRIOR for c, w in zip(self.confidence_sum, self.confidence_weight)]
-
-    def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
-        """How many of the ``proposed`` drafts to verify this round."""
-        limit = min(proposed, self.max_drafts)
-        estimates = self.acceptance(confidence)
-        cap = self.now.best_cap(estimates, limit=limit, scale=self.time_scale)
-        self.chosen = (confidence, estimates, cap)  # ``judge`` judges the choice
-        if cap < limit and (self.idle >= self.probe_every or not self.calibrated):  # a probe: verify all
-            if self.calibrated:
-                self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
-            self.idle = 0
-            self.probed_cap = cap
-            self.drafting = cap > 0
-            return limit
-        self.idle = 0 if cap == limit else self.idle + 1
-        if cap == 0 and limit < self.max_drafts:
-            return 0  # too few tokens left to draft (a generation's end): says nothing of the drafter
-        self.drafting = cap > 0
-        self.declined = 0 if cap > 0 else self.declined + 1
-        return cap
-
-    def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
-        """Record a round that verified ``verified`` drafts and kept the first
-        ``accepted``; ``confidence``: the proposal's scores."""
-        if verified == 0:
-            return  # a declined proposal: the target judged no draft
-        if self.probed_cap is not None:
-            if accepted > self.probed_cap:  # the probe found more: propose again, keep probing often
-                self.probe_every = self.min_probe_every
-                self.declined = 0
-                self.drafting = True
-            self.probed_cap = None
-        if verified >= self.max_drafts:
-            self.whole += 1
-            self.calibrated = self.calibrated or self.whole >= CALIBRATION_ROUNDS
-        judged = min(verified, accepted + 1)  # slots the target judged
+    def record(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
+        """A round verified ``verified`` drafts and kept the first ``accepted``:
+        the slots up to the first rejected one were judged."""
+        judged = min(verified, accepted + 1)
         tried, kept, predicted = self.tried, self.kept, self.predicted
-        for k in range(self.max_drafts):
+        for k in range(self.slots):
             tried[k] *= DECAY
             kept[k] *= DECAY
             predicted[k] *= DECAY
@@ -204,45 +103,42 @@ class DraftLength:
                 if confidence is not None:
                     predicted[k] += confidence[k]
 
-    def judge(self, confidence: List[float], proposed: int) -> None:
-        """Would reading the confidences of a proposal of ``proposed`` drafts
-        before choosing its cap have paid?  Called with ``update``, before
-        the next proposal is queued: run while the device computes, this
-        Python takes twice as long on a 2-core CPU."""
-        limit, now, scale = min(proposed, self.max_drafts), self.now, self.time_scale
-        seen, estimates, cap = self.chosen
-        if seen is confidence:  # the round read them
-            informed, by_own = estimates, cap
-            by_typical = now.best_cap(self.acceptance(self.typical_confidence()), limit=limit, scale=scale)
-        else:  # typical ones stood in for them
-            informed = self.acceptance(confidence)
-            by_own = now.best_cap(informed, limit=limit, scale=scale)
-            by_typical = cap
-        paid = by_typical != by_own and now.tokens_per_ms(informed, by_typical, scale) < (
-            1 - READ_GAIN) * now.tokens_per_ms(informed, by_own, scale)
-        self.agreed = 0 if paid else self.agreed + 1
-        sums, weights = self.confidence_sum, self.confidence_weight
-        for k, c in enumerate(confidence[: self.max_drafts]):
-            sums[k] = DECAY * sums[k] + c
-            weights[k] = DECAY * weights[k] + 1.0
 
-    def observe(self, drafts: int, elapsed_ms: float, proposed: Optional[bool] = None) -> None:
-        """Record the wall time of a finished round (the caller's time between
-        tokens excluded) that verified ``drafts`` drafts.  ``proposed``: the
-        drafter ran (default: drafts > 0).  Only rounds like the one before
-        them are timed: the scales are for runs of drafted or of undrafted
-        rounds.  A declined proposal (a drafter round and an unpipelined
-        step) timed as a plain step would make plain steps look up to 3x
-        dearer than they are; timed as a drafted round (1.6x its modelled
-        time here), with the switches between kinds, it made drafting look
-        dear while rounds mostly skipped it, and a good drafter stayed idle."""
-        proposed = drafts > 0 if proposed is None else proposed
+class RoundTimeScale:
+    """Measured round time over the cost model's, for rounds without and with
+    drafts (``scale[0]``, ``scale[1]``): the machine now against when it was
+    measured, plus the host work and lost overlap that timing the pieces
+    alone leaves out.  ``scale`` is updated in place (readers keep it)."""
+
+    def __init__(self, max_drafts: int):
+        self.max_drafts = max_drafts
+        self.scale = [1.0, 1.0]
+        self.took_ms = [0.0, 0.0]  # decayed sums of measured round times ...
+        self.modelled_ms = [0.0, 0.0]  # ... and of the cost model's for the same rounds
+        self.timed = [0, 0]  # rounds of each kind timed
+        self.last_kind = None  # the kind of the last round observed (2: a declined proposal)
+
+    def start(self) -> None:
+        """A new generation: its first round follows no round."""
+        self.last_kind = None
+
+    def observe(self, now: CostModel, drafts: int, elapsed_ms: float, proposed: bool) -> None:
+        """Record a round that took ``elapsed_ms``, verified ``drafts`` drafts
+        and ran the drafter if ``proposed``; ``now``: the costs at its context.
+
+        Only rounds like the one before them are timed: the scales are for
+        runs of drafted or of undrafted rounds, and a round after one of the
+        other kind is not pipelined like its kind.  A declined proposal (a
+        drafter run and an unpipelined step) is neither kind and times none:
+        counted as a plain step it would make plain steps look dear, counted
+        as a drafted round it would make drafting look dear while rounds
+        mostly skip it."""
         kind = 2 if proposed and drafts == 0 else int(proposed)
         last, self.last_kind = self.last_kind, kind
         if kind == 2 or (last is not None and last != kind):
             return
         i = kind
-        modelled = self.now.verify_ms[drafts] + (self.now.draft_ms if proposed else 0.0)
+        modelled = now.verify_ms[drafts] + (now.draft_ms if proposed else 0.0)
         # A round seen as nearly free (its work overlapped the caller) or a
         # one-off stall is not the machine's new speed.
         took = min(max(elapsed_ms, 0.25 * modelled), 4.0 * modelled)
@@ -256,12 +152,238 @@ class DraftLength:
         for k in (0, 1):
             if self.timed[k] >= PRIOR_FADED:  # its own rounds alone: only the kind just timed moved
                 if k == i:
-                    self.time_scale[k] = self.took_ms[k] / self.modelled_ms[k]
+                    self.scale[k] = self.took_ms[k] / self.modelled_ms[k]
                 continue
             if pooled is None:
                 pooled = (sum(self.took_ms) + 1e-9) / (sum(self.modelled_ms) + 1e-9)
-            prior = SCALE_PRIOR * self.now.round_ms(self.max_drafts if k else 0) * TIME_DECAY ** self.timed[k]
-            self.time_scale[k] = (self.took_ms[k] + prior * pooled) / (self.modelled_ms[k] + prior)
+            prior = SCALE_PRIOR * now.round_ms(self.max_drafts if k else 0) * TIME_DECAY ** self.timed[k]
+            self.scale[k] = (self.took_ms[k] + prior * pooled) / (self.modelled_ms[k] + prior)
+
+
+class ProbeSchedule:
+    """When rounds propose and when a proposal is verified whole (a probe)
+    whatever the estimates say."""
+
+    def __init__(self, cost: CostModel, max_drafts: int):
+        self.max_drafts = max_drafts
+        self.idle = 0  # rounds since the slots past the cap were last verified
+        self.calibrated = False  # whether CALIBRATION_ROUNDS whole proposals were verified
+        self.whole = 0  # ... how many were
+        self.probed_cap = None  # the cap a probe round overrode
+        self.declined = 0  # consecutive proposals ``choose`` verified none of
+        self.drafting = False  # whether the last proposal's cap was above 0 (or a probe found more)
+        # A probe costs a draft and a full-width verify, unpipelined: count the
+        # whole round plus about one step of lost overlap.
+        extra = cost.round_ms(max_drafts) + cost.verify_ms[0]
+        self.min_probe_every = max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * cost.verify_ms[0])))
+        self.probe_every = self.min_probe_every
+
+    def start(self) -> None:
+        """A new generation: forget the streak of declined proposals and any
+        probe under way."""
+        self.declined = 0
+        self.probed_cap = None
+
+    def due(self) -> bool:
+        """Whether the next proposal is verified whole: a probe, or one of the
+        calibration rounds."""
+        return self.idle >= self.probe_every or not self.calibrated
+
+    def stopped(self) -> bool:
+        """Whether enough proposals in a row were declined to stop proposing
+        until a probe."""
+        return self.declined >= DECLINES
+
+    def wait(self) -> None:
+        """A round that does not propose."""
+        self.idle += 1
+
+    def choose(self, cap: int, limit: int) -> int:
+        """The drafts to verify of ``limit`` proposed when the estimates chose
+        ``cap``: all of them when a probe is due."""
+        if cap < limit and self.due():  # a probe: verify all
+            if self.calibrated:
+                self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
+            self.idle = 0
+            self.probed_cap = cap
+            self.drafting = cap > 0
+            return limit
+        self.idle = 0 if cap == limit else self.idle + 1
+        if cap == 0 and limit < self.max_drafts:
+            return 0  # too few tokens left to draft (a generation's end): says nothing of the drafter
+        self.drafting = cap > 0
+        self.declined = 0 if cap > 0 else self.declined + 1
+        return cap
+
+    def record(self, verified: int, accepted: int) -> None:
+        """A round verified ``verified`` (> 0) drafts and kept ``accepted``."""
+        if self.probed_cap is not None:
+            if accepted > self.probed_cap:  # the probe found more: propose again, keep probing often
+                self.probe_every = self.min_probe_every
+                self.declined = 0
+                self.drafting = True
+            self.probed_cap = None
+        if verified >= self.max_drafts:
+            self.whole += 1
+            self.calibrated = self.calibrated or self.whole >= CALIBRATION_ROUNDS
+
+
+class ConfidenceReads:
+    """Whether rounds wait for their proposal's confidences, or let those
+    typical of recent proposals stand in for them."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.agreed = 0  # rounds in a row typical confidences chose as well as the proposal's own
+        self.chosen = (None, None, 0)  # the last choice: (confidence given, acceptance estimates, best cap)
+        self.confidence_sum = [0.0] * slots  # decayed sums of each slot's confidence over proposals ...
+        self.confidence_weight = [0.0] * slots  # ... and of their number
+
+    def reads(self) -> bool:
+        return self.agreed < AGREED_ROUNDS
+
+    def typical(self) -> List[float]:
+        """Each slot's confidence averaged over recent proposals."""
+        return [c / w if w > 0 else PRIOR for c, w in zip(self.confidence_sum, self.confidence_weight)]
+
+    def judge(self, confidence: List[float], limit: int, now: CostModel, scale: List[float], acceptance) -> None:
+        """Would reading ``confidence`` (a proposal's) before choosing a cap of
+        at most ``limit`` have paid?  Compares the cap chosen from them with
+        the one chosen from the typical confidences, both rated by what
+        ``acceptance(confidence)`` expects; then adds them to the typical."""
+        seen, estimates, cap = self.chosen
+        if seen is confidence:  # the round read them
+            informed, by_own = estimates, cap
+            by_typical = now.best_cap(acceptance(self.typical()), limit=limit, scale=scale)
+        else:  # typical ones stood in for them
+            informed = acceptance(confidence)
+            by_own = now.best_cap(informed, limit=limit, scale=scale)
+            by_typical = cap
+        paid = by_typical != by_own and now.tokens_per_ms(informed, by_typical, scale) < (
+            1 - READ_GAIN) * now.tokens_per_ms(informed, by_own, scale)
+        self.agreed = 0 if paid else self.agreed + 1
+        sums, weights = self.confidence_sum, self.confidence_weight
+        for k, c in enumerate(confidence[: self.slots]):
+            sums[k] = DECAY * sums[k] + c
+            weights[k] = DECAY * weights[k] + 1.0
+
+
+def _delegated(part: str, name: str, doc: str) -> property:
+    """An attribute of ``DraftLength`` kept by one of its parts."""
+    return property(
+        lambda self: getattr(getattr(self, part), name),
+        lambda self, value: setattr(getattr(self, part), name, value),
+        doc=doc,
+    )
+
+
+class DraftLength:
+    """The automatic cap of one drafter bound to one target (``cost``)."""
+
+    def __init__(self, cost: CostModel, max_drafts: int):
+        self.cost = cost
+        self.now = cost  # the costs at the current context length (``at``)
+        self.max_drafts = min(max_drafts, cost.max_drafts)
+        n = self.max_drafts
+        self.perfect = [1.0] * n  # acceptance of a drafter always right
+        self.estimates = AcceptanceEstimates(n)
+        self.clock = RoundTimeScale(n)
+        self.schedule = ProbeSchedule(cost, n)
+        self.reads = ConfidenceReads(n)
+        self.time_scale = self.clock.scale  # (undrafted, drafted) rounds' time over the cost model's
+
+    calibrated = _delegated("schedule", "calibrated", "Whether the calibration rounds were verified.")
+    drafting = _delegated("schedule", "drafting", "Whether the last proposal was worth verifying.")
+    declined = _delegated("schedule", "declined", "Proposals in a row verified none of.")
+    min_probe_every = _delegated("schedule", "min_probe_every", "The shortest spacing of probes, in rounds.")
+    timed = _delegated("clock", "timed", "Rounds of each kind timed.")
+
+    def _rates(self) -> List[float]:
+        return self.estimates.rates()
+
+    def acceptance(self, confidence: Optional[List[float]] = None) -> List[float]:
+        """Per-slot conditional acceptance expected for this round."""
+        return self.estimates.acceptance(confidence)
+
+    def at(self, context: int) -> None:
+        """Decoding has reached ``context`` cached positions: verify and draft
+        costs grow with it, and with them the best cap falls.  (Recomputed
+        every ``AT_STEP`` positions, not every round: the costs move little
+        in between.)"""
+        if self.now is self.cost or abs(context - self.now.context) >= AT_STEP:
+            self.now = self.cost.at(context)
+
+    def start(self) -> None:
+        """A new generation: forget the streak of declined proposals and the
+        last round's kind.  The estimates, the probe spacing, the typical
+        confidences and whether rounds were drafting carry over, so that a
+        good drafter drafts from a generation's first round; a new prompt
+        whose confidences differ brings the reads back at its first judged
+        round."""
+        self.schedule.start()
+        self.clock.start()
+        self.now = self.cost
+
+    def should_draft(self) -> bool:
+        """Whether the next round proposes at all: the running rates say
+        drafting pays and the last proposals were not declined (a declined
+        proposal costs a drafter run for nothing), or a probe is due.  A
+        proposal is followed by ``choose``.  Never where drafts all kept
+        would not pay (verifying K tokens costs K steps on a compute-bound
+        target): calibrating and probing there only cost time.  (Checked
+        after ``drafting``: a proposal worth verifying implies drafting can
+        pay, and drafted rounds skip the check.)"""
+        schedule = self.schedule
+        if schedule.drafting:
+            return True  # the last proposal was worth verifying: ``choose`` judges this one
+        if self.now.best_cap(self.perfect, scale=self.time_scale) == 0:
+            return False
+        if schedule.due():
+            return True
+        if not schedule.stopped() and self.now.best_cap(self.estimates.rates(), scale=self.time_scale) > 0:
+            return True
+        schedule.wait()
+        return False
+
+    def reads_confidence(self) -> bool:
+        """Whether this round waits for its proposal's confidences before
+        choosing the cap (else ``typical_confidence`` stands in for them, and
+        ``judge`` judges them afterwards)."""
+        return self.reads.reads()
+
+    def typical_confidence(self) -> List[float]:
+        """Each slot's confidence averaged over recent proposals."""
+        return self.reads.typical()
+
+    def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
+        """How many of the ``proposed`` drafts to verify this round."""
+        limit = min(proposed, self.max_drafts)
+        estimates = self.estimates.acceptance(confidence)
+        cap = self.now.best_cap(estimates, limit=limit, scale=self.time_scale)
+        self.reads.chosen = (confidence, estimates, cap)  # ``judge`` judges the choice
+        return self.schedule.choose(cap, limit)
+
+    def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
+        """Record a round that verified ``verified`` drafts and kept the first
+        ``accepted``; ``confidence``: the proposal's scores."""
+        if verified == 0:
+            return  # a declined proposal: the target judged no draft
+        self.schedule.record(verified, accepted)
+        self.estimates.record(verified, accepted, confidence)
+
+    def judge(self, confidence: List[float], proposed: int) -> None:
+        """Would reading the confidences of a proposal of ``proposed`` drafts
+        before choosing its cap have paid?  Called with ``update``, before
+        the next proposal is queued, so that it runs while the device
+        computes."""
+        limit = min(proposed, self.max_drafts)
+        self.reads.judge(confidence, limit, self.now, self.time_scale, self.estimates.acceptance)
+
+    def observe(self, drafts: int, elapsed_ms: float, proposed: Optional[bool] = None) -> None:
+        """Record the wall time of a finished round (the caller's time between
+        tokens excluded) that verified ``drafts`` drafts.  ``proposed``: the
+        drafter ran (default: drafts > 0).  See ``RoundTimeScale.observe``."""
+        self.clock.observe(self.now, drafts, elapsed_ms, drafts > 0 if proposed is None else proposed)
 
 
 def draft_length_for(drafter, cost: CostModel, max_drafts: int, learn: bool = True) -> DraftLength:

@@ -505,3 +505,82 @@ def test_sampling_caps_do_not_depend_on_earlier_generations(models):
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60))  # greedy: learns
     assert sampled() == first
     assert getattr(drafter, "_draft_length", None) is not None  # greedy kept its estimates
+
+
+# The parts of DraftLength, one job each.
+
+
+def test_acceptance_estimates_count_the_slots_the_target_judged():
+    from mlx_lm_dspark.autocap import PRIOR, AcceptanceEstimates
+
+    estimates = AcceptanceEstimates(4)
+    assert estimates.rates() == [PRIOR] * 4  # nothing tried yet
+    estimates.record(4, 1, [0.9, 0.6, 0.3, 0.2])  # slot 1 kept, slot 2 rejected, slots 3-4 never judged
+    assert estimates.tried == [1.0, 1.0, 0.0, 0.0]
+    assert estimates.kept == [1.0, 0.0, 0.0, 0.0]
+    assert estimates.predicted == [0.9, 0.6, 0.0, 0.0]
+    rates = estimates.rates()
+    assert rates[0] > PRIOR > rates[1] and rates[2:] == [PRIOR, PRIOR]
+    # Confidences are scaled by how they fared: slot 1 was right at 0.9 ...
+    assert estimates.acceptance([0.9, 0.9])[0] > estimates.acceptance([0.9, 0.9])[1]  # ... slot 2 wrong at 0.6
+    assert estimates.acceptance([]) == [] and len(estimates.acceptance([0.5] * 9)) == 4
+
+
+def test_round_time_scale_is_updated_in_place_for_runs_of_one_kind():
+    from mlx_lm_dspark.autocap import RoundTimeScale
+
+    clock = RoundTimeScale(7)
+    scale = clock.scale
+    clock.observe(GPU_LIKE, 0, 2 * GPU_LIKE.round_ms(0), proposed=False)
+    assert clock.scale is scale and scale[0] > 1.0 and clock.timed == [1, 0]
+    clock.observe(GPU_LIKE, 3, 2 * GPU_LIKE.round_ms(3), proposed=True)  # a switch: not timed
+    clock.observe(GPU_LIKE, 0, GPU_LIKE.round_ms(0), proposed=True)  # a declined proposal: not timed
+    assert clock.timed == [1, 0]
+    clock.start()  # a new generation's first round follows none: timed
+    clock.observe(GPU_LIKE, 3, 2 * GPU_LIKE.round_ms(3), proposed=True)
+    assert clock.timed == [1, 1] and scale[1] > 1.0
+
+
+def test_probe_schedule_calibrates_then_backs_off_and_resumes_on_a_find():
+    from mlx_lm_dspark.autocap import ProbeSchedule
+
+    schedule = ProbeSchedule(GPU_LIKE, 7)
+    for _ in range(CALIBRATION_ROUNDS):
+        assert schedule.due() and schedule.choose(0, 7) == 7  # verified whole whatever the estimate
+        schedule.record(7, 0)
+    assert schedule.calibrated and not schedule.due()
+    assert schedule.choose(0, 7) == 0 and schedule.choose(0, 7) == 0 and schedule.stopped()
+    every = schedule.probe_every
+    while not schedule.due():
+        schedule.wait()
+    assert schedule.choose(0, 7) == 7 and schedule.probe_every == 2 * every  # a probe; the next comes later
+    schedule.record(7, 4)  # ... and it found more than the estimate's cap
+    assert schedule.probe_every == schedule.min_probe_every and schedule.drafting and not schedule.stopped()
+    assert schedule.choose(0, 3) == 0 and schedule.drafting  # too few tokens left: not a declined proposal
+
+
+def test_confidence_reads_judge_whether_reading_would_have_paid():
+    from mlx_lm_dspark.autocap import PRIOR, AcceptanceEstimates, ConfidenceReads
+
+    estimates = AcceptanceEstimates(7)
+    reads = ConfidenceReads(7)
+    assert reads.reads() and reads.typical() == [PRIOR] * 7
+    sure = [0.95] * 7
+    for _ in range(AGREED_ROUNDS):  # typical confidences standing in chose what the proposal's would
+        accept = estimates.acceptance(sure)
+        reads.chosen = (reads.typical(), accept, GPU_LIKE.best_cap(accept))
+        reads.judge(sure, 7, GPU_LIKE, [1.0, 1.0], estimates.acceptance)
+    assert not reads.reads() and reads.typical()[0] > PRIOR
+    doubtful = [0.95, 0.02, 0.9, 0.9, 0.9, 0.9, 0.9]  # its own would have cut after one draft
+    reads.chosen = (reads.typical(), estimates.acceptance(reads.typical()), 7)
+    reads.judge(doubtful, 7, GPU_LIKE, [1.0, 1.0], estimates.acceptance)
+    assert reads.reads() and reads.agreed == 0
+
+
+def test_draft_length_reaches_its_parts():
+    lengths = DraftLength(GPU_LIKE, 7)
+    assert lengths.time_scale is lengths.clock.scale  # the loop keeps this list: updated in place
+    lengths.calibrated = lengths.drafting = True
+    lengths.declined = 1
+    assert lengths.schedule.calibrated and lengths.schedule.drafting and lengths.schedule.declined == 1
+    assert lengths.min_probe_every == lengths.schedule.min_probe_every and lengths.timed is lengths.clock.timed
