@@ -347,6 +347,48 @@ class Drafter(nn.Module):
         for layer, layer_cache in zip(self.layers, cache):
             layer_cache.update_and_fetch(*layer.self_attn.keys_values(c, start))
 
+    # Heads -----------------------------------------------------------------
+    # DSpark's two heads read a draft slot's state and the token before the
+    # slot: training gives them the true previous tokens (teacher forcing),
+    # inference the tokens it drafted.  One definition serves both.
+
+    def draft_rows(self, num_drafts: int) -> slice:
+        """The block rows whose states propose the first ``num_drafts``
+        drafts: z-lab's shifted alignment spends the anchor's row."""
+        return slice(1, 1 + num_drafts) if self.args.shifted_alignment else slice(0, num_drafts)
+
+    def markov_correction(self, logits: mx.array, previous: mx.array):
+        """(corrected logits, Markov embedding of ``previous``): ``logits``
+        [..., V] of slots plus the Markov head's bigram correction for the
+        tokens ``previous`` [...] before them.  Without a Markov head,
+        (``logits``, None)."""
+        if self.args.markov_rank <= 0:
+            return logits, None
+        head = self.markov_head
+        embedding = head.markov_w1(previous)
+        return logits + head.markov_w2(embedding), embedding
+
+    def confidence_logits(self, hidden: mx.array, embedding: Optional[mx.array]) -> Optional[mx.array]:
+        """Pre-sigmoid confidence [...] of slots with final-normed ``hidden``
+        [..., H] whose previous tokens have the Markov ``embedding`` [..., r]
+        (read with ``confidence_head_with_markov``); None without a
+        confidence head."""
+        head = getattr(self, "confidence_head", None)
+        if head is None:
+            return None
+        features = hidden
+        if self.args.confidence_head_with_markov and self.args.markov_rank > 0:
+            features = mx.concatenate([hidden, embedding.astype(hidden.dtype)], axis=-1)
+        return head.proj(features)[..., 0]
+
+    def heads(self, logits: mx.array, hidden: mx.array, previous: mx.array):
+        """(corrected logits, confidence logits or None) of slots with base
+        ``logits``, final-normed ``hidden`` and the tokens ``previous``
+        before them, all known (teacher forcing).  ``draft_block`` applies
+        the same two heads while it drafts the previous tokens itself."""
+        corrected, embedding = self.markov_correction(logits, previous)
+        return corrected, self.confidence_logits(hidden, embedding)
+
     # Block -----------------------------------------------------------------
 
     def block_hidden(self, cache: list, block_ids: mx.array, start: int) -> mx.array:
@@ -366,7 +408,8 @@ class Drafter(nn.Module):
         the drafted ``tokens``.  Drafts are the argmax unless ``choose(k,
         logits_row) -> (token [1], q_logprobs_row)`` picks them (sampling);
         its q rows are returned as ``q_logprobs``.  The Markov head chains
-        each slot on the token actually drafted before it.  ``start_early``
+        each slot on the token actually drafted before it (the heads are
+        those training applies teacher-forced: ``heads``).  ``start_early``
         queues the block's hidden states as soon as they are built, so the
         device computes them while Python builds the heads and the chain.
         """
@@ -381,28 +424,26 @@ class Drafter(nn.Module):
         if start_early:
             early.start(hidden)
         logits = self.base_logits(hidden)
-        slots = slice(1, 1 + num_drafts) if self.args.shifted_alignment else slice(0, num_drafts)
+        slots = self.draft_rows(num_drafts)
         slot_logits, slot_hidden = logits[0, slots], hidden[0, slots]
-
-        markov = getattr(self, "markov_head", None) if self.args.markov_rank > 0 else None
-        confidence = getattr(self, "confidence_head", None)
-        with_markov = markov is not None and self.args.confidence_head_with_markov
+        markov = self.args.markov_rank > 0
         V = logits.shape[-1]
 
         # Only the token choice is sequential (each slot is corrected by the
-        # token drafted before it); the heads then run once over all slots.
+        # token drafted before it); the confidence head then runs once over
+        # all slots.
         prev = anchor.reshape(1).astype(mx.uint32)
-        if markov is None and choose is None:
+        embedding = None
+        if not markov and choose is None:
             corrected = slot_logits
             tokens = mx.argmax(corrected, axis=-1).astype(mx.uint32) if num_drafts else prev[:0]
-            embs, q_rows = None, []
+            q_rows = []
         else:
             rows, chosen, q_rows, embs = [], [], [], []
             for k in range(num_drafts):
-                row = slot_logits[k : k + 1]
-                if markov is not None:
-                    embs.append(markov.markov_w1(prev))
-                    row = row + markov.markov_w2(embs[-1])
+                row, emb = self.markov_correction(slot_logits[k : k + 1], prev)
+                if emb is not None:
+                    embs.append(emb)
                 if choose is None:
                     token = mx.argmax(row, axis=-1).astype(mx.uint32)
                 else:
@@ -413,21 +454,14 @@ class Drafter(nn.Module):
                 prev = chosen[-1]
             corrected = mx.concatenate(rows) if rows else mx.zeros((0, V), logits.dtype)
             tokens = mx.concatenate(chosen) if chosen else mx.zeros((0,), mx.uint32)
-            embs = mx.concatenate(embs) if embs else None
+            if markov:
+                embedding = mx.concatenate(embs) if embs else mx.zeros((0, self.args.markov_rank), slot_hidden.dtype)
 
-        conf = None
-        if confidence is not None:
-            features = slot_hidden
-            if with_markov:
-                if embs is None:
-                    embs = mx.zeros((0, self.args.markov_rank), features.dtype)
-                features = mx.concatenate([features, embs.astype(features.dtype)], axis=-1)
-            conf = confidence.proj(features)[:, 0]
         return {
             "hidden": hidden,
             "base_logits": logits,
             "corrected_logits": corrected,
-            "confidence_logits": conf,
+            "confidence_logits": self.confidence_logits(slot_hidden, embedding),
             "tokens": tokens,
             "q_logprobs": mx.concatenate(q_rows) if q_rows else None,
         }

@@ -275,7 +275,9 @@ def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchor
     Markov-corrected ``corrected_logits`` and pre-sigmoid
     ``confidence_logits`` teacher-forced on the true tokens: slot k is
     corrected by x_{a+k}, the token inference would have drafted before it
-    if every earlier draft was right.
+    if every earlier draft was right (``Drafter.heads``, the heads inference
+    applies).  Every block row is a draft slot: trained drafters use no
+    shifted alignment.
     """
     a = drafter.args
     B = a.block_size
@@ -299,17 +301,7 @@ def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchor
     # Teacher forcing: slot k's previous token is x_{a+k} (the anchor for k = 0).
     positions = mx.minimum(anchors[..., None] + mx.arange(B), L - 1)  # [N, A, B]
     prev = mx.take_along_axis(tokens, positions.reshape(N, -1), axis=1).reshape(N, A, B)
-    corrected, embs = logits, None
-    if a.markov_rank > 0:
-        embs = drafter.markov_head.markov_w1(prev)
-        corrected = logits + drafter.markov_head.markov_w2(embs)
-    conf = None
-    head = getattr(drafter, "confidence_head", None)
-    if head is not None:
-        feats = hidden
-        if embs is not None and a.confidence_head_with_markov:
-            feats = mx.concatenate([hidden, embs.astype(hidden.dtype)], axis=-1)
-        conf = head.proj(feats)[..., 0]
+    corrected, conf = drafter.heads(logits, hidden, prev)
     return {"hidden": hidden, "base_logits": logits, "corrected_logits": corrected, "confidence_logits": conf}
 
 
@@ -776,9 +768,9 @@ OPENBLAS_PATHS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch6
 
 
 def blas_hint() -> Optional[str]:
-    """On Linux, mlx's CPU wheel bundles the reference BLAS (a few GFLOP/s:
-    float training runs ~10-35x slower than with OpenBLAS).  A hint on how
-    to preload OpenBLAS, or None when it does not apply."""
+    """On Linux, mlx's CPU wheel bundles the reference BLAS, which makes
+    float training far slower than with OpenBLAS.  A hint on how to preload
+    OpenBLAS, or None when it does not apply."""
     if sys.platform != "linux" or "openblas" in os.environ.get("LD_PRELOAD", ""):
         return None
     libs = Path(mx.__file__).resolve().parents[1] / "mlx_cpu.libs"
