@@ -12,6 +12,7 @@ Three on-disk layouts carry the same network:
 from typing import Optional
 
 DEEPSPEC_ARCHITECTURES = {"Qwen3DSparkModel": "qwen3", "Gemma4DSparkModel": "gemma4"}
+EAGLE3_ARCHITECTURES = {"Qwen3Eagle3Model": "qwen3", "Gemma4Eagle3Model": "gemma4"}  # DeepSpec's EAGLE3
 ZLAB_ARCHITECTURES = {"DFlashDraftModel"}
 ZLAB_DEFAULT_BLOCK = 16
 
