@@ -55,8 +55,12 @@ def layout_of(config: dict) -> Optional[str]:
     return None
 
 
+def is_eagle3_config(config: dict) -> bool:
+    return any(a in EAGLE3_ARCHITECTURES for a in _architectures(config))
+
+
 def is_drafter_config(config: dict) -> bool:
-    return layout_of(config) is not None
+    return layout_of(config) is not None or is_eagle3_config(config)
 
 
 def _family(config: dict) -> str:
