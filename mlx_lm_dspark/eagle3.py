@@ -154,15 +154,22 @@ class Attention(nn.Module):
             values = self.v_norm(values)
         return keys, values.transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
-        """Rows at positions start… attend to the cache and, causally, to each other."""
+    def queries(self, x: mx.array, start: int) -> mx.array:
         B, L, _ = x.shape
         queries = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        queries = self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset=start)
-        keys, values = cache.update_and_fetch(*self.keys_values(x, start))
-        mask = create_causal_mask(L, keys.shape[2] - L) if L > 1 else None
+        return self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset=start)
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
+        B, _, L, _ = queries.shape
         out = scaled_dot_product_attention(queries, keys, values, cache=None, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
+        """Rows at positions start… attend to the cache and, causally, to each other."""
+        L = x.shape[1]
+        keys, values = cache.update_and_fetch(*self.keys_values(x, start))
+        mask = create_causal_mask(L, keys.shape[2] - L) if L > 1 else None
+        return self.attend(self.queries(x, start), keys, values, mask)
 
 
 class DecoderLayer(nn.Module):
@@ -187,7 +194,12 @@ class DecoderLayer(nn.Module):
         return mx.concatenate([self.input_layernorm(e), self.hidden_norm(h)], axis=-1)
 
     def __call__(self, h: mx.array, e: mx.array, cache: KVCache, start: int) -> mx.array:
-        attn = self.self_attn(self.attention_input(h, e), cache, start)
+        return self.around(h, e, lambda x: self.self_attn(x, cache, start))
+
+    def around(self, h: mx.array, e: mx.array, attend) -> mx.array:
+        """The layer with ``attend(attention input)`` as its attention
+        (training attends all unrolled steps at once through the same layer)."""
+        attn = attend(self.attention_input(h, e))
         if not self.gemma:
             h = h + attn
             return h + self.mlp(self.post_attention_layernorm(h))
@@ -321,6 +333,36 @@ class Eagle3Drafter(nn.Module):
         """Outputs of rows (hidden [1, L, H], tokens [1, L]) at positions
         start…, appending their K/V to ``kv`` (causal among the rows)."""
         return self.layers[0](hidden, self.embed(tokens), kv, start)
+
+    def ttt_forward(self, features: mx.array, step_ids: mx.array) -> List[mx.array]:
+        """DeepSpec's training forward: ``len(step_ids)`` drafting steps
+        unrolled over every row at once (test-time training).
+
+        features [B, S, taps*H] are the target's tapped features of positions
+        0…S-1; step_ids [K, B, S] the token each row reads at step k (the
+        token at i+1+k).  Step 0 is the causal prefill; at step k row i sees
+        the step-0 rows j <= i and its own rows of steps 1…k, at RoPE
+        position i+k, and carries its step k-1 output as hidden.  Returns the
+        K step outputs [B, S, H] (rows i >= S-k of step k have no training
+        target: they are computed but meaningless).
+        """
+        layer, attn = self.layers[0], self.layers[0].self_attn
+        S = features.shape[1]
+        pos = mx.arange(S)
+        causal, own = pos[:, None] >= pos[None], pos[:, None] == pos[None]
+        h, keys, values, outputs = self.fuse(features), [], [], []
+        for k in range(step_ids.shape[0]):
+            def attend(x, k=k):
+                key, value = attn.keys_values(x, k)
+                keys.append(key)
+                values.append(value)
+                mask = mx.concatenate([causal] + [own] * k, axis=1)
+                return attn.attend(attn.queries(x, k), mx.concatenate(keys, axis=2),
+                                   mx.concatenate(values, axis=2), mask)
+
+            h = layer.around(h, self.embed(step_ids[k]), attend)
+            outputs.append(h)
+        return outputs
 
     # Round-loop protocol ---------------------------------------------------
 

@@ -23,9 +23,12 @@ ROUNDS = ("round0", "round1", "round2")
 # prefill hidden 2.9e-6 / 8.6e-6 / 9.7e-6, extend hidden 1.5e-6 / 1.1e-5 / 7.2e-6,
 # context K 1.1e-6 / 1.3e-6 / 1.4e-6, drafted hidden 9.4e-6 / 9.6e-5 / 1.1e-4
 # (|h| 14 / 17 / 111), step logits 3.7e-6 / 2.4e-5 / 7.5e-6, K/V after the
-# proposal 2.1e-6 / 1.1e-5 / 7.4e-6.
+# proposal 2.1e-6 / 1.1e-5 / 7.4e-6.  Training forward: step hidden 1.2e-5 /
+# 4.7e-5 / 9.5e-5, step logits 6.5e-6 / 1.1e-5 / 8.8e-6, step losses 1.4e-6,
+# loss 1.9e-6 (magnitudes ~5 and ~22).
 ATOL = {"prefill_hidden": 5e-5, "extend_hidden": 5e-5, "cache_k": 5e-5, "cache_v": 5e-5,
-        "cache_k_after_propose": 5e-5, "cache_v_after_propose": 5e-5, "step_logits": 6e-5}
+        "cache_k_after_propose": 5e-5, "cache_v_after_propose": 5e-5, "step_logits": 6e-5,
+        "step_loss": 1e-5, "loss": 1e-5}
 RTOL = {"step_hidden": 2e-5, "final_hidden": 2e-5}  # times max |reference| of the round
 
 
@@ -409,3 +412,45 @@ def test_round_loop_reproduces_deepspec_e2e_run(targets):
     stats = last_stats(drafter)
     assert [a + 1 for a in stats.accepted_lengths[:rounds]] == expected["acceptance_lengths"].tolist()
     assert stats.proposal_lengths[:rounds] == expected["proposal_lengths"].tolist()
+
+
+# Training forward ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NETWORKS, ids=NETWORKS)
+def test_training_forward_matches_reference(name):
+    """DeepSpec's TTT forward and loss (eagle3-reference.md 3.4, 5.6)."""
+    drafter, io = build(EAGLE3_FIXTURES / name), mx.load(str(EAGLE3_FIXTURES / name / "train_ttt.safetensors"))
+    T, S = first(io["ttt_length"]), io["input_ids"].shape[1]
+    ids = io["input_ids"][0]
+    for k in range(T):  # row i reads the token at i+1+k (0 past the end)
+        assert ints(io["step_input_ids"][k]) == ints(ids[1 + k:]) + [0] * (k + 1)
+    outputs = drafter.ttt_forward(io["target_hidden_states"], io["step_input_ids"])
+    errors = Errors(name + " (training)")
+
+    # Target distribution of the token after each row's next one, then T+1 uniform rows.
+    head = drafter.lm_head(io["target_last_hidden_states"])
+    cap = drafter.args.final_logit_softcapping
+    if drafter.args.family == "gemma4" and cap:
+        head = mx.tanh(head / cap) * cap
+    V = head.shape[-1]
+    p = mx.concatenate([mx.softmax(head[0, 1:], axis=-1), mx.full((T + 1, V), 1.0 / V)], axis=0)
+    # Loss weights: loss_mask without its last position, shifted left by k.
+    weights = io["loss_mask"][0].at[S - 1].multiply(0.0)
+    losses = []
+    for k, h in enumerate(outputs):
+        assert mx.array_equal(io["position_mask"][k][0], mx.concatenate([weights[k:], mx.zeros((k,))]))
+        valid = io["query_valid"][k].astype(mx.bool_)
+        n = int(valid.sum().item())
+        assert ints(valid) == [1] * n + [0] * (S - n) and n == S - k
+        logits = drafter.logits(h)
+        errors.check("step_hidden", h[:, :n], io["step_hidden"][k][:, :n], f"step{k}")
+        errors.check("step_logits", logits[:, :n], io["step_logits"][k][:, :n], f"step{k}")
+        ce = -(p[k : k + S] * (logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True))).sum(axis=-1)
+        losses.append((io["position_mask"][k][0] * ce).sum() / S)  # / (B·S), masked rows counted
+    losses = mx.stack(losses)
+    errors.check("step_loss", losses, io["step_loss"], "all")
+    decay = io["step_loss_decay"].item()
+    total = (losses * mx.array([decay**k for k in range(T)])).sum()
+    errors.check("loss", total[None], io["loss"], "all")
+    errors.report()
