@@ -12,6 +12,7 @@ Three on-disk layouts carry the same network:
 from typing import Optional
 
 DEEPSPEC_ARCHITECTURES = {"Qwen3DSparkModel": "qwen3", "Gemma4DSparkModel": "gemma4"}
+EAGLE3_ARCHITECTURES = {"Qwen3Eagle3Model": "qwen3", "Gemma4Eagle3Model": "gemma4"}  # DeepSpec's EAGLE3
 ZLAB_ARCHITECTURES = {"DFlashDraftModel"}
 ZLAB_DEFAULT_BLOCK = 16
 
@@ -54,8 +55,12 @@ def layout_of(config: dict) -> Optional[str]:
     return None
 
 
+def is_eagle3_config(config: dict) -> bool:
+    return any(a in EAGLE3_ARCHITECTURES for a in _architectures(config))
+
+
 def is_drafter_config(config: dict) -> bool:
-    return layout_of(config) is not None
+    return layout_of(config) is not None or is_eagle3_config(config)
 
 
 def _family(config: dict) -> str:

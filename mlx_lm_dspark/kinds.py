@@ -9,7 +9,7 @@ follows the protocol of ``mlx_lm_dspark.drafter.Drafter``).
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import drafter_args, layout_of
+from .config import drafter_args, is_eagle3_config, layout_of
 
 
 @dataclass(frozen=True)
@@ -40,5 +40,12 @@ def _is_dflash(config: dict) -> bool:
     return layout == "zlab" or (layout is not None and _markov_rank(config) == 0)
 
 
+def _build_eagle3(config: dict):
+    from .eagle3 import Eagle3Drafter, ModelArgs, eagle3_args
+
+    return Eagle3Drafter(ModelArgs.from_dict(eagle3_args(config)))
+
+
 DSPARK = DrafterKind("dspark", _is_dspark, _build)
 DFLASH = DrafterKind("dflash", _is_dflash, _build)
+EAGLE3 = DrafterKind("eagle3", is_eagle3_config, _build_eagle3)

@@ -27,12 +27,12 @@ def drafter_kinds() -> tuple:
                     "needs name, recognise(config) and build(config)."
                 )
         found.append((ep.value.startswith(BUILTIN_MODULE), ep.name, kind))
-    if not any(builtin for builtin, _, _ in found):
-        # Running from a source tree that was never installed: entry points
-        # are absent, our own kinds are still known.
-        from . import kinds
+    # Our own kinds are known even where the installed metadata lacks them:
+    # a source tree that was never installed, or one newer than its install.
+    from . import kinds
 
-        found += [(True, k.name, k) for k in (kinds.DSPARK, kinds.DFLASH)]
+    registered = {name for builtin, name, _ in found if builtin}
+    found += [(True, k.name, k) for k in (kinds.DSPARK, kinds.DFLASH, kinds.EAGLE3) if k.name not in registered]
     found.sort(key=lambda t: (t[0], t[1]))
     return tuple(kind for _, _, kind in found)
 
