@@ -167,8 +167,8 @@ class _DrafterDefault(argparse.Action):
 
 def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
     loader.load_defaults.update(
-        bits=loader.DEFAULT_BITS,
-        group_size=loader.DEFAULT_GROUP_SIZE,
+        bits=loader.AUTO,
+        group_size=None,
         block_size=None,
         confidence_threshold=None,
     )
