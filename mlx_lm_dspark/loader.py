@@ -35,6 +35,15 @@ class DrafterOptionError(ValueError):
 class DrafterFileError(DrafterConfigError, FileNotFoundError):
     """A drafter checkpoint that lacks a file it needs."""
 
+
+def user_errors() -> tuple:
+    """The errors a user's input causes (a bad checkpoint, option or pair):
+    their messages say what is wrong and what to do, so a command line
+    prints them as one line instead of a traceback."""
+    from .target import DrafterMismatchError, UnsupportedCacheError
+
+    return DrafterConfigError, DrafterOptionError, DrafterMismatchError, UnsupportedCacheError
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -250,12 +259,14 @@ def load_drafter(
 
 
 class DrafterVocabulary(int):
-    """A drafter's vocabulary is its target's: it matches any tokenizer whose
-    ids index the drafter's embedding rows.  The real check (vocab size,
-    hidden size, taps, family) happens when the drafter is bound to a target."""
+    """A drafter's vocabulary is its target's, and a drafter has no tokenizer
+    to compare: it equals any tokenizer's size, so mlx-lm's "tokenizer does
+    not match" check passes, and the real check (vocab size, hidden size,
+    taps, family), which can name the difference, happens when the drafter
+    is bound to its target."""
 
     def __eq__(self, other):
-        return isinstance(other, int) and 0 < other <= int(self)
+        return isinstance(other, int) and other > 0
 
     def __ne__(self, other):
         return not self.__eq__(other)
