@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -32,8 +33,8 @@ class CostModel:
     verify_ms: List[float]  # [w - 1]: a round verifying w tokens (w = 1: a pipelined plain step)
     draft_ms: float  # one drafter round: context update + a full-block proposal
     context: int = 0  # positions in the caches when the above were measured
-    # Growth per cached position (attention reads the whole context: on a CPU
-    # a width-8 verify costs twice as much after 500 positions as after 30).
+    # Growth per cached position (attention reads the whole context, so a
+    # round costs more as the context grows).
     verify_ms_per_position: Optional[List[float]] = None
     draft_ms_per_position: float = 0.0
 
@@ -56,11 +57,10 @@ class CostModel:
         """A round's time; ``scale`` = (undrafted, drafted) rounds' measured
         time over the cost model's, learned while decoding (the machine's
         speed now against when it was measured, plus host work).  A drafted
-        round's verify is never cheaper than a plain step: with plain steps
-        timed much slower than drafted rounds (drafter work hidden behind the
-        caller's), one draft nobody accepts looked cheaper than a plain step
-        and, drafting every round, the plain steps' scale was never
-        corrected."""
+        round's verify is never cheaper than a plain step: otherwise, when
+        plain steps are timed slower than their model, a draft nobody accepts
+        could look cheaper than a plain step, and a loop that drafts every
+        round would never correct the plain steps' scale."""
         if drafts:
             return self.draft_ms * scale[1] + max(self.verify_ms[drafts] * scale[1], self.verify_ms[0] * scale[0])
         return self.verify_ms[0] * scale[0]
@@ -138,13 +138,12 @@ def relative_costs(samples) -> List[List[float]]:
     plain step): the median over repetitions of the piece's time over the
     plain step's in the same repetition, times the median plain step.
 
-    A shared machine's speed drifts over seconds (a plain step here takes
-    4 ms one minute and 6.5 ms the next); one repetition takes a fraction of
-    a second, so the ratios within it keep the pieces' relative costs, which
-    decide the cap, whatever phase each repetition fell in.  The median then
-    drops the bursts that hit single pieces.  (A lower quartile of each
-    piece's own times is not the typical cost: a wide verify's times spread
-    further than a plain step's, so it came out ~5 % too cheap.)"""
+    A shared machine's speed drifts over seconds; one repetition takes a
+    fraction of a second, so the ratios within it keep the pieces' relative
+    costs, which decide the cap, whatever phase each repetition fell in.  The
+    median then drops the bursts that hit single pieces.  (A low quantile of
+    each piece's own times would not be the typical cost: a wide verify's
+    times spread further than a plain step's.)"""
     base, ratios = _ratios(samples)
     return [[base * statistics.median(r) for r in pieces] for pieces in ratios]
 
@@ -179,9 +178,9 @@ def towards_line(values: List[float], errors: List[float]) -> List[float]:
     it little) as far as its distance from the line is within its timing
     error (shrunk by 1 - error^2 / distance^2, zero when negative).
 
-    With a few seconds of repetitions on a noisy machine one width's cost is
-    off by ~5 %, as much as the true difference between neighbouring caps,
-    so an unsmoothed model picked caps 5, 6 or 7 from run to run for the same
+    With a few seconds of repetitions on a noisy machine one width's error
+    can be as large as the true difference between neighbouring caps, so an
+    unsmoothed model would pick different caps from run to run for the same
     pair; a real step between widths (a kernel switch on a GPU) stands well
     clear of the errors and is kept."""
     n = len(values)
@@ -371,14 +370,78 @@ def save(target, drafter, model: CostModel) -> None:
         pass  # an unwritable cache only costs a re-measure next time
 
 
+def _finite(x, low: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= low
+
+
+def _damage(data, widths: int) -> Optional[str]:
+    """What is wrong with a cached cost model's JSON, or None when it can be
+    used for a drafter proposing ``widths - 1`` drafts."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    unknown = sorted(set(data) - set(CostModel.__dataclass_fields__))
+    if unknown:
+        return f"unknown fields {unknown}"
+    verify, growth = data.get("verify_ms"), data.get("verify_ms_per_position")
+    if not isinstance(verify, list) or len(verify) != widths:
+        return f"verify_ms is not a list of {widths} times"
+    if not all(_finite(v, 0.0) and v > 0 for v in verify):
+        return "verify_ms holds a time that is not a positive number"
+    if not (_finite(data.get("draft_ms"), 0.0) and data["draft_ms"] > 0):
+        return "draft_ms is not a positive number"
+    if not (isinstance(data.get("context", 0), int) and data.get("context", 0) >= 0):
+        return "context is not a non-negative integer"
+    if growth is not None and not (isinstance(growth, list) and len(growth) == widths
+                                   and all(_finite(g, 0.0) for g in growth)):
+        return f"verify_ms_per_position is not a list of {widths} non-negative numbers"
+    if not _finite(data.get("draft_ms_per_position", 0.0), 0.0):
+        return "draft_ms_per_position is not a non-negative number"
+    return None
+
+
+def _say(message: str) -> None:
+    print(f"mlx-lm-dspark: {message}", file=sys.stderr, flush=True)
+
+
+def _pair_name(target, drafter) -> str:
+    from .target import text_args
+
+    model_type = text_args(target.model).get("model_type") or type(target.model).__name__
+    source = getattr(drafter, "source", None)
+    return f"the {model_type} target with drafter {source}" if source else f"the {model_type} target and its drafter"
+
+
+def cached(target, drafter) -> Optional[CostModel]:
+    """The pair's cached cost model, or None when there is none or it is
+    damaged (said on stderr: it is then measured again)."""
+    path = cache_path(target, drafter)
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+        problem = _damage(data, drafter.max_drafts + 1)
+    except ValueError as e:  # not JSON, or not UTF-8
+        problem = f"it is not valid JSON ({e})"
+    if problem is None:
+        return CostModel(**data)
+    _say(f"the cached cost model {path} is damaged ({problem}); measuring it again.")
+    return None
+
+
 def load_or_measure(target, drafter, refresh: bool = False) -> CostModel:
     """The cached cost model of this pair on this machine, measured (and
-    cached) if absent, or now with ``refresh``."""
+    cached) if absent or damaged, or now with ``refresh``.  Measuring on
+    first use is said once on stderr, with where the result is kept."""
     if not refresh:
-        try:
-            return CostModel(**json.loads(cache_path(target, drafter).read_text()))
-        except (OSError, ValueError, TypeError):
-            pass
+        model = cached(target, drafter)
+        if model is not None:
+            return model
+        _say(
+            f"measuring this machine's speculative costs for {_pair_name(target, drafter)} "
+            f"(a few seconds, once; cached in {cache_dir()})"
+        )
     model = measure(target, drafter)
     save(target, drafter, model)
     return model

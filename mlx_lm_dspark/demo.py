@@ -90,12 +90,15 @@ def run(argv=None) -> dict:
     """The command line; returns per-prompt and overall results."""
     from mlx_lm import load
 
-    from .loader import load_drafter
+    from .loader import load_drafter, user_errors
+    from .speculative import bind
 
     p = argparse.ArgumentParser(prog="mlx_lm_dspark.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", default=None, help="A prompt (repeatable); default: built-in code prompts.")
     p.add_argument("--max-tokens", "-m", type=int, default=160)
-    p.add_argument("--num-draft-tokens", type=int, default=None, help="Fixed drafts per round (default: automatic).")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="Most drafts per round, at most the drafter's block (default: chosen each round "
+                        "from this machine's measured costs).")
     p.add_argument("--pair", type=Path, default=None, help="Another pair directory (target/ and drafter/).")
     p.add_argument("--dequantize", action="store_true",
                    help="Run the pair in float (on a CPU, mlx's quantized matmuls cost about K times one token "
@@ -105,14 +108,20 @@ def run(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error("--max-tokens must be at least 1")
+    if args.num_draft_tokens is not None and args.num_draft_tokens < 0:
+        p.error("--num-draft-tokens must be at least 0")
     try:
         target_dir, drafter_dir = pair_paths(args.pair)
     except FileNotFoundError as e:
         p.error(str(e))
     color = sys.stdout.isatty() if args.color is None else args.color
 
-    model, tokenizer = load(str(target_dir))
-    drafter = load_drafter(str(drafter_dir), bits=None)  # stored 4-bit
+    try:
+        model, tokenizer = load(str(target_dir))
+        drafter = load_drafter(str(drafter_dir), bits=None)  # stored 4-bit
+        bind(drafter, model)
+    except user_errors() as e:
+        p.error(str(e))
     if args.dequantize:
         from mlx_lm.utils import dequantize_model
 

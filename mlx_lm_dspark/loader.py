@@ -5,25 +5,44 @@ quantization is mlx's own ``nn.quantize``.  Whether a checkpoint is a drafter
 is decided from its config.json alone.
 """
 
-import glob
 import json
 from pathlib import Path
 from typing import Optional, Union
 
-from .config import is_drafter_config
+from .config import DrafterConfigError, drafter_args, is_drafter_config
 from .registry import kind_for
 
-DEFAULT_BITS = 4
+DEFAULT_BITS = 4  # what a drafter stored in float is quantized to on load
 DEFAULT_GROUP_SIZE = 64
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)  # mlx's affine quantization
+AUTO = "auto"  # bits: DEFAULT_BITS for a float drafter, a quantized one as stored
 
 # Defaults for drafters loaded through mlx-lm's own ``load`` (the CLI sets
 # them from --draft-bits / --draft-block-size / --draft-confidence).
 load_defaults = {
-    "bits": DEFAULT_BITS,
-    "group_size": DEFAULT_GROUP_SIZE,
+    "bits": AUTO,
+    "group_size": None,
     "block_size": None,
     "confidence_threshold": None,
 }
+
+
+class DrafterOptionError(ValueError):
+    """A drafter option (bits, block size, confidence threshold) or path
+    that cannot be used with this drafter; the message says what can."""
+
+
+class DrafterFileError(DrafterConfigError, FileNotFoundError):
+    """A drafter checkpoint that lacks a file it needs."""
+
+
+def user_errors() -> tuple:
+    """The errors a user's input causes (a bad checkpoint, option or pair):
+    their messages say what is wrong and what to do, so a command line
+    prints them as one line instead of a traceback."""
+    from .target import DrafterMismatchError, UnsupportedCacheError
+
+    return DrafterConfigError, DrafterOptionError, DrafterMismatchError, UnsupportedCacheError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -33,8 +52,18 @@ def read_config(model_path: Union[str, Path]) -> Optional[dict]:
     path = Path(model_path) / "config.json"
     if not path.is_file():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DrafterConfigError(
+            f"{path} is not valid JSON ({e}): the checkpoint is damaged; re-download or re-convert it."
+        ) from None
+    if not isinstance(config, dict):
+        raise DrafterConfigError(
+            f"{path} holds a JSON {type(config).__name__}, not an object: the checkpoint is damaged; "
+            "re-download or re-convert it."
+        )
+    return config
 
 
 def has_tokenizer(model_path: Union[str, Path]) -> bool:
@@ -54,12 +83,88 @@ def _should_quantize(group_size):
     return predicate
 
 
+def _check_policy(model, block_size, confidence_threshold) -> None:
+    trained = model.args.block_size
+    if block_size is not None and not (isinstance(block_size, int) and 1 <= block_size <= trained):
+        raise DrafterOptionError(
+            f"block_size {block_size!r} is not available for this drafter: it was trained with blocks "
+            f"of {trained}; give a block size from 1 to {trained} (--draft-block-size)."
+        )
+    if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
+        raise DrafterOptionError(
+            f"confidence threshold {confidence_threshold!r} is not a probability; give a value in [0, 1]."
+        )
+
+
+def _check_bits(bits) -> None:
+    if bits not in (None, AUTO) and bits not in SUPPORTED_BITS:
+        raise DrafterOptionError(
+            f"cannot quantize a drafter to {bits!r} bits: mlx quantizes to "
+            f"{', '.join(map(str, SUPPORTED_BITS))} bits (or 'none' keeps the stored precision)."
+        )
+
+
+def _read_weights(model_path: Path) -> dict:
+    import mlx.core as mx
+
+    files = sorted(Path(model_path).glob("model*.safetensors"))
+    if not files:
+        raise DrafterFileError(
+            f"No model*.safetensors in {model_path}: the drafter checkpoint is incomplete "
+            "(expected config.json and model.safetensors)."
+        )
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mlx reports truncation and bad headers with assorted types
+            raise DrafterConfigError(
+                f"The weights file {f} cannot be read ({type(e).__name__}: {e}): it is truncated or "
+                "damaged; re-download the checkpoint."
+            ) from None
+    return weights
+
+
+def _stored_quantization(config: dict, model_path) -> Optional[dict]:
+    stored = config.get("quantization")
+    if not stored:
+        return None
+    if not (isinstance(stored, dict) and stored.get("bits") in SUPPORTED_BITS
+            and isinstance(stored.get("group_size"), int) and stored["group_size"] > 0):
+        raise DrafterConfigError(
+            f"quantization is {stored!r}, expected {{\"bits\": one of {list(SUPPORTED_BITS)}, "
+            f"\"group_size\": a positive integer}}: the checkpoint at {model_path} is malformed."
+        )
+    return stored
+
+
+def _quantize(model, stored: Optional[dict], bits, group_size: Optional[int]) -> None:
+    """Quantize on load: ``bits`` AUTO quantizes a float drafter to
+    DEFAULT_BITS and keeps a quantized one as stored; a number re-quantizes a
+    drafter stored at other settings (dequantized first); None keeps the
+    stored precision.  ``group_size`` not given: the stored one, else 64."""
+    import mlx.nn as nn
+
+    if bits is None or (bits == AUTO and stored):
+        return
+    bits = DEFAULT_BITS if bits == AUTO else bits
+    if group_size is None:
+        group_size = stored["group_size"] if stored else DEFAULT_GROUP_SIZE
+    if stored:
+        if (stored["bits"], stored["group_size"]) == (bits, group_size):
+            return
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model)
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_should_quantize(group_size))
+
+
 def build_drafter(
     model_path: Path,
     config: dict,
     *,
-    bits: Optional[int] = DEFAULT_BITS,
-    group_size: int = DEFAULT_GROUP_SIZE,
+    bits=AUTO,
+    group_size: Optional[int] = None,
     block_size: Optional[int] = None,
     confidence_threshold: Optional[float] = None,
     lazy: bool = False,
@@ -68,25 +173,25 @@ def build_drafter(
     import mlx.core as mx
     import mlx.nn as nn
 
+    _check_bits(bits)
+    if is_drafter_config(config):
+        drafter_args(config, source=model_path)  # every field checked, the checkpoint named
     kind = kind_for(config)
     if kind is None:
-        raise ValueError(
+        raise DrafterOptionError(
             f"{model_path} is not a DSpark/DFlash drafter checkpoint (its config.json has no "
             "Qwen3DSparkModel/Gemma4DSparkModel/DFlashDraftModel architecture and no drafter fields)."
         )
-    model = kind.build(config)
+    try:
+        model = kind.build(config)
+    except DrafterConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise DrafterConfigError(f"{e} (the checkpoint at {model_path} is malformed)") from None
+    _check_policy(model, block_size, confidence_threshold)
 
-    files = sorted(glob.glob(str(Path(model_path) / "model*.safetensors")))
-    if not files:
-        raise FileNotFoundError(
-            f"No model*.safetensors in {model_path}: the drafter checkpoint is incomplete "
-            "(expected config.json and model.safetensors)."
-        )
-    weights = {}
-    for f in files:
-        weights.update(mx.load(f))
-
-    stored = config.get("quantization")
+    weights = _read_weights(model_path)
+    stored = _stored_quantization(config, model_path)
     if stored:
         nn.quantize(
             model,
@@ -97,12 +202,11 @@ def build_drafter(
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise ValueError(
+        raise DrafterConfigError(
             f"The weights in {model_path} do not match a {kind.name} drafter built from its "
             f"config.json: {e}"
-        ) from e
-    if bits and not stored:
-        nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_should_quantize(group_size))
+        ) from None
+    _quantize(model, stored, bits, group_size)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
@@ -119,26 +223,28 @@ def build_drafter(
 def load_drafter(
     path_or_repo: Union[str, Path],
     *,
-    bits: Optional[int] = DEFAULT_BITS,
-    group_size: int = DEFAULT_GROUP_SIZE,
+    bits=AUTO,
+    group_size: Optional[int] = None,
     block_size: Optional[int] = None,
     confidence_threshold: Optional[float] = None,
     revision: Optional[str] = None,
 ):
     """Load a DSpark/DFlash drafter from a local path or a Hugging Face repo.
 
-    ``bits`` quantizes the drafter on load (``None`` keeps the stored
-    precision); ``block_size`` (<= the trained block) and
-    ``confidence_threshold`` are run-time policy stored on the drafter.
+    ``bits`` quantizes the drafter on load: by default a float drafter to
+    4 bits and a quantized one as stored; a number (1-6 or 8) re-quantizes
+    a drafter stored at other settings; ``None`` keeps the stored precision.
+    ``block_size`` (<= the trained block) and ``confidence_threshold`` are
+    run-time policy stored on the drafter.
     """
     from mlx_lm.utils import _download
 
     path = _download(str(path_or_repo), revision=revision)
     config = read_config(path)
     if config is None:
-        raise FileNotFoundError(f"No config.json in {path}: not a model checkpoint.")
+        raise DrafterFileError(f"No config.json in {path}: not a model checkpoint.")
     if not is_drafter_config(config):
-        raise ValueError(
+        raise DrafterOptionError(
             f"{path_or_repo} is not a DSpark/DFlash drafter (config.json has none of the drafter "
             "fields); load it with mlx_lm.load instead."
         )
@@ -153,12 +259,14 @@ def load_drafter(
 
 
 class DrafterVocabulary(int):
-    """A drafter's vocabulary is its target's: it matches any tokenizer whose
-    ids index the drafter's embedding rows.  The real check (vocab size,
-    hidden size, taps, family) happens when the drafter is bound to a target."""
+    """A drafter's vocabulary is its target's, and a drafter has no tokenizer
+    to compare: it equals any tokenizer's size, so mlx-lm's "tokenizer does
+    not match" check passes, and the real check (vocab size, hidden size,
+    taps, family), which can name the difference, happens when the drafter
+    is bound to its target."""
 
     def __eq__(self, other):
-        return isinstance(other, int) and 0 < other <= int(self)
+        return isinstance(other, int) and other > 0
 
     def __ne__(self, other):
         return not self.__eq__(other)

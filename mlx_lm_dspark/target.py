@@ -112,15 +112,22 @@ class TargetAdapter:
         self.hidden_size = args.get("hidden_size")
         self.num_layers = len(self.layers)
         self.num_cache_entries = len(cache_lib.make_prompt_cache(model))
-        bad = [i for i in self.layer_ids if not 0 <= i < self.num_layers]
-        if bad:
-            raise DrafterMismatchError(
-                f"target_layer_ids {self.layer_ids} of the drafter are out of range for a target "
-                f"with {self.num_layers} layers (bad: {bad})."
-            )
+        # Taps out of range are reported by ``validate_pair`` together with
+        # every other difference from the drafter's target (a drafter for
+        # another model usually differs in vocabulary and width too).
+        self.bad_layer_ids = [i for i in self.layer_ids if not (isinstance(i, int) and 0 <= i < self.num_layers)]
         for i in self.layer_ids:
-            tap(self.layers[i])
-        self._tap_keys = [id(self.layers[i]) for i in self.layer_ids]
+            if i not in self.bad_layer_ids:
+                tap(self.layers[i])
+        self._tap_keys = [id(self.layers[i]) for i in self.layer_ids if i not in self.bad_layer_ids]
+
+    def tap_problem(self) -> Optional[str]:
+        if not self.bad_layer_ids:
+            return None
+        return (
+            f"target_layer_ids: the drafter taps layers {self.layer_ids}, the target has "
+            f"{self.num_layers} layers (out of range: {self.bad_layer_ids})"
+        )
 
     def __call__(self, tokens: mx.array, cache, start_early: bool = False) -> tuple:
         """tokens [1, L] -> (logits [1, L, V], features [1, L, n_taps * H]).
@@ -132,6 +139,11 @@ class TargetAdapter:
         token's forward is already queued behind the previous one, pipelined
         like plain decoding.)  Never inside a function transformation
         (training's ``value_and_grad``): nothing may be evaluated there."""
+        if self.bad_layer_ids:
+            raise DrafterMismatchError(
+                f"This drafter does not match the target model: {self.tap_problem()}. "
+                "Use the drafter trained for this exact target."
+            )
         sink = dict.fromkeys(self._tap_keys)
         outer = getattr(_capture, "sink", None), getattr(_capture, "start_early", False)
         _capture.sink, _capture.start_early = sink, start_early and tokens.shape[-1] > 1
@@ -185,6 +197,8 @@ def validate_pair(drafter, target: TargetAdapter) -> None:
         problems.append(
             f"num_target_layers: drafter expects {args.num_target_layers}, target has {target.num_layers}"
         )
+    if target.tap_problem() is not None:
+        problems.append(target.tap_problem())
     if problems:
         raise DrafterMismatchError(
             "This drafter does not match the target model: " + "; ".join(problems) + ". "

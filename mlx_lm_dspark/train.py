@@ -786,6 +786,8 @@ def blas_hint() -> Optional[str]:
 
 def run(argv=None) -> Path:
     """The command line: parse ``argv``, train, return the output directory."""
+    from .loader import user_errors
+
     p = build_parser()
     ns = p.parse_args(argv)
     options = {k: v for k, v in vars(ns).items() if k not in ("model", "data", "output", "quiet")}
@@ -799,7 +801,7 @@ def run(argv=None) -> Path:
         if not Path(ns.data).is_file():
             raise TrainingError(f"--data {ns.data}: no such file (give a .jsonl or .txt file).")
         out = train(ns.model, ns.data, args, output=ns.output)
-    except TrainingError as e:
+    except (TrainingError, *user_errors()) as e:
         p.error(str(e))
     print(f"Saved drafter to {out}")
     return out

@@ -119,7 +119,7 @@ def test_refresh_measures_again_and_replaces_the_cached_file(pair, cache_dir, mo
     assert cost.load_or_measure(target, drafter) == fresh  # what later generations read
 
 
-def test_a_damaged_cache_file_is_measured_again(pair, cache_dir):
+def test_a_damaged_cache_file_is_measured_again(pair, cache_dir, capsys):
     model, drafter_dir = pair
     drafter = load_drafter(drafter_dir, bits=None)
     target = bind(drafter, model)
@@ -127,6 +127,72 @@ def test_a_damaged_cache_file_is_measured_again(pair, cache_dir):
     path.write_text('{"verify_ms": [1.0')  # e.g. a crash mid-write by an older version
     model_costs = cost.load_or_measure(target, drafter)
     assert json.loads(path.read_text())["verify_ms"] == model_costs.verify_ms
+    assert "is damaged (it is not valid JSON" in capsys.readouterr().err
+
+
+def _good(widths):
+    return {"verify_ms": [2.0 + w for w in range(widths)], "draft_ms": 1.0, "context": 32,
+            "verify_ms_per_position": [0.01] * widths, "draft_ms_per_position": 0.001}
+
+
+def _damaged(change):
+    def make(widths):
+        data = _good(widths)
+        change(data, widths)
+        return data
+    return make
+
+
+DAMAGED = {
+    "list": lambda widths: [1.0, 2.0],
+    "short_verify": _damaged(lambda d, w: d.update(verify_ms=d["verify_ms"][:-1])),
+    "long_verify": _damaged(lambda d, w: d.update(verify_ms=d["verify_ms"] + [9.0])),
+    "string_time": _damaged(lambda d, w: d["verify_ms"].__setitem__(1, "3.0")),
+    "zero_plain_step": _damaged(lambda d, w: d["verify_ms"].__setitem__(0, 0.0)),
+    "negative_draft": _damaged(lambda d, w: d.update(draft_ms=-1.0)),
+    "nan_growth": _damaged(lambda d, w: d["verify_ms_per_position"].__setitem__(2, float("nan"))),
+    "short_growth": _damaged(lambda d, w: d.update(verify_ms_per_position=[0.0])),
+    "missing_draft": _damaged(lambda d, w: d.pop("draft_ms")),
+    "missing_verify": _damaged(lambda d, w: d.pop("verify_ms")),
+    "unknown_field": _damaged(lambda d, w: d.update(speed=3)),
+    "string_context": _damaged(lambda d, w: d.update(context="32")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED))
+def test_a_cache_file_with_damaged_values_is_measured_again(pair, cache_dir, capsys, monkeypatch, name):
+    """Valid JSON with wrong lengths, types or values is never used (it would
+    crash the automatic cap or steer it by NaN): one line, then measured."""
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    target = bind(drafter, model)
+    widths = drafter.max_drafts + 1
+    path = cost.cache_path(target, drafter)
+    path.write_text(json.dumps(DAMAGED[name](widths)))
+    fresh = cost.CostModel(verify_ms=[1.0] * widths, draft_ms=1.0)
+    monkeypatch.setattr(cost, "measure", lambda *args, **kwargs: fresh)
+    assert cost.load_or_measure(target, drafter) == fresh
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is damaged" in err[0] and str(path) in err[0]
+    assert "measuring this machine's speculative costs" in err[1]
+    assert cost.CostModel(**json.loads(path.read_text())) == fresh  # replaced
+    path.write_text(json.dumps(_good(widths)))
+    assert cost.load_or_measure(target, drafter) == cost.CostModel(**_good(widths))  # a sound file is used
+    assert capsys.readouterr().err == ""
+
+
+def test_first_measurement_says_what_and_where_once(pair, cache_dir, capsys, monkeypatch):
+    model, drafter_dir = pair
+    drafter = load_drafter(drafter_dir, bits=None)
+    target = bind(drafter, model)
+    fresh = cost.CostModel(verify_ms=[1.0] * (drafter.max_drafts + 1), draft_ms=1.0)
+    monkeypatch.setattr(cost, "measure", lambda *args, **kwargs: fresh)
+    cost.load_or_measure(target, drafter)
+    cost.load_or_measure(target, drafter)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("mlx-lm-dspark: measuring this machine's speculative costs for the gemma4")
+    assert str(drafter_dir) in err[0] and f"cached in {cache_dir}" in err[0]
 
 
 MEASURE_SCRIPT = """

@@ -88,6 +88,31 @@ def test_demo_missing_pair_is_a_clear_error(tmp_path, capsys):
     assert "demo pair is incomplete" in capsys.readouterr().err
 
 
+def test_demo_with_a_mismatched_or_damaged_pair_says_why_in_one_line(tmp_path, capsys):
+    """The demo target with a tiny drafter is named as a mismatch (not a
+    tokenizer problem); a damaged drafter config names the file."""
+    import shutil
+
+    from mlx_lm_dspark_tools.tiny import build_pair
+
+    target_dir, _ = demo.pair_paths()
+    _, tiny_drafter = build_pair(tmp_path / "tiny", family="qwen3")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(target_dir, mixed / "target")
+    shutil.copytree(tiny_drafter, mixed / "drafter")
+    with pytest.raises(SystemExit) as caught:
+        demo.run(["--pair", str(mixed)])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "Traceback" not in err
+    assert "does not match the target model" in err and "vocab_size: drafter 512" in err
+    assert "tokenizer" not in err
+
+    (mixed / "drafter" / "config.json").write_text('{"block_size": 7,')
+    with pytest.raises(SystemExit):
+        demo.run(["--pair", str(mixed)])
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+
+
 def test_reproduction_script_smoke(tmp_path):
     """The whole reproduction pipeline at toy sizes (a few corpus files, a
     two-layer target, a few steps): it writes a pair the demo runs losslessly."""

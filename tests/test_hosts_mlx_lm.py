@@ -1,6 +1,8 @@
 """The mlx-lm integration, exercised the way users run it: console scripts,
 unchanged scripts, and the patches' own safety checks."""
 
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -60,20 +62,114 @@ def test_python_dash_m_mlx_lm_generate(pair):
 
 
 def test_help_shows_drafter_group():
-    out = run([str(BIN / "mlx_lm.generate"), "--help"]).stdout
+    out = run([str(BIN / "mlx_lm.generate"), "--help"], env={"COLUMNS": "400"}).stdout
     assert "speculative drafter (mlx-lm-dspark)" in out
     for flag in ("--draft-bits", "--draft-block-size", "--draft-confidence"):
         assert flag in out
+    # The help says what the defaults are.
+    assert "chosen each round from this machine's measured costs" in out
+    assert "Default: auto (4 bits for a float drafter, a quantized one as stored)" in out
 
 
 def test_bad_flags_are_refused(pair):
     target, drafter = pair
     base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--draft-model", str(drafter)]
-    for flags, message in [(["--draft-bits", "7"], "--draft-bits"),
+    bits = "expected one of 1, 2, 3, 4, 5, 6, 8, 'none' or 'auto'"
+    for flags, message in [(["--draft-bits", "7"], f"{bits}, got '7'"), (["--draft-bits", "0"], f"{bits}, got '0'"),
+                           (["--draft-bits", "foo"], f"{bits}, got 'foo'"),
                            (["--draft-confidence", "1.5"], "[0, 1]"),
-                           (["--num-draft-tokens", "-1"], ">= 0"), (["--draft-block-size", "0"], ">= 1")]:
+                           (["--draft-confidence", "x"], "expected a value in [0, 1], got 'x'"),
+                           (["--num-draft-tokens", "-1"], ">= 0"), (["--draft-block-size", "0"], ">= 1"),
+                           (["--draft-block-size", "two"], "expected an integer >= 1, got 'two'")]:
         proc = run(base + flags, check=False)
-        assert proc.returncode != 0 and message in proc.stderr
+        assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], (flags, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def one_line_error(proc, prog="mlx_lm.generate"):
+    """The one stderr line of a refused run (exit status 2, no traceback)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in lines if line.startswith(f"{prog}: error:") or line.startswith("mlx-lm-dspark:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def other_pair(tmp_path_factory):
+    """A pair of another size: its drafter fits neither the vocabulary nor the
+    width of ``pair``'s target, and taps a layer it lacks."""
+    return build_pair(tmp_path_factory.mktemp("other"), family="qwen3", hidden_size=32, vocab_size=256,
+                      num_layers=4, target_layer_ids=(1, 2))
+
+
+def test_ordinary_mistakes_end_in_one_line(pair, other_pair, tmp_path):
+    target, drafter = pair
+    other_target, other_drafter = other_pair
+    base = [str(BIN / "mlx_lm.generate"), "--prompt", PROMPT, "--max-tokens", "4"]
+
+    line = one_line_error(run(base + ["--model", str(target), "--draft-model", str(drafter),
+                                      "--draft-block-size", "99"], check=False))
+    assert "block_size 99 is not available" in line and "from 1 to 7" in line
+
+    for model, draft, taps in [(target, other_drafter, False), (other_target, drafter, True)]:
+        line = one_line_error(run(base + ["--model", str(model), "--draft-model", str(draft)], check=False))
+        assert "does not match the target model" in line and "vocab_size: drafter" in line
+        assert "hidden_size: drafter" in line and "tokenizer" not in line
+        assert ("out of range: [5]" in line) == taps
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes((Path(drafter) / "model.safetensors").read_bytes())
+    config = json.loads((Path(drafter) / "config.json").read_text())
+    config["mask_token_id"] = 100_000
+    (broken / "config.json").write_text(json.dumps(config))
+    line = one_line_error(run(base + ["--model", str(target), "--draft-model", str(broken)], check=False))
+    assert "mask_token_id is 100000, outside the vocabulary" in line and str(broken) in line
+
+
+def test_a_clamped_draft_count_is_said_once(pair):
+    target, drafter = pair
+    proc = run([str(BIN / "mlx_lm.generate"), "--model", str(target), "--draft-model", str(drafter),
+                "--prompt", PROMPT, "--max-tokens", "12", "--num-draft-tokens", "99"])
+    said = [line for line in proc.stderr.splitlines() if "num_draft_tokens 99" in line]
+    assert said == ["mlx-lm-dspark: num_draft_tokens 99 is more than this drafter proposes per round; "
+                    "drafting at most 7."]
+    assert "draft cap 7" in proc.stdout
+
+
+def test_python_dash_m_on_the_generate_module_is_refused_in_one_line(pair):
+    """``python -m mlx_lm.generate`` runs a private, unpatched copy of the
+    module: refused with the commands that work (plain use is untouched)."""
+    target, drafter = pair
+    args = ["--model", str(target), "--prompt", PROMPT, "--max-tokens", "4"]
+    line = one_line_error(run([sys.executable, "-m", "mlx_lm.generate", *args, "--draft-model", str(drafter)],
+                              check=False))
+    assert "run `mlx_lm.generate ...` or `python -m mlx_lm generate ...` instead" in line
+    assert run([sys.executable, "-m", "mlx_lm.generate", *args]).returncode == 0
+
+
+def test_server_refuses_a_bad_pair_at_start_up_in_one_line(pair, other_pair):
+    target, drafter = pair
+    _, other_drafter = other_pair
+    for flags, message in [(["--draft-model", str(other_drafter)], "does not match the target model"),
+                           (["--draft-model", str(drafter), "--draft-block-size", "8"], "block_size 8")]:
+        proc = run([str(BIN / "mlx_lm.server"), "--model", str(target), *flags, "--port", "0"], check=False)
+        assert message in one_line_error(proc, "mlx_lm.server")
+
+
+def test_server_measures_at_start_up(pair, tmp_path, monkeypatch):
+    """The drafter is loaded, bound and the machine's costs measured when the
+    server starts, not inside the first request."""
+    server = importlib.import_module("mlx_lm.server")
+    target, drafter = pair
+    monkeypatch.setenv("MLX_LM_DSPARK_CACHE", str(tmp_path))
+    providers = []
+    monkeypatch.setattr(server, "run", lambda host, port, provider: providers.append(provider))
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.server", "--model", str(target), "--draft-model", str(drafter)])
+    server.main()
+    assert providers[0].draft_model is not None and providers[0].draft_model.kind == "dspark"
+    assert len(list(tmp_path.glob("cost-*.json"))) == 1  # measured and cached before any request
 
 
 def test_ordinary_draft_model_still_uses_mlx_lm_step(pair, tmp_path):

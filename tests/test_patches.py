@@ -57,10 +57,14 @@ COVERAGE = {
         ),
         "setup_arg_parser": ("0003-generate-draft-kinds.diff", {"mlx_lm/generate.py": ["setup_arg_parser"]}),
         "generate": ("0003-generate-draft-kinds.diff", {"mlx_lm/generate.py": ["generate"]}),
+        # our user errors as one line: the host prints its kinds' errors with parser.error
+        "main": ("0003-generate-draft-kinds.diff", {"mlx_lm/generate.py": ["main"]}),
     },
     "mlx_lm.server": {
         # patch_server swaps the module's argparse to add the drafter options
         "argparse": ("0004-server-draft-kinds.diff", {"mlx_lm/server.py": ["main"]}),
+        # one-line start-up errors; loading (and preparing) a drafter at start-up
+        "main": ("0004-server-draft-kinds.diff", {"mlx_lm/server.py": ["main", "ModelProvider.__init__"]}),
         "_serve_single": (
             "0004-server-draft-kinds.diff",
             {"mlx_lm/server.py": ["ResponseGenerator._serve_single"]},

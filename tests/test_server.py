@@ -310,6 +310,16 @@ def _fake_server(serve_single=None, validate=True):
         def generate(self, request, generation_args, progress_callback=None):
             pass
 
+        def _generate(self):
+            self.model_provider.load_default()
+
+    class ModelProvider:
+        def __init__(self, cli_args):
+            pass
+
+        def load_default(self):
+            pass
+
     class APIHandler:
         def do_POST(self):
             self.num_draft_tokens = 1
@@ -327,7 +337,7 @@ def _fake_server(serve_single=None, validate=True):
         ResponseGenerator._serve_single = serve_single
 
     module.__dict__.update(GenerationContext=GenerationContext, ResponseGenerator=ResponseGenerator,
-                           APIHandler=APIHandler, argparse=argparse)
+                           APIHandler=APIHandler, ModelProvider=ModelProvider, argparse=argparse)
     exec("def main():\n    run(None, None, ModelProvider(argparse.ArgumentParser().parse_args()))", module.__dict__)
     return module
 

@@ -86,8 +86,28 @@ def test_validate_pair_names_the_field(pair):
                 validate_pair(drafter, target)
         finally:
             setattr(drafter.args, field, original)
+    beyond = TargetAdapter(model, [0, target.num_layers])
     with pytest.raises(DrafterMismatchError, match="out of range"):
-        TargetAdapter(model, [0, target.num_layers])
+        beyond(mx.array([[1]]), None)
+
+
+def test_a_drafter_for_another_model_is_told_every_difference(tmp_path):
+    """Taps out of range do not hide the vocabulary and width: a drafter for
+    another model is named as such, all differences in one line."""
+    from mlx_lm_dspark_tools.tiny import build_pair
+
+    small_target, _ = build_pair(tmp_path / "small", family="qwen3", hidden_size=32, vocab_size=256,
+                                 num_layers=4, target_layer_ids=(1, 2))
+    _, big_drafter = build_pair(tmp_path / "big", family="qwen3", target_layer_ids=(1, 3, 5))
+    model, _ = mlx_lm.load(str(small_target))
+    drafter = load_drafter(big_drafter, bits=None)
+    with pytest.raises(DrafterMismatchError) as caught:
+        validate_pair(drafter, TargetAdapter(model, drafter.target_layer_ids))
+    text = str(caught.value)
+    assert "\n" not in text
+    for part in ("vocab_size: drafter 512, target 256", "hidden_size: drafter 64, target 32",
+                 "num_target_layers: drafter expects 8, target has 4", "out of range: [5]"):
+        assert part in text
 
 
 def test_recurrent_cache_is_refused_with_reason():

@@ -6,11 +6,16 @@
   settings, so the p/q acceptance rule can compute their distribution;
 - ``mlx_lm.generate``: ``speculative_generate_step`` dispatches to our round
   loop for our drafters; ``setup_arg_parser`` gains the drafter options;
-  ``generate(verbose=True)`` also prints the acceptance statistics.
+  ``generate(verbose=True)`` also prints the acceptance statistics and
+  checks the pair before printing anything; ``main`` prints a user's mistake
+  (bad checkpoint, option or pair) as one line, without a traceback.
 - ``mlx_lm.server``: the command line gains the drafter options and
   ``--num-draft-tokens`` defaults to "not given" (a request may still set
-  it); each request's acceptance statistics are logged and returned in its
-  ``usage`` as ``speculative`` (OpenAI clients ignore unknown fields).
+  it); with ``--draft-model`` the default pair is loaded, checked and its
+  costs measured at start-up (``ModelProvider.__init__``), and ``main``
+  prints a user's mistake as one line; each request's acceptance
+  statistics are logged and returned in its ``usage`` as ``speculative``
+  (OpenAI clients ignore unknown fields).
 
 Each patch first checks that the host function still looks the way this
 code expects, and raises ``HostMismatchError`` otherwise: a silent mismatch
@@ -21,6 +26,7 @@ import argparse
 import functools
 import inspect
 import logging
+import sys
 import threading
 import types
 from pathlib import Path
@@ -91,6 +97,7 @@ def patch_utils(utils) -> None:
     def load_model_or_drafter(model_path, lazy=False, *args, **kwargs):
         config = loader.read_config(model_path)
         if config is not None and loader.is_drafter_config(config):
+            _refuse_private_generate_copy()
             model = loader.build_drafter(Path(model_path), config, lazy=lazy, **loader.load_defaults)
             return model, config
         return load_model(model_path, lazy, *args, **kwargs)
@@ -131,12 +138,53 @@ def patch_sample_utils(sample_utils) -> None:
     sample_utils.make_sampler = make_sampler_with_settings
 
 
+def _refuse_private_generate_copy() -> None:
+    """``python -m mlx_lm.generate`` runs a second, private copy of mlx-lm's
+    generate module as ``__main__``, which the import hook never sees: its
+    speculative step would call the drafter as if it were a language model.
+    Refuse with the commands that work."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", None) == "mlx_lm.generate" and not getattr(main, "_mlx_lm_dspark_patched", False):
+        print(
+            "mlx-lm-dspark: `python -m mlx_lm.generate` runs a private copy of mlx-lm's generate module "
+            "that cannot use a DSpark/DFlash drafter; run `mlx_lm.generate ...` or "
+            "`python -m mlx_lm generate ...` instead.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def _one_line_errors(main, prog: str):
+    """``main`` with our user errors printed as ``prog: error: ...`` and exit
+    status 2, like argparse's, instead of a traceback."""
+
+    @functools.wraps(main)
+    def main_with_clear_errors(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except loader.user_errors() as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return main_with_clear_errors
+
+
+_BITS_CHOICES = f"one of {', '.join(map(str, loader.SUPPORTED_BITS))}, 'none' or 'auto'"
+
+
 def _bits(value: str):
-    if value.lower() in ("none", "0", "full"):
+    word = value.strip().lower()
+    if word == "none":
         return None
-    bits = int(value)
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise argparse.ArgumentTypeError("--draft-bits must be one of 2, 3, 4, 5, 6, 8 or 'none'")
+    if word == loader.AUTO:
+        return loader.AUTO
+    try:
+        bits = int(word)
+    except ValueError:
+        bits = None
+    if bits not in loader.SUPPORTED_BITS:
+        raise argparse.ArgumentTypeError(f"expected {_BITS_CHOICES}, got {value!r}")
     return bits
 
 
@@ -144,7 +192,10 @@ def _in_range(kind, low, high, what):
     """An argparse type: ``kind`` parsed and checked to lie in [low, high]."""
 
     def parse(value: str):
-        x = kind(value)
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
         if not low <= x <= high:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return x
@@ -167,8 +218,8 @@ class _DrafterDefault(argparse.Action):
 
 def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
     loader.load_defaults.update(
-        bits=loader.DEFAULT_BITS,
-        group_size=loader.DEFAULT_GROUP_SIZE,
+        bits=loader.AUTO,
+        group_size=None,
         block_size=None,
         confidence_threshold=None,
     )
@@ -179,8 +230,9 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
             action.default = None
             action.type = _non_negative_int
             action.help = (
-                "Number of tokens to draft per round. Default: the drafter's block for "
-                f"DSpark/DFlash drafters, {LEGACY_NUM_DRAFT_TOKENS} for ordinary draft models."
+                "Most tokens to draft per round (a DSpark/DFlash drafter proposes at most its block). "
+                "Default: for DSpark/DFlash drafters, chosen each round from this machine's measured "
+                f"costs and the drafter's acceptance; {LEGACY_NUM_DRAFT_TOKENS} for ordinary draft models."
             )
     group = parser.add_argument_group(
         "speculative drafter (mlx-lm-dspark)",
@@ -191,8 +243,12 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
         dest="draft_bits",
         type=_bits,
         action=_DrafterDefault,
-        default=loader.DEFAULT_BITS,
-        help="Quantize the drafter to this many bits on load ('none' keeps its stored precision). Default: 4.",
+        default=loader.AUTO,
+        help=(
+            f"Quantize the drafter to this many bits on load ({_BITS_CHOICES}); a drafter stored "
+            "quantized at other settings is re-quantized, 'none' keeps the stored precision. "
+            f"Default: auto ({loader.DEFAULT_BITS} bits for a float drafter, a quantized one as stored)."
+        ),
     )
     group.add_argument(
         "--draft-block-size",
@@ -200,7 +256,7 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         action=_DrafterDefault,
         default=None,
-        help="Effective block length (<= the block the drafter was trained with). Default: the trained block.",
+        help="Block length to draft with, from 1 to the block the drafter was trained with. Default: the trained block.",
     )
     group.add_argument(
         "--draft-confidence",
@@ -215,7 +271,7 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
 def patch_generate(generate_module) -> None:
     if not _once(generate_module):
         return
-    from ..speculative import is_drafter, speculative_generate_step as ours
+    from ..speculative import bind, is_drafter, speculative_generate_step as ours
 
     stock_step = _expect_params(
         generate_module,
@@ -227,10 +283,12 @@ def patch_generate(generate_module) -> None:
     setup_arg_parser = _expect_params(generate_module, "setup_arg_parser", [])
     stock_generate = _expect_params(generate_module, "generate", ["model", "tokenizer", "prompt", "verbose"])
     _expect_calls(generate_module, "main", ["setup_arg_parser", "load", "generate"])
+    main = _expect_params(generate_module, "main", [])
 
     @functools.wraps(stock_step)
     def speculative_generate_step(prompt, model, draft_model, *args, **kwargs):
         if is_drafter(draft_model):
+            _say_if_clamped(draft_model, kwargs.get("num_draft_tokens"))
             return ours(prompt, model, draft_model, *args, **kwargs)
         if kwargs.get("num_draft_tokens", 0) is None:
             kwargs["num_draft_tokens"] = LEGACY_NUM_DRAFT_TOKENS
@@ -244,8 +302,10 @@ def patch_generate(generate_module) -> None:
 
     @functools.wraps(stock_generate)
     def generate(model, tokenizer, prompt, verbose=False, **kwargs):
-        text = stock_generate(model, tokenizer, prompt, verbose=verbose, **kwargs)
         draft = kwargs.get("draft_model")
+        if is_drafter(draft):
+            bind(draft, model)  # a mismatched pair is refused before anything is printed
+        text = stock_generate(model, tokenizer, prompt, verbose=verbose, **kwargs)
         if verbose and is_drafter(draft) and getattr(draft, "stats", None) is not None:
             print(draft.stats.summary())
         return text
@@ -253,6 +313,25 @@ def patch_generate(generate_module) -> None:
     generate_module.speculative_generate_step = speculative_generate_step
     generate_module.setup_arg_parser = setup_arg_parser_with_drafter
     generate_module.generate = generate
+    generate_module.main = _one_line_errors(main, "mlx_lm.generate")
+
+
+_clamps_said = set()
+
+
+def _say_if_clamped(drafter, num_draft_tokens) -> None:
+    """A --num-draft-tokens above what the drafter proposes per round is
+    clamped to it; say so once per drafter and value."""
+    if num_draft_tokens is None or num_draft_tokens <= drafter.max_drafts:
+        return
+    key = (id(drafter), num_draft_tokens)
+    if key not in _clamps_said:
+        _clamps_said.add(key)
+        print(
+            f"mlx-lm-dspark: num_draft_tokens {num_draft_tokens} is more than this drafter proposes per "
+            f"round; drafting at most {drafter.max_drafts}.",
+            file=sys.stderr,
+        )
 
 
 def _expect_method(cls, name: str, params):
@@ -339,6 +418,13 @@ def patch_server(server) -> None:
     generate_response = _expect_method(handler, "generate_response", ["prompt_token_count"])
     usage_response = _expect_method(handler, "completion_usage_response", ["prompt_token_count"])
     _expect_calls(handler, "do_POST", ["num_draft_tokens", "validate_model_parameters"])
+    provider = server.ModelProvider if isinstance(getattr(server, "ModelProvider", None), type) else None
+    if provider is None:
+        _fail("mlx_lm.server.ModelProvider", "the class no longer exists")
+    provider_init = _expect_method(provider, "__init__", ["cli_args"])
+    _expect_method(provider, "load_default", [])
+    _expect_calls(responder, "_generate", ["load_default"])
+    main = _expect_params(server, "main", [])
 
     def with_drafter_arguments(parser):
         if not any("--draft-bits" in a.option_strings for a in parser._actions):
@@ -369,6 +455,16 @@ def patch_server(server) -> None:
         finally:
             self.num_draft_tokens = None
 
+    @functools.wraps(provider_init)
+    def init_loading_drafter(self, cli_args, *args, **kwargs):
+        provider_init(self, cli_args, *args, **kwargs)
+        if getattr(cli_args, "model", None) is not None and getattr(cli_args, "draft_model", None) is not None:
+            # At start-up rather than in the first request: loading, the
+            # pair's checks and measuring the machine's costs (the
+            # generation thread's own load_default then finds it loaded).
+            self.load_default()
+            _prepare_drafter(self.model, self.draft_model, cli_args)
+
     @functools.wraps(generate_response)
     def generate_response_with_usage(self, *args, **kwargs):
         return _with_speculative_usage(generate_response(self, *args, **kwargs))
@@ -378,8 +474,23 @@ def patch_server(server) -> None:
         return _with_speculative_usage(usage_response(self, *args, **kwargs))
 
     server.argparse = server_argparse
+    server.main = _one_line_errors(main, "mlx_lm.server")
+    provider.__init__ = init_loading_drafter
     responder._serve_single = _serve_single
     responder.generate = generate_remembering_context
     handler.validate_model_parameters = validate_model_parameters
     handler.generate_response = generate_response_with_usage
     handler.completion_usage_response = usage_response_with_speculative
+
+
+def _prepare_drafter(model, draft_model, cli_args) -> None:
+    """Bind a DSpark/DFlash drafter to its target and, when requests may
+    leave the draft count to the automatic cap, load or measure the pair's
+    cost model."""
+    from ..speculative import bind, cost_model, is_drafter
+
+    if not is_drafter(draft_model):
+        return
+    target = bind(draft_model, model)
+    if getattr(cli_args, "num_draft_tokens", None) is None:
+        cost_model(draft_model, target)
