@@ -109,6 +109,11 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(f"ttt_length must be >= 1, got {self.ttt_length}.")
         self.ttt_length = int(self.ttt_length)
 
+    @property
+    def block_size(self) -> int:
+        """The trained proposal length (the drafter protocol's name for it)."""
+        return self.ttt_length
+
 
 class Attention(nn.Module):
     """Attention over ``[normed embedding ; normed hidden]`` (2H wide)."""

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from .config import DrafterConfigError, drafter_args, is_drafter_config
+from .config import DrafterConfigError, drafter_args, is_drafter_config, layout_of
 from .registry import kind_for
 
 DEFAULT_BITS = 4  # what a drafter stored in float is quantized to on load
@@ -174,8 +174,8 @@ def build_drafter(
     import mlx.nn as nn
 
     _check_bits(bits)
-    if is_drafter_config(config):
-        drafter_args(config, source=model_path)  # every field checked, the checkpoint named
+    if layout_of(config) is not None:  # DSpark/DFlash layouts: every field checked, the checkpoint named
+        drafter_args(config, source=model_path)
     kind = kind_for(config)
     if kind is None:
         raise DrafterOptionError(
