@@ -91,6 +91,7 @@ def run(argv=None) -> dict:
     from mlx_lm import load
 
     from .loader import load_drafter
+    from .session import last_stats
 
     p = argparse.ArgumentParser(prog="mlx_lm_dspark.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", default=None, help="A prompt (repeatable); default: built-in code prompts.")
@@ -131,7 +132,7 @@ def run(argv=None) -> dict:
     for prompt in args.prompt or PROMPTS:
         plain = generate(model, tokenizer, prompt, args.max_tokens)
         fast = generate(model, tokenizer, prompt, args.max_tokens, **spec)
-        stats = drafter.stats
+        stats = last_stats(drafter)
         same = plain.tokens == fast.tokens
         print("─" * 72)
         print(prompt + highlight(tokenizer, fast, color))

@@ -287,12 +287,16 @@ class Drafter(nn.Module):
 
     @property
     def accept_lens(self) -> List[int]:
-        stats = getattr(self, "stats", None)
+        from .session import last_stats
+
+        stats = last_stats(self)
         return list(stats.accepted_lengths) if stats is not None else []
 
     @property
     def draft_lens(self) -> List[int]:
-        stats = getattr(self, "stats", None)
+        from .session import last_stats
+
+        stats = last_stats(self)
         return list(stats.proposal_lengths) if stats is not None else []
 
     def validate_target_compatibility(self, target_model) -> None:

@@ -6,7 +6,6 @@ DSpark/DFlash drafter, with the same call signature and the same yields:
 """
 
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, List, Optional, Tuple
 
@@ -15,16 +14,10 @@ from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from . import early
-from .autocap import draft_length_for
 from .cost import CostModel, load_or_measure, save
+from .session import Session, session_for
 from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
-from .target import (
-    TargetAdapter,
-    cache_length,
-    check_rollback,
-    rollback,
-    validate_pair,
-)
+from .target import TargetAdapter, cache_length, check_rollback, rollback
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
 DEFAULT_QUANTIZED_KV_START = 5000
@@ -109,39 +102,24 @@ def is_drafter(model) -> bool:
 
 def bind(drafter, model) -> TargetAdapter:
     """Tap ``model`` for ``drafter`` (once per pair) and validate the pair."""
-    bound = getattr(drafter, "_bound_target", None)
-    if bound is not None and bound[0]() is model:
-        return bound[1]
-    target = TargetAdapter(model, drafter.target_layer_ids)
-    validate_pair(drafter, target)
-    if not drafter.args.has_embeddings:
-        drafter.borrow_embeddings(*target.embedding_functions())
-    drafter._bound_target = (weakref.ref(model), target)
-    return target
+    return session_for(drafter, model).target
 
 
 def cost_model(drafter, target: TargetAdapter, refresh: bool = False, measured: Optional[CostModel] = None):
     """The pair's cost model (cached on disk; measured on first use, or now
     with ``refresh``; ``measured``: one the caller measured, cached and used
     from now on)."""
-    memo = getattr(drafter, "_cost_model", None)
+    session = session_for(drafter, target.model)
     if measured is not None:
         save(target, drafter, measured)
-        cost = measured
-    elif memo is not None and memo[0]() is target.model and not refresh:
-        return memo[1]
-    else:
-        cost = load_or_measure(target, drafter, refresh)
-    drafter._cost_model = (weakref.ref(target.model), cost)
-    return cost
+        session.cost = measured
+    elif session.cost is None or refresh:
+        session.cost = load_or_measure(target, drafter, refresh)
+    return session.cost
 
 
-# Drafter context that travels with a target-only prompt cache the caller
-# reuses across calls (keyed by the cache's first entry).
-_draft_caches = weakref.WeakKeyDictionary()
-
-
-def _split_cache(prompt_cache, target: TargetAdapter, drafter):
+def _split_cache(prompt_cache, session: Session, drafter):
+    target = session.target
     if prompt_cache is None:
         return target.make_cache(), drafter.make_cache()
     n = target.num_cache_entries
@@ -157,10 +135,9 @@ def _split_cache(prompt_cache, target: TargetAdapter, drafter):
     if len(prompt_cache) != n:
         raise ValueError(f"prompt_cache has {len(prompt_cache)} entries; the target needs {n}.")
     key = prompt_cache[0]
-    draft_cache = _draft_caches.get(key)
+    draft_cache = session.draft_contexts.get(key)
     if draft_cache is None:
-        draft_cache = drafter.make_cache()
-        _draft_caches[key] = draft_cache
+        draft_cache = session.draft_contexts[key] = drafter.make_cache()
     return prompt_cache, draft_cache
 
 
@@ -198,14 +175,15 @@ def speculative_generate_step(
     machine's cost model and the drafter's confidence (``autocap.py``).
     """
     drafter = draft_model
-    target = bind(drafter, model)
+    session = session_for(drafter, model)
+    target = session.target
     sampler = sampler or greedy_sampler
     if num_draft_tokens is not None and num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids.")
 
-    target_cache, draft_cache = _split_cache(prompt_cache, target, drafter)
+    target_cache, draft_cache = _split_cache(prompt_cache, session, drafter)
     check_rollback(target_cache)
 
     # The drafter context must cover the same positions as the target cache.
@@ -255,7 +233,7 @@ def speculative_generate_step(
             # to the caller's list and keep the drafter context attached.
             prompt_cache[: len(target_cache)] = target_cache
             if len(prompt_cache) == len(target_cache):
-                _draft_caches[target_cache[0]] = draft_cache
+                session.draft_contexts[target_cache[0]] = draft_cache
 
 
 # ---------------------------------------------------------------- the round loop's pieces
@@ -525,10 +503,11 @@ class Rounds:
         # follow wall-clock timing and earlier generations; with sampling they
         # decide which random draws are made, and a seed must reproduce the text.
         learn = self.acceptor.rule == GREEDY
-        self.lengths = draft_length_for(drafter, cost_model(drafter, target), max_drafts, learn) if auto else None
+        session = session_for(drafter, target.model)
+        self.lengths = session.draft_length(cost_model(drafter, target), max_drafts, learn) if auto else None
         self.stats = SpeculativeStats(rule=self.acceptor.rule, cap=None if auto else self.cap,
                                       time_scale=self.lengths.time_scale if auto else None)
-        drafter.stats = self.stats
+        session.record(self.stats)
         self.clock = RoundClock(self.stats, self.lengths.observe if auto and learn else None)
         self.history = TokenHistory(logits_processors, history)
         self.context = DrafterContext(drafter, draft_cache, self.clock)

@@ -293,8 +293,11 @@ def patch_ar(ar) -> None:
                     return
         finally:
             tokens.close()
-            if getattr(draft_model, "stats", None) is not None:
-                logger.info("mlx-lm-dspark: %s", draft_model.stats.summary())
+            from ..session import last_stats
+
+            stats = last_stats(draft_model)
+            if stats is not None:
+                logger.info("mlx-lm-dspark: %s", stats.summary())
 
     ar.run_speculative_rounds = run_speculative_rounds
     ar.run_speculative_server_rounds = run_speculative_server_rounds
