@@ -15,6 +15,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from . import early
 from .cost import CostModel, load_or_measure, save
+from .protocol import DrafterProtocol
 from .session import Session, session_for
 from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
 from .target import TargetAdapter, cache_length, check_rollback, rollback
@@ -96,8 +97,9 @@ class SpeculativeStats:
 
 
 def is_drafter(model) -> bool:
-    """True for drafters built by one of the registered kinds."""
-    return all(hasattr(model, a) for a in ("propose", "add_context", "make_cache", "kind"))
+    """True for drafters of any kind: objects with every member of the
+    drafter protocol (``protocol.py``)."""
+    return isinstance(model, DrafterProtocol)
 
 
 def bind(drafter, model) -> TargetAdapter:
