@@ -10,11 +10,15 @@ drafter-wide record of the last statistics is keyed weakly too.
 """
 
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from .autocap import DraftLength
 from .cost import CostModel
-from .target import TargetAdapter, validate_pair
+
+# ``target`` imports mlx-lm, whose import runs this package's host patches,
+# which import this module: it is imported where it is used.
+if TYPE_CHECKING:
+    from .target import TargetAdapter
 
 _SESSIONS = "_mlx_lm_dspark_sessions"  # the attribute of a target model holding its sessions
 
@@ -58,7 +62,7 @@ _last_stats = WeakIdentityMap()  # drafter -> its most recent generation's Specu
 class Session:
     """One (drafter, target model) pair's state across generations."""
 
-    def __init__(self, drafter, target: TargetAdapter):
+    def __init__(self, drafter, target: "TargetAdapter"):
         self.target = target  # the bound target (taps placed, pair validated)
         self.cost: Optional[CostModel] = None  # the pair's cost model, once loaded or measured
         self.lengths: Optional[DraftLength] = None  # the automatic cap's estimates (greedy decoding)
@@ -113,6 +117,8 @@ def session_for(drafter, model) -> Session:
     session = find(drafter, model)
     if session is not None:
         return session
+    from .target import TargetAdapter, validate_pair
+
     target = TargetAdapter(model, drafter.target_layer_ids)
     validate_pair(drafter, target)
     if not drafter.args.has_embeddings:

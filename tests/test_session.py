@@ -2,6 +2,8 @@
 alive, and the drafter's last statistics."""
 
 import gc
+import subprocess
+import sys
 import weakref
 
 import mlx.core as mx
@@ -86,3 +88,10 @@ def test_nothing_is_kept_alive(pair_dirs):
     gc.collect()
     assert model_ref() is None  # neither the drafter nor its last statistics hold the target
     assert last_stats(drafter) is not None
+
+
+def test_last_stats_imports_before_mlx_lm():
+    """Importing it first must not trip over the host patches mlx-lm's import runs."""
+    code = "from mlx_lm_dspark import last_stats; import mlx_lm.generate; print(last_stats(object()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr
