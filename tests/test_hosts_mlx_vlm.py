@@ -147,6 +147,18 @@ def test_checkpoints_mlx_vlm_cannot_run_come_to_us(pairs, loaded):
     assert generate_ids(model, processor, TEXT, draft_model=drafter, draft_kind=kind, draft_block_size=8) == plain
 
 
+def test_a_drafter_loaded_by_us_runs_in_mlx_vlm(pairs, loaded):
+    from mlx_lm_dspark import load_drafter
+
+    drafter = load_drafter(str(pairs["copy"][1]), bits=None)
+    assert not hasattr(drafter, "config")  # the network class carries no mlx-vlm plumbing
+    model, processor = loaded("copy")
+    plain = generate_ids(model, processor, TEXT)
+    assert generate_ids(model, processor, TEXT, draft_model=drafter, draft_kind="dflash", draft_block_size=8) == plain
+    assert isinstance(drafter, Drafter) and drafter.config.target_layer_ids == drafter.target_layer_ids
+    assert drafter.accept_lens == last_stats(drafter).accepted_lengths and drafter.draft_lens
+
+
 def test_mismatched_target_is_refused(pairs, loaded):
     from mlx_vlm.speculative.drafters import load_drafter
 
