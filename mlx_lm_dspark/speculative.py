@@ -63,8 +63,10 @@ class SpeculativeStats:
 
     @property
     def mean_acceptance_length(self) -> float:
-        """τ: mean over rounds of accepted drafts + 1."""
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+        """τ: tokens per target forward of the rounds (accepted drafts + 1,
+        averaged).  Before any round the one token so far came from the
+        prefill's forward: 1.0."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 1.0
 
     def as_dict(self) -> dict:
         """The statistics as JSON-ready values (the server's ``usage``)."""

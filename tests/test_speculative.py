@@ -123,6 +123,17 @@ def test_host_time_is_split_into_graph_building_and_loop(pairs):
             1000 * (stats.host_seconds - stats.graph_seconds) / stats.rounds)
 
 
+def test_tau_without_rounds(pairs):
+    """max_tokens=1: the token comes from the prefill, no round runs; τ counts
+    tokens per target forward, so 1.0 (not 0.0)."""
+    model, _, drafter_dir = pairs("qwen3")
+    drafter = load_drafter(drafter_dir, bits=None)
+    assert len(speculative(model, drafter, PROMPT_LONG, 1)) == 1
+    stats = last_stats(drafter)
+    assert stats.rounds == 0 and stats.mean_acceptance_length == 1.0
+    assert stats.as_dict()["mean_acceptance_length"] == 1.0 and "τ=1.00 over 0 rounds" in stats.summary()
+
+
 @pytest.mark.parametrize("layout", ["dflash", "dflash_config", "zlab"])
 def test_other_layouts_exact(pairs, layout):
     kw = {"markov_rank": 0} if layout == "dflash" else {}
