@@ -3,6 +3,18 @@
 It replaces mlx-lm's ``speculative_generate_step`` when the draft model is a
 DSpark/DFlash drafter, with the same call signature and the same yields:
 ``(token, logprobs, from_draft)`` per generated token.
+
+``decode`` is the loop every host shares.  Each round ``Rounds`` cuts the
+proposal queued last round (``cut``), verifies it (``verify``: the round's
+sync), commits the accepted part (``commit``: rollback of the rest) and
+queues the next proposal before handing the tokens over, so the device
+drafts while the caller consumes them.  Rounds that draft nothing run as
+pipelined plain steps (``undrafted_rounds``); on close ``settle`` leaves the
+caches holding exactly prompt + yielded tokens.  The pieces: ``TokenHistory``
+(what logits processors see), ``Acceptor`` (the sampler's acceptance rule),
+``RoundClock`` (host, graph and wait time; the automatic cap's timing),
+``DrafterContext`` (committed positions queued for the drafter) and
+``Positions``.
 """
 
 import time
