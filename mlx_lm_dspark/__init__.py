@@ -14,6 +14,7 @@ _LAZY = {
     "is_drafter_config": "mlx_lm_dspark.loader",
     "Drafter": "mlx_lm_dspark.drafter",
     "speculative_generate_step": "mlx_lm_dspark.speculative",
+    "last_stats": "mlx_lm_dspark.session",
     "DrafterMismatchError": "mlx_lm_dspark.target",
 }
 

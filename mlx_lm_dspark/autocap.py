@@ -28,8 +28,8 @@ The cap maximises expected tokens per second under the machine's cost model
   verify instead; the first round where reading them would have paid brings
   the reads back.
 
-What is learned stays with the drafter from one generation to the next
-(``draft_length_for``).
+What is learned stays with the (drafter, target) pair from one generation to
+the next (``session.Session.draft_length``).
 """
 
 import math
@@ -384,22 +384,3 @@ class DraftLength:
         tokens excluded) that verified ``drafts`` drafts.  ``proposed``: the
         drafter ran (default: drafts > 0).  See ``RoundTimeScale.observe``."""
         self.clock.observe(self.now, drafts, elapsed_ms, drafts > 0 if proposed is None else proposed)
-
-
-def draft_length_for(drafter, cost: CostModel, max_drafts: int, learn: bool = True) -> DraftLength:
-    """The drafter's DraftLength, kept on it across generations while the
-    cost model (the target it is bound to) and block stay the same.
-
-    ``learn=False`` (sampling) gives a fresh one: there the caps decide how
-    many random draws a round uses, so they must depend only on the seed,
-    the cost model and this generation, not on earlier generations."""
-    if not learn:
-        lengths = DraftLength(cost, max_drafts)
-        lengths.start()
-        return lengths
-    lengths = getattr(drafter, "_draft_length", None)
-    if lengths is None or lengths.cost is not cost or lengths.max_drafts != min(max_drafts, cost.max_drafts):
-        lengths = DraftLength(cost, max_drafts)
-        drafter._draft_length = lengths
-    lengths.start()
-    return lengths

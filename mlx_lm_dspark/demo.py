@@ -91,6 +91,7 @@ def run(argv=None) -> dict:
     from mlx_lm import load
 
     from .loader import load_drafter, user_errors
+    from .session import last_stats
     from .speculative import bind
 
     p = argparse.ArgumentParser(prog="mlx_lm_dspark.demo", description=__doc__.split("\n\n")[0])
@@ -140,7 +141,7 @@ def run(argv=None) -> dict:
     for prompt in args.prompt or PROMPTS:
         plain = generate(model, tokenizer, prompt, args.max_tokens)
         fast = generate(model, tokenizer, prompt, args.max_tokens, **spec)
-        stats = drafter.stats
+        stats = last_stats(drafter)
         same = plain.tokens == fast.tokens
         print("─" * 72)
         print(prompt + highlight(tokenizer, fast, color))

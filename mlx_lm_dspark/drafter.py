@@ -10,7 +10,6 @@ that context and bidirectionally to itself to propose the next tokens.
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import List, Optional
 
 import mlx.core as mx
@@ -276,30 +275,6 @@ class Drafter(nn.Module):
     @property
     def target_layer_ids(self) -> List[int]:
         return list(self.args.target_layer_ids)
-
-    # What mlx-vlm's speculative plumbing reads from a drafter -------------
-
-    @property
-    def config(self) -> SimpleNamespace:
-        """The taps mlx-vlm's prefill captures; a model_type it does not map
-        to one of its own kinds."""
-        return SimpleNamespace(model_type="mlx_lm_dspark", target_layer_ids=self.target_layer_ids)
-
-    @property
-    def accept_lens(self) -> List[int]:
-        stats = getattr(self, "stats", None)
-        return list(stats.accepted_lengths) if stats is not None else []
-
-    @property
-    def draft_lens(self) -> List[int]:
-        stats = getattr(self, "stats", None)
-        return list(stats.proposal_lengths) if stats is not None else []
-
-    def validate_target_compatibility(self, target_model) -> None:
-        """Called by mlx-vlm before generating: refuse a mismatched target."""
-        from .speculative import bind  # speculative imports mlx-lm's generate
-
-        bind(self, target_model)
 
     # Embeddings ------------------------------------------------------------
 

@@ -3,10 +3,21 @@
 It replaces mlx-lm's ``speculative_generate_step`` when the draft model is a
 DSpark/DFlash drafter, with the same call signature and the same yields:
 ``(token, logprobs, from_draft)`` per generated token.
+
+``decode`` is the loop every host shares.  Each round ``Rounds`` cuts the
+proposal queued last round (``cut``), verifies it (``verify``: the round's
+sync), commits the accepted part (``commit``: rollback of the rest) and
+queues the next proposal before handing the tokens over, so the device
+drafts while the caller consumes them.  Rounds that draft nothing run as
+pipelined plain steps (``undrafted_rounds``); on close ``settle`` leaves the
+caches holding exactly prompt + yielded tokens.  The pieces: ``TokenHistory``
+(what logits processors see), ``Acceptor`` (the sampler's acceptance rule),
+``RoundClock`` (host, graph and wait time; the automatic cap's timing),
+``DrafterContext`` (committed positions queued for the drafter) and
+``Positions``.
 """
 
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, List, Optional, Tuple
 
@@ -15,16 +26,11 @@ from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from . import early
-from .autocap import draft_length_for
 from .cost import CostModel, load_or_measure, save
+from .protocol import DrafterProtocol
+from .session import Session, session_for
 from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
-from .target import (
-    TargetAdapter,
-    cache_length,
-    check_rollback,
-    rollback,
-    validate_pair,
-)
+from .target import TargetAdapter, cache_length, check_rollback, rollback
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
 DEFAULT_QUANTIZED_KV_START = 5000
@@ -69,8 +75,10 @@ class SpeculativeStats:
 
     @property
     def mean_acceptance_length(self) -> float:
-        """τ: mean over rounds of accepted drafts + 1."""
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+        """τ: tokens per target forward of the rounds (accepted drafts + 1,
+        averaged).  Before any round the one token so far came from the
+        prefill's forward: 1.0."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 1.0
 
     def as_dict(self) -> dict:
         """The statistics as JSON-ready values (the server's ``usage``)."""
@@ -103,45 +111,31 @@ class SpeculativeStats:
 
 
 def is_drafter(model) -> bool:
-    """True for drafters built by one of the registered kinds."""
-    return all(hasattr(model, a) for a in ("propose", "add_context", "make_cache", "kind"))
+    """True for drafters of any kind: objects with every member of the
+    drafter protocol (``protocol.py``)."""
+    return isinstance(model, DrafterProtocol)
 
 
 def bind(drafter, model) -> TargetAdapter:
     """Tap ``model`` for ``drafter`` (once per pair) and validate the pair."""
-    bound = getattr(drafter, "_bound_target", None)
-    if bound is not None and bound[0]() is model:
-        return bound[1]
-    target = TargetAdapter(model, drafter.target_layer_ids)
-    validate_pair(drafter, target)
-    if not drafter.args.has_embeddings:
-        drafter.borrow_embeddings(*target.embedding_functions())
-    drafter._bound_target = (weakref.ref(model), target)
-    return target
+    return session_for(drafter, model).target
 
 
 def cost_model(drafter, target: TargetAdapter, refresh: bool = False, measured: Optional[CostModel] = None):
     """The pair's cost model (cached on disk; measured on first use, or now
     with ``refresh``; ``measured``: one the caller measured, cached and used
     from now on)."""
-    memo = getattr(drafter, "_cost_model", None)
+    session = session_for(drafter, target.model)
     if measured is not None:
         save(target, drafter, measured)
-        cost = measured
-    elif memo is not None and memo[0]() is target.model and not refresh:
-        return memo[1]
-    else:
-        cost = load_or_measure(target, drafter, refresh)
-    drafter._cost_model = (weakref.ref(target.model), cost)
-    return cost
+        session.cost = measured
+    elif session.cost is None or refresh:
+        session.cost = load_or_measure(target, drafter, refresh)
+    return session.cost
 
 
-# Drafter context that travels with a target-only prompt cache the caller
-# reuses across calls (keyed by the cache's first entry).
-_draft_caches = weakref.WeakKeyDictionary()
-
-
-def _split_cache(prompt_cache, target: TargetAdapter, drafter):
+def _split_cache(prompt_cache, session: Session, drafter):
+    target = session.target
     if prompt_cache is None:
         return target.make_cache(), drafter.make_cache()
     n = target.num_cache_entries
@@ -157,10 +151,9 @@ def _split_cache(prompt_cache, target: TargetAdapter, drafter):
     if len(prompt_cache) != n:
         raise ValueError(f"prompt_cache has {len(prompt_cache)} entries; the target needs {n}.")
     key = prompt_cache[0]
-    draft_cache = _draft_caches.get(key)
+    draft_cache = session.draft_contexts.get(key)
     if draft_cache is None:
-        draft_cache = drafter.make_cache()
-        _draft_caches[key] = draft_cache
+        draft_cache = session.draft_contexts[key] = drafter.make_cache()
     return prompt_cache, draft_cache
 
 
@@ -198,14 +191,15 @@ def speculative_generate_step(
     machine's cost model and the drafter's confidence (``autocap.py``).
     """
     drafter = draft_model
-    target = bind(drafter, model)
+    session = session_for(drafter, model)
+    target = session.target
     sampler = sampler or greedy_sampler
     if num_draft_tokens is not None and num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids.")
 
-    target_cache, draft_cache = _split_cache(prompt_cache, target, drafter)
+    target_cache, draft_cache = _split_cache(prompt_cache, session, drafter)
     check_rollback(target_cache)
 
     # The drafter context must cover the same positions as the target cache.
@@ -215,7 +209,7 @@ def speculative_generate_step(
     def quantize_cache():
         maybe_quantize_kv_cache(target_cache, quantized_kv_start, kv_group_size, kv_bits)
 
-    history = None  # token history for logits processors (mirrors generate_step)
+    history = TokenHistory(logits_processors)
     with mx.stream(stream):
         # Prefill exactly like generate_step: prompt[:-1] in chunks, then the
         # last token alone (keeps logits bit-identical to plain decoding).
@@ -228,8 +222,7 @@ def speculative_generate_step(
             _, features = target(chunk[None], target_cache)
             quantize_cache()
             drafter.add_context(draft_cache, features, position)
-            if logits_processors:
-                history = mx.concatenate([history, chunk]) if history is not None else chunk
+            history.extend(chunk)
             mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
             position += n
             done += n
@@ -238,11 +231,7 @@ def speculative_generate_step(
         logits, features = target(last[None], target_cache)
         quantize_cache()
         drafter.add_context(draft_cache, features, position)
-        logits = logits[0]
-        if logits_processors:
-            history = mx.concatenate([history, last]) if history is not None else last
-            for processor in logits_processors:
-                logits = processor(history, logits)
+        logits = history.process(logits[0], last)
         position += 1
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         anchor = sampler(logprobs).astype(mx.uint32)
@@ -252,7 +241,7 @@ def speculative_generate_step(
         yield from decode(
             target, drafter, target_cache, draft_cache, anchor, logprobs[0], position,
             stream=stream, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens, sampler=sampler,
-            logits_processors=logits_processors, history=history, after_forward=quantize_cache,
+            logits_processors=logits_processors, history=history.tokens, after_forward=quantize_cache,
         )
     finally:
         if prompt_cache is not None:
@@ -260,7 +249,473 @@ def speculative_generate_step(
             # to the caller's list and keep the drafter context attached.
             prompt_cache[: len(target_cache)] = target_cache
             if len(prompt_cache) == len(target_cache):
-                _draft_caches[target_cache[0]] = draft_cache
+                session.draft_contexts[target_cache[0]] = draft_cache
+
+
+# ---------------------------------------------------------------- the round loop's pieces
+
+
+class TokenHistory:
+    """The token history the logits processors see, as plain decoding builds
+    it: the prompt and every token fed to the target since."""
+
+    def __init__(self, processors: Optional[List[Callable]], tokens: Optional[mx.array] = None):
+        self.processors = processors or None
+        self.tokens = tokens
+
+    def extend(self, tokens: mx.array) -> None:
+        """Add prompt tokens the target saw without sampling after them."""
+        if self.processors is not None:
+            self.tokens = mx.concatenate([self.tokens, tokens]) if self.tokens is not None else tokens
+
+    def process(self, logits: mx.array, inputs: mx.array) -> mx.array:
+        """Apply the processors to ``logits`` [L, V] of ``inputs`` [L] row by
+        row, each row seeing the history up to and including its input."""
+        if self.processors is None:
+            return logits
+        grown = mx.concatenate([self.tokens, inputs]) if self.tokens is not None else inputs
+        before, last = grown.size - inputs.size, inputs.size - 1
+        rows = []
+        for k in range(inputs.size):
+            seen = grown if k == last else grown[: before + k + 1]
+            row = logits[k : k + 1]
+            for processor in self.processors:
+                row = processor(seen, row)
+            rows.append(row)
+        self.tokens = grown
+        return mx.concatenate(rows, axis=0)
+
+    def drop(self, n: int) -> None:
+        """Forget the last ``n`` tokens (rejected drafts)."""
+        if self.processors is not None and n:
+            self.tokens = self.tokens[: self.tokens.size - n]
+
+    def drafting(self, anchor: mx.array) -> list:
+        """The pieces of the history a drafter sampling after ``anchor`` grows."""
+        return [self.tokens, anchor] if self.tokens is not None else []
+
+
+class Acceptor:
+    """Which drafts the target keeps, by the sampler's rule (``sampling.py``):
+    greedy matching, DSpark's p/q rule, or sample-and-match."""
+
+    def __init__(self, sampler: Callable[[mx.array], mx.array]):
+        self.sampler = sampler
+        self.settings = settings_of(sampler)
+        self.rule = rule_for(sampler)
+
+    def accept(self, logprobs: mx.array, drafts: Optional[mx.array], q: Optional[mx.array]):
+        """(number of drafts kept, the target's token after them), on device."""
+        n = 0 if drafts is None else drafts.size
+        if self.rule == PQ:
+            return accept_pq(distribution(logprobs, self.settings), q, drafts if n else mx.zeros((0,), mx.uint32))
+        sampled = self.sampler(logprobs)
+        if sampled.dtype != mx.uint32:
+            sampled = sampled.astype(mx.uint32)
+        if n == 0:
+            return mx.array(0), sampled if sampled.shape[0] == 1 else sampled[:1]
+        accepted = mx.cumprod((sampled[:n] == drafts).astype(mx.int32)).sum()
+        return accepted, mx.take(sampled, accepted[None])
+
+    def drafter_sampling(self, history: TokenHistory, anchor: mx.array):
+        """For the p/q rule the drafter samples from its processed q, with the
+        token history plain decoding would have at each drafted position
+        (None for the other rules: the drafter proposes its argmax)."""
+        if self.rule != PQ:
+            return None
+        drafted = history.drafting(anchor)
+        processors, settings = history.processors, self.settings
+
+        def choose(k, row):
+            if processors:
+                context = mx.concatenate(drafted)
+                for processor in processors:
+                    row = processor(context, row)
+            q = distribution(row - mx.logsumexp(row, axis=-1, keepdims=True), settings)
+            token = sample(q)
+            drafted.append(token)
+            return token, q
+
+        return choose
+
+
+@dataclass(slots=True)
+class OpenRound:
+    """The round under way, as the automatic cap's timing sees it."""
+
+    began: float
+    caller_s: float  # the caller's time before the round began
+    drafts: int = 0  # drafts verified (a drafted round sets them)
+    proposed: bool = False  # whether the drafter proposed (even if all drafts were declined)
+
+
+class RoundClock:
+    """Where a generation's time goes: the host (graph building included),
+    waits for the device, and the caller between yields.  Feeds the
+    statistics' host/graph/wait seconds and, through ``observe``, what rounds
+    really cost to the automatic cap (beyond its measured pieces)."""
+
+    def __init__(self, stats: SpeculativeStats, observe: Optional[Callable] = None):
+        self.stats = stats
+        self.observe = observe
+        self.caller_s = 0.0  # time spent in the caller between our yields
+        self.built_s = 0.0  # time spent building the networks' graphs
+        self.open: Optional[OpenRound] = None
+        self.began = self.wait_before = self.built_before = 0.0
+        self.handed = 0.0
+
+    def begin(self) -> None:
+        """Start timing a round (closing the previous one for ``observe``)."""
+        if self.observe is not None:
+            now = time.perf_counter()
+            last = self.open
+            if last is not None:
+                self.observe(last.drafts, 1000 * ((now - last.began) - (self.caller_s - last.caller_s)), last.proposed)
+            self.open = OpenRound(now, self.caller_s)
+        self.began = time.perf_counter()
+        self.wait_before, self.built_before = self.stats.wait_seconds, self.built_s
+
+    def drafted(self, n: int) -> None:
+        """The round under way verified ``n`` drafts of a proposal."""
+        if self.open is not None:
+            self.open.drafts, self.open.proposed = n, True
+
+    def end(self, now: Optional[float] = None) -> None:
+        """Book the round's host time up to ``now``."""
+        stats = self.stats
+        now = time.perf_counter() if now is None else now
+        stats.host_seconds += (now - self.began) - (stats.wait_seconds - self.wait_before)
+        stats.graph_seconds += self.built_s - self.built_before
+
+    def built(self, began: float, queued_before: float) -> None:
+        """Count the time since ``began`` as graph building, except what
+        queueing the graph's first layers spent (time on the device)."""
+        queued = early.seconds() - queued_before
+        self.stats.wait_seconds += queued
+        self.built_s += time.perf_counter() - began - queued
+
+    def waited(self, since: float) -> float:
+        """Count the time since ``since`` as waiting for the device; returns now."""
+        now = time.perf_counter()
+        self.stats.wait_seconds += now - since
+        return now
+
+    def wait_for(self, read: Callable, *args):
+        """The value of a call that blocks on the device, its time counted as waiting."""
+        began = time.perf_counter()
+        value = read(*args)
+        self.waited(began)
+        return value
+
+    def to_caller(self) -> None:
+        self.handed = time.perf_counter()
+
+    def from_caller(self) -> None:
+        self.caller_s += time.perf_counter() - self.handed
+
+
+class DrafterContext:
+    """The drafter's context cache and the committed positions queued for
+    it.  They are added in one batch when the drafter next drafts (rounds
+    that skip drafting then cost no drafter work) or when the queue grows
+    long."""
+
+    def __init__(self, drafter, cache: list, clock: RoundClock):
+        self.drafter = drafter
+        self.cache = cache
+        self.clock = clock
+        self.pending = []  # (features, start) committed but not yet in the cache
+        self.pending_positions = 0
+
+    def commit(self, features: mx.array, start: int) -> None:
+        self.pending.append((features, start))
+        self.pending_positions += features.shape[1]
+        if self.pending_positions >= CONTEXT_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        began = time.perf_counter()
+        joined = mx.concatenate([f for f, _ in pending], axis=1) if len(pending) > 1 else pending[0][0]
+        self.drafter.add_context(self.cache, joined, pending[0][1])
+        self.clock.built_s += time.perf_counter() - began
+        self.pending = []
+        self.pending_positions = 0
+
+
+@dataclass(slots=True)
+class Positions:
+    """A generation's position bookkeeping (positions count from the start
+    of the sequence)."""
+
+    first: int  # of the first token yielded (the anchor decoding starts from)
+    anchor: int  # of the current anchor: every position before it is committed
+    cached: int  # positions the target cache holds (past ``anchor`` while a step or a verify is in flight)
+    produced: int = 0  # tokens yielded
+
+    def yielded_end(self) -> int:
+        """Positions the caches hold when they hold prompt + yielded tokens."""
+        return self.first + max(self.produced, 1)
+
+
+@dataclass(slots=True)
+class Proposal:
+    """The drafter's queued proposal for the next round."""
+
+    n: int  # drafts asked for
+    drafts: mx.array  # [n]
+    confidence: Optional[mx.array]  # [n] per-draft acceptance estimates, or None
+    q: Optional[mx.array]  # [n, V] the distributions the drafts were sampled from, or None
+
+
+@dataclass(slots=True)
+class Block:
+    """A round's drafts to verify after the anchor, cut from its proposal."""
+
+    n: int  # drafts verified
+    drafts: Optional[mx.array]  # [n], None when n == 0
+    q: Optional[mx.array]
+    proposed: int  # drafts the automatic cap chose from (after the confidence threshold)
+    confidence: Optional[mx.array]  # the whole proposal's
+    scores: Optional[list]  # confidences read before the verify, or None
+
+
+@dataclass(slots=True)
+class Verified:
+    """A verified block, evaluated: what the round commits."""
+
+    block: Block
+    inputs: mx.array  # [anchor, drafts]
+    logprobs: mx.array  # [n + 1, V] the target's
+    features: mx.array  # [1, n + 1, taps * H] the target's tapped states
+    accepted: mx.array  # number of drafts kept
+    next_token: mx.array  # [1] the target's token after them
+    judged: Optional[mx.array]  # confidences the automatic cap judges after the verify
+
+
+class Rounds:
+    """One generation's state after its prefill, and the steps of its round
+    loop: propose, cut, verify, commit, plain (undrafted) steps, settle."""
+
+    def __init__(self, target: TargetAdapter, drafter, target_cache: list, draft_cache: list, anchor: mx.array,
+                 position: int, *, stream, num_draft_tokens: Optional[int], max_tokens: int,
+                 sampler: Optional[Callable], logits_processors: Optional[List[Callable]],
+                 history: Optional[mx.array], after_forward: Callable[[], None]):
+        max_drafts = drafter.max_drafts
+        if num_draft_tokens is None:
+            self.cap = max_drafts
+        elif num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
+        else:
+            self.cap = min(int(num_draft_tokens), max_drafts)
+        self.target, self.drafter, self.target_cache = target, drafter, target_cache
+        self.stream, self.max_tokens, self.after_forward = stream, max_tokens, after_forward
+        self.threshold = drafter.confidence_threshold
+        self.acceptor = Acceptor(sampler or greedy_sampler)
+        auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
+        # Caps never change greedy output, so only greedy decoding lets them
+        # follow wall-clock timing and earlier generations; with sampling they
+        # decide which random draws are made, and a seed must reproduce the text.
+        learn = self.acceptor.rule == GREEDY
+        session = session_for(drafter, target.model)
+        self.lengths = session.draft_length(cost_model(drafter, target), max_drafts, learn) if auto else None
+        self.stats = SpeculativeStats(rule=self.acceptor.rule, cap=None if auto else self.cap,
+                                      time_scale=self.lengths.time_scale if auto else None)
+        session.record(self.stats)
+        self.clock = RoundClock(self.stats, self.lengths.observe if auto and learn else None)
+        self.history = TokenHistory(logits_processors, history)
+        self.context = DrafterContext(drafter, draft_cache, self.clock)
+        self.at = Positions(first=position, anchor=position, cached=position)
+        self.anchor = anchor  # [1] the token after the committed positions
+        self.in_round = False  # mid-round the caches are in flux and must not be settled
+
+    def more(self, produced: int) -> bool:
+        """Whether tokens are still wanted after ``produced``."""
+        return self.max_tokens < 0 or produced < self.max_tokens
+
+    def forward(self, tokens: mx.array):
+        """Target forward over ``tokens`` after the cached positions (lazy)."""
+        began, queued = time.perf_counter(), early.seconds()
+        logits, features = self.target(tokens[None], self.target_cache, start_early=True)
+        self.after_forward()
+        self.clock.built(began, queued)
+        return logits[0], features
+
+    def propose(self, produced_after: int) -> Optional[Proposal]:
+        """Queue the next round's drafts (they depend only on committed state)
+        so the device works while the caller consumes this round's tokens;
+        None when the next round drafts nothing."""
+        if 0 <= self.max_tokens <= produced_after:
+            return None
+        remaining = self.max_tokens - produced_after if self.max_tokens >= 0 else self.cap + 1
+        n = min(self.cap, remaining - 1)
+        lengths = self.lengths
+        if lengths is not None:
+            lengths.at(self.at.anchor)
+        if n <= 0 or (lengths is not None and not lengths.should_draft()):
+            return None
+        with mx.stream(self.stream):
+            self.context.flush()
+            choose = self.acceptor.drafter_sampling(self.history, self.anchor)
+            began, queued = time.perf_counter(), early.seconds()
+            drafts, confidence, q = self.drafter.propose(self.context.cache, self.anchor, self.at.anchor, n, choose)
+            self.clock.built(began, queued)
+        began = time.perf_counter()
+        mx.async_eval(*(x for x in (drafts, confidence, q) if x is not None))
+        self.clock.waited(began)
+        return Proposal(n, drafts, confidence, q)
+
+    def cut(self, proposal: Proposal) -> Block:
+        """The drafts to verify: the proposal up to its first confidence below
+        the drafter's threshold, then as many as the automatic cap chooses."""
+        n, drafts, confidence, q = proposal.n, proposal.drafts, proposal.confidence, proposal.q
+        scores = None
+        with mx.stream(self.stream):
+            if self.threshold is not None and confidence is not None:
+                below = self.clock.wait_for((confidence < self.threshold).tolist)
+                n = below.index(True) if True in below else n
+                drafts, q = drafts[:n], (q[:n] if q is not None else None)
+            proposed = n
+            lengths = self.lengths
+            if lengths is not None and n > 0:
+                # The proposal was queued last round; reading its confidences
+                # waits for it (skipped while typical ones choose as well:
+                # ``reads_confidence``).
+                if confidence is None:
+                    chosen = lengths.choose(n)
+                elif lengths.reads_confidence():
+                    scores = self.clock.wait_for(confidence.tolist)[:n]
+                    chosen = lengths.choose(n, scores)
+                else:
+                    chosen = lengths.choose(n, lengths.typical_confidence())
+                if chosen < n:
+                    n = chosen
+                    drafts, q = drafts[:n], (q[:n] if q is not None else None)
+        if n == 0:
+            drafts = q = None
+        return Block(n, drafts, q, proposed, confidence, scores)
+
+    def verify(self, block: Block) -> Verified:
+        """The target's forward over [anchor, drafts] and, on device, how many
+        drafts it keeps; evaluated in the round's one sync (its second when
+        the automatic cap read the confidences first)."""
+        with mx.stream(self.stream):
+            inputs = mx.concatenate([self.anchor, block.drafts]) if block.n > 0 else self.anchor
+            logits, features = self.forward(inputs)
+            logits = self.history.process(logits, inputs)
+            self.at.cached += block.n + 1
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            accepted, next_token = self.acceptor.accept(logprobs, block.drafts, block.q)
+            judged = block.confidence if self.lengths is not None and block.scores is None else None  # read after it
+            outputs = [accepted, next_token, inputs] + ([judged] if judged is not None else [])
+            self.clock.wait_for(mx.eval, *outputs)
+        return Verified(block, inputs, logprobs, features, accepted, next_token, judged)
+
+    def commit(self, verified: Verified) -> List[int]:
+        """Keep the anchor and the accepted drafts, drop the rejected tail
+        everywhere, and record the round; returns its tokens (the accepted
+        drafts, then the target's next token)."""
+        block, a = verified.block, verified.accepted.item()
+        tokens = verified.inputs.tolist()[1 : a + 1] + verified.next_token.tolist()  # both evaluated: no slicing op
+        rejected = block.n - a
+        rollback(self.target_cache, rejected)
+        self.at.cached -= rejected
+        # Only the now-committed positions (anchor + accepted) enter the
+        # drafter context; their projection is queued with the next proposal.
+        with mx.stream(self.stream):
+            self.context.commit(verified.features[:, : a + 1], self.at.anchor)
+        self.history.drop(rejected)
+        stats = self.stats
+        stats.proposal_lengths.append(block.n)
+        stats.accepted_lengths.append(a)
+        if block.n == 0:
+            stats.declined.append(stats.rounds - 1)
+        self.clock.drafted(block.n)
+        if self.lengths is not None and block.proposed > 0:
+            scores = block.scores
+            if verified.judged is not None:
+                scores = verified.judged.tolist()[: block.proposed]  # evaluated: no slicing op
+            self.lengths.update(block.n, a, scores)
+            if scores is not None:
+                self.lengths.judge(scores, block.proposed)
+        self.anchor = verified.next_token
+        self.at.anchor += a + 1
+        return tokens
+
+    def hand_over(self, tokens: List[int], logprobs: mx.array):
+        """Yield a drafted round's tokens: the accepted drafts, then the target's."""
+        last = len(tokens) - 1
+        self.clock.to_caller()
+        for k in range(last + 1):
+            self.at.produced += 1
+            yield tokens[k], logprobs[k], k < last
+        self.clock.from_caller()
+        if self.stats.rounds % 256 == 0:
+            mx.clear_cache()
+
+    def plain_step(self):
+        """Forward the anchor and sample the token after it, lazily (a round
+        without drafts): (that token [1], its log-probabilities [1, V])."""
+        token, start = self.anchor, self.at.anchor
+        with mx.stream(self.stream):
+            logits, features = self.forward(token)
+            self.at.cached += 1
+            logits = self.history.process(logits, token)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            _, following = self.acceptor.accept(logprobs, None, None)
+            self.context.commit(features, start)
+        began = time.perf_counter()
+        mx.async_eval(following, logprobs)
+        self.clock.waited(began)
+        return following, logprobs
+
+    def undrafted_rounds(self):
+        """Rounds without drafts (drafting paused, or a cap of 0), pipelined
+        like plain decoding: the next forward is queued before this round's
+        token is read, so the device never waits on Python.  Returns the
+        proposal that ends them (None at the end of the generation)."""
+        at, clock, stats = self.at, self.clock, self.stats
+        step = self.plain_step()
+        while True:
+            clock.begin()
+            following, logprobs = step
+            at.anchor += 1
+            self.anchor = following
+            stats.proposal_lengths.append(0)
+            stats.accepted_lengths.append(0)
+            proposal = self.propose(at.produced + 1)
+            plain_next = self.more(at.produced + 1) and proposal is None
+            if plain_next:
+                step = self.plain_step()
+            began = time.perf_counter()
+            token = following.item()
+            clock.end(clock.waited(began))
+            at.produced += 1
+            clock.to_caller()
+            yield token, logprobs[0], False
+            clock.from_caller()
+            if stats.rounds % 256 == 0:
+                mx.clear_cache()
+            if not plain_next:
+                return proposal
+
+    def settle(self) -> None:
+        """Leave the caches holding exactly prompt + yielded tokens, so a
+        caller that reuses them continues correctly."""
+        end = self.at.yielded_end()
+        excess = self.at.cached - end
+        cache = self.context.cache
+        with mx.stream(self.stream):
+            self.context.flush()
+            if excess > 0:
+                rollback(self.target_cache, excess)
+                _trim_drafter(cache, excess)
+            elif excess == -1:
+                _, features = self.forward(self.anchor)
+                self.drafter.add_context(cache, features, end - 1)
+            mx.eval([c.state for c in self.target_cache] + [c.state for c in cache])
 
 
 def decode(
@@ -288,305 +743,28 @@ def decode(
     logits processors have seen so far.  On close the caches hold exactly the
     positions of everything yielded.
     """
-    sampler = sampler or greedy_sampler
-    max_drafts = drafter.max_drafts
-    if num_draft_tokens is None:
-        cap = max_drafts
-    elif num_draft_tokens < 0:
-        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
-    else:
-        cap = min(int(num_draft_tokens), max_drafts)
-    threshold = drafter.confidence_threshold
-    settings = settings_of(sampler)
-    rule = rule_for(sampler)
-    auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
-    # Caps never change greedy output, so only greedy decoding lets them
-    # follow wall-clock timing and earlier generations; with sampling they
-    # decide which random draws are made, and a seed must reproduce the text.
-    learn = rule == GREEDY
-    lengths = draft_length_for(drafter, cost_model(drafter, target), max_drafts, learn) if auto else None
-    stats = SpeculativeStats(rule=rule, cap=None if auto else cap, time_scale=lengths.time_scale if auto else None)
-    drafter.stats = stats
-
-    def built(began, queued_before):
-        """Count the time since ``began`` as graph building, except what
-        queueing the graph's first layers spent (time on the device)."""
-        nonlocal built_s
-        queued = early.seconds() - queued_before
-        stats.wait_seconds += queued
-        built_s += time.perf_counter() - began - queued
-
-    def forward(tokens, start):
-        """Target forward over a verify block (not yet committed)."""
-        began, queued = time.perf_counter(), early.seconds()
-        logits, features = target(tokens[None], target_cache, start_early=True)
-        after_forward()
-        built(began, queued)
-        return logits[0], features
-
-    def process(logits, inputs):
-        """Apply logits processors position by position, as plain decoding would."""
-        nonlocal history
-        if not logits_processors:
-            return logits
-        rows = []
-        for k in range(inputs.size):
-            history = mx.concatenate([history, inputs[k : k + 1]]) if history is not None else inputs[: k + 1]
-            row = logits[k : k + 1]
-            for processor in logits_processors:
-                row = processor(history, row)
-            rows.append(row)
-        return mx.concatenate(rows, axis=0)
-
-    cached = position  # positions held by the target cache (and drafter context)
-    last_pos = position  # position of the last token yielded
-    produced = 0
-    in_round = False  # mid-round the caches are in flux and must not be settled
-
-    def drafter_sampling():
-        """For the p/q rule the drafter samples from its processed q, with the
-        token history plain decoding would have at each drafted position."""
-        if rule != PQ:
-            return None
-        drafted = [history, anchor] if history is not None else []
-
-        def choose(k, row):
-            if logits_processors:
-                context = mx.concatenate(drafted)
-                for processor in logits_processors:
-                    row = processor(context, row)
-            q = distribution(row - mx.logsumexp(row, axis=-1, keepdims=True), settings)
-            token = sample(q)
-            drafted.append(token)
-            return token, q
-
-        return choose
-
-    def waited(since):
-        """Count the time since ``since`` as waiting for the device."""
-        now = time.perf_counter()
-        stats.wait_seconds += now - since
-        return now
-
-    def waited_for(read):
-        """(time after, value) of a call that blocks on the device."""
-        start = time.perf_counter()
-        value = read()
-        return waited(start), value
-
-    caller_s = 0.0  # time spent in the caller between our yields
-    built_s = 0.0  # time spent building the networks' graphs (host time counts it per round)
-    open_round = []  # [start time, drafts verified, caller_s at start, drafter ran] of the round under way
-
-    def round_begins():
-        """Start timing a round (closing the previous one; a drafted round
-        sets its draft count later): the automatic cap learns what rounds
-        really cost beyond its measured pieces."""
-        now = time.perf_counter()
-        if lengths is not None and learn and open_round:
-            t0, n0, c0, proposed = open_round
-            lengths.observe(n0, 1000 * ((now - t0) - (caller_s - c0)), proposed)
-        open_round[:] = [now, 0, caller_s, False]
-
-    pending = []  # (features, start) committed but not yet in the drafter context
-    pending_positions = 0
-
-    def commit_context(features, start, flush=False):
-        """Queue committed positions for the drafter context; they are added
-        in one batch when the drafter next drafts (rounds that skip drafting
-        then cost no drafter work) or when the queue grows long."""
-        nonlocal pending_positions, built_s
-        if features is not None:
-            pending.append((features, start))
-            pending_positions += features.shape[1]
-        if pending and (flush or pending_positions >= CONTEXT_BATCH):
-            began = time.perf_counter()
-            joined = mx.concatenate([f for f, _ in pending], axis=1) if len(pending) > 1 else pending[0][0]
-            drafter.add_context(draft_cache, joined, pending[0][1])
-            built_s += time.perf_counter() - began
-            pending.clear()
-            pending_positions = 0
-
-    def propose(produced_after):
-        """Queue the next round's drafts (they depend only on committed state)
-        so the device works while the caller consumes this round's tokens."""
-        if 0 <= max_tokens <= produced_after:
-            return 0, None
-        remaining = max_tokens - produced_after if max_tokens >= 0 else cap + 1
-        n = min(cap, remaining - 1)
-        if lengths is not None:
-            lengths.at(position)
-        if n <= 0 or (lengths is not None and not lengths.should_draft()):
-            return 0, None
-        with mx.stream(stream):
-            commit_context(None, None, flush=True)
-            began, queued = time.perf_counter(), early.seconds()
-            proposal = drafter.propose(draft_cache, anchor, position, n, drafter_sampling())
-            built(began, queued)
-        start = time.perf_counter()
-        mx.async_eval(*(x for x in proposal if x is not None))
-        waited(start)
-        return n, proposal
-
-    def accept(logprobs, drafts, q):
-        """(number of drafts kept, the target's token after them), on device."""
-        n = 0 if drafts is None else drafts.size
-        if rule == PQ:
-            return accept_pq(distribution(logprobs, settings), q, drafts if n else mx.zeros((0,), mx.uint32))
-        sampled = sampler(logprobs)
-        if sampled.dtype != mx.uint32:
-            sampled = sampled.astype(mx.uint32)
-        if n == 0:
-            return mx.array(0), sampled if sampled.shape[0] == 1 else sampled[:1]
-        accepted = mx.cumprod((sampled[:n] == drafts).astype(mx.int32)).sum()
-        return accepted, mx.take(sampled, accepted[None])
-
-    def queue_plain_step(token, start):
-        """Forward one token and sample the next, lazily (a round without drafts)."""
-        nonlocal cached
-        with mx.stream(stream):
-            logits, features = forward(token, start)
-            cached += 1
-            logits = process(logits, token)
-            step_logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            _, following = accept(step_logprobs, None, None)
-            commit_context(features, start)
-        start = time.perf_counter()
-        mx.async_eval(following, step_logprobs)
-        waited(start)
-        return following, step_logprobs
-
-    def undrafted_rounds():
-        """Rounds without drafts (drafting paused, or a cap of 0), pipelined
-        like plain decoding: the next forward is queued before this round's
-        token is read, so the device never waits on Python."""
-        nonlocal anchor, position, produced, last_pos, n, proposal, caller_s
-        step = queue_plain_step(anchor, position)
-        while True:
-            round_begins()
-            round_start = time.perf_counter()
-            wait_before, built_before = stats.wait_seconds, built_s
-            following, step_logprobs = step
-            start = position
-            position += 1
-            anchor = following
-            stats.proposal_lengths.append(0)
-            stats.accepted_lengths.append(0)
-            n, proposal = propose(produced + 1)
-            more = max_tokens < 0 or produced + 1 < max_tokens
-            if more and n == 0:
-                step = queue_plain_step(anchor, position)
-            end = waited_for(following.item)
-            token = end[1]
-            stats.host_seconds += (end[0] - round_start) - (stats.wait_seconds - wait_before)
-            stats.graph_seconds += built_s - built_before
-            produced += 1
-            last_pos = start + 1
-            before = time.perf_counter()
-            yield token, step_logprobs[0], False
-            caller_s += time.perf_counter() - before
-            if stats.rounds % 256 == 0:
-                mx.clear_cache()
-            if not (more and n == 0):
-                return
-
+    rounds = Rounds(
+        target, drafter, target_cache, draft_cache, anchor, position, stream=stream,
+        num_draft_tokens=num_draft_tokens, max_tokens=max_tokens, sampler=sampler,
+        logits_processors=logits_processors, history=history, after_forward=after_forward,
+    )
+    at, clock = rounds.at, rounds.clock
     try:
-        n, proposal = propose(1)
-        produced += 1
+        proposal = rounds.propose(1)
+        at.produced += 1
         yield anchor.item(), logprobs, False
-        while max_tokens < 0 or produced < max_tokens:
-            if n == 0:
-                yield from undrafted_rounds()
+        while rounds.more(at.produced):
+            if proposal is None:
+                proposal = yield from rounds.undrafted_rounds()
                 continue
-            in_round = True
-            round_begins()
-            round_start = time.perf_counter()
-            wait_before, built_before = stats.wait_seconds, built_s
-            with mx.stream(stream):
-                drafts = q = scores = confidence = None
-                proposed = 0  # drafts the automatic cap chooses from
-                if n > 0:
-                    drafts, confidence, q = proposal
-                    if threshold is not None and confidence is not None:
-                        below = waited_for((confidence < threshold).tolist)[1]
-                        n = below.index(True) if True in below else n
-                        drafts, q = drafts[:n], (q[:n] if q is not None else None)
-                    proposed = n
-                    if lengths is not None and n > 0:
-                        # The proposal was queued last round; reading its
-                        # confidences waits for it (skipped while typical
-                        # ones choose as well: ``reads_confidence``).
-                        if confidence is None:
-                            chosen = lengths.choose(n)
-                        elif lengths.reads_confidence():
-                            scores = waited_for(confidence.tolist)[1][:n]
-                            chosen = lengths.choose(n, scores)
-                        else:
-                            chosen = lengths.choose(n, lengths.typical_confidence())
-                        if chosen < n:
-                            n = chosen
-                            drafts, q = drafts[:n], (q[:n] if q is not None else None)
-                    if n == 0:
-                        drafts = q = None
-                verify_in = mx.concatenate([anchor, drafts]) if n > 0 else anchor
-                logits, features = forward(verify_in, position)
-                logits = process(logits, verify_in)
-                cached += n + 1
-                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                accepted, next_token = accept(logprobs, drafts, q)
-                # The round's sync (its second when the automatic cap read the confidences first).
-                judged = confidence if lengths is not None and scores is None else None  # read after it
-                outputs = [accepted, next_token, verify_in] + ([judged] if judged is not None else [])
-                waited_for(lambda: mx.eval(*outputs))
-            a = accepted.item()
-            tokens = verify_in.tolist()[1 : a + 1] + next_token.tolist()  # both evaluated: no slicing op
-            # Keep anchor + accepted drafts; drop the rejected tail everywhere.
-            rejected = n - a
-            rollback(target_cache, rejected)
-            cached -= rejected
-            # Only the now-committed positions (anchor + accepted) enter the
-            # drafter context; their projection is queued with the next proposal.
-            with mx.stream(stream):
-                commit_context(features[:, : a + 1], position)
-            if logits_processors and rejected:
-                history = history[: history.size - rejected]
-            stats.proposal_lengths.append(n)
-            stats.accepted_lengths.append(a)
-            if n == 0:
-                stats.declined.append(stats.rounds - 1)
-            open_round[1], open_round[3] = n, True  # a proposal was made (and maybe declined)
-            if lengths is not None and proposed > 0:
-                if judged is not None:
-                    scores = judged.tolist()[:proposed]  # evaluated: no slicing op
-                lengths.update(n, a, scores)
-                if scores is not None:
-                    lengths.judge(scores, proposed)
-            anchor = next_token
-            start = position
-            position += a + 1
-            in_round = False
-            n, proposal = propose(produced + a + 1)
-            stats.host_seconds += (time.perf_counter() - round_start) - (stats.wait_seconds - wait_before)
-            stats.graph_seconds += built_s - built_before
-            before = time.perf_counter()
-            for k in range(a + 1):
-                produced += 1
-                last_pos = start + 1 + k
-                yield tokens[k], logprobs[k], k < a
-            caller_s += time.perf_counter() - before
-            if stats.rounds % 256 == 0:
-                mx.clear_cache()
+            rounds.in_round = True
+            clock.begin()
+            verified = rounds.verify(rounds.cut(proposal))
+            tokens = rounds.commit(verified)
+            rounds.in_round = False
+            proposal = rounds.propose(at.produced + len(tokens))
+            clock.end()
+            yield from rounds.hand_over(tokens, verified.logprobs)
     finally:
-        if not in_round:
-            # Leave the caches holding exactly prompt + yielded tokens, so a
-            # caller that reuses them continues correctly.
-            excess = cached - (last_pos + 1)
-            with mx.stream(stream):
-                commit_context(None, None, flush=True)
-                if excess > 0:
-                    rollback(target_cache, excess)
-                    _trim_drafter(draft_cache, excess)
-                elif excess == -1:
-                    _, features = forward(anchor, last_pos)
-                    drafter.add_context(draft_cache, features, last_pos)
-                mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
+        if not rounds.in_round:
+            rounds.settle()

@@ -479,6 +479,7 @@ def micro_batch(train, index: int, args: TrainingArgs, pad_id: int):
 def evaluate(model, drafter: Drafter, held: Sequence[Sequence[int]], max_tokens: int = 32) -> dict:
     """Held-out τ through the real round loop: greedy speculative generation
     from the first half of each held-out sequence, full blocks."""
+    from .session import last_stats
     from .speculative import speculative_generate_step
 
     accepted = rounds = 0
@@ -487,8 +488,9 @@ def evaluate(model, drafter: Drafter, held: Sequence[Sequence[int]], max_tokens:
         for _ in speculative_generate_step(prompt, model, drafter, num_draft_tokens=drafter.max_drafts,
                                            max_tokens=max_tokens):
             pass
-        accepted += drafter.stats.accepted
-        rounds += drafter.stats.rounds
+        stats = last_stats(drafter)
+        accepted += stats.accepted
+        rounds += stats.rounds
     return {"tau": (accepted + rounds) / rounds if rounds else 0.0, "rounds": rounds}
 
 

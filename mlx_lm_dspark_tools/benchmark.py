@@ -70,6 +70,7 @@ import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (first: importing .speculative before mlx-lm is circular)
 
 from mlx_lm_dspark import cost as costs
+from mlx_lm_dspark.session import last_stats
 from mlx_lm_dspark.speculative import bind, cost_model, speculative_generate_step
 
 PROMPTS = {
@@ -269,7 +270,7 @@ def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler,
                                     sampler=sampler, num_draft_tokens=cap)
     run = timed(gen, eos_ids)
     run.prompt_tokens = len(prompt)
-    stats = getattr(drafter, "stats", None)
+    stats = last_stats(drafter)
     if stats is not None:
         run.proposal_lengths = list(stats.proposal_lengths)
         run.accepted_lengths = list(stats.accepted_lengths)

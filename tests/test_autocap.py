@@ -6,7 +6,7 @@ import mlx_lm
 import pytest
 from mlx_lm.generate import generate_step
 
-from mlx_lm_dspark import load_drafter
+from mlx_lm_dspark import last_stats, load_drafter
 from mlx_lm_dspark.autocap import (
     AGREED_ROUNDS,
     AT_STEP,
@@ -204,10 +204,10 @@ def test_the_loop_times_declined_proposals_as_drafter_rounds(models, monkeypatch
     monkeypatch.setattr(DraftLength, "should_draft", lambda self: True)
     monkeypatch.setattr(DraftLength, "observe", lambda self, drafts, ms, proposed=None: seen.append((drafts, proposed)))
     list(speculative_generate_step(mx.array([5, 6, 7]), model, drafter, max_tokens=12))
-    assert drafter.stats.proposal_lengths[:-1] == [0] * (len(drafter.stats.proposal_lengths) - 1)
+    assert last_stats(drafter).proposal_lengths[:-1] == [0] * (len(last_stats(drafter).proposal_lengths) - 1)
     assert seen and set(seen) == {(0, True)}  # every round proposed, none verified a draft
     # ... and the statistics say so (the last round, one token from the end, drafts nothing)
-    assert drafter.stats.declined == list(range(drafter.stats.rounds - 1))
+    assert last_stats(drafter).declined == list(range(last_stats(drafter).rounds - 1))
 
 
 def test_a_stalled_or_free_round_moves_the_scale_only_so_far():
@@ -256,21 +256,22 @@ def test_best_cap_prefers_fewer_drafts_on_a_tie():
 
 
 def test_learned_estimates_carry_over_to_the_next_generation():
-    from mlx_lm_dspark.autocap import draft_length_for
+    from mlx_lm_dspark.session import Session
 
     class Holder:
         pass
 
-    drafter = Holder()
-    first = draft_length_for(drafter, GPU_LIKE, 7)
+    session = Session(Holder(), target=None)
+    first = session.draft_length(GPU_LIKE, 7)
     for _ in range(5):
         first.update(7, 7, [0.05] * 7)
     first.declined = 3
-    again = draft_length_for(drafter, GPU_LIKE, 7)
+    again = session.draft_length(GPU_LIKE, 7)
     assert again is first and again.calibrated and again.declined == 0  # the streak is per generation
-    other = draft_length_for(drafter, CPU_LIKE, 7)
+    other = session.draft_length(CPU_LIKE, 7)
     assert other is not first and not other.calibrated  # another target (cost model): start afresh
-    assert draft_length_for(drafter, CPU_LIKE, 3).max_drafts == 3  # another block: start afresh
+    assert session.draft_length(CPU_LIKE, 3).max_drafts == 3  # another block: start afresh
+    assert session.draft_length(CPU_LIKE, 3, learn=False) is not session.lengths  # sampling: a fresh one
 
 
 def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
@@ -459,7 +460,7 @@ def test_exact_with_the_automatic_cap(models, family, drafter_kind):
         drafter = OracleDrafter(text_args(model), prompt + more, right=right)
     got = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60)]
     assert got == expected
-    stats = drafter.stats
+    stats = last_stats(drafter)
     assert stats.cap is None and "draft cap auto" in stats.summary()
     assert all(0 <= n <= drafter.max_drafts for n in stats.proposal_lengths)
 
@@ -468,8 +469,8 @@ def test_an_explicit_cap_wins(models):
     model, drafter_dir = models["qwen3"]
     drafter = load_drafter(drafter_dir, bits=None)
     list(speculative_generate_step(mx.array([5, 6, 7]), model, drafter, max_tokens=20, num_draft_tokens=2))
-    assert drafter.stats.cap == 2 and set(drafter.stats.proposal_lengths[:-2]) == {2}  # the last two: max_tokens
-    assert "draft cap 2" in drafter.stats.summary()
+    assert last_stats(drafter).cap == 2 and set(last_stats(drafter).proposal_lengths[:-2]) == {2}  # the last two: max_tokens
+    assert "draft cap 2" in last_stats(drafter).summary()
 
 
 def test_decoding_feeds_round_times_to_the_automatic_cap(models):
@@ -478,10 +479,10 @@ def test_decoding_feeds_round_times_to_the_automatic_cap(models):
     more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
     drafter = OracleDrafter(text_args(model), prompt + more, right=lambda pos: True)
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60))
-    undrafted, drafted = drafter.stats.time_scale
+    undrafted, drafted = last_stats(drafter).time_scale
     assert drafted != 1.0 and 0.25 <= drafted <= 4.0  # drafted rounds were timed
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=20, num_draft_tokens=2))
-    assert drafter.stats.time_scale is None  # an explicit cap learns nothing
+    assert last_stats(drafter).time_scale is None  # an explicit cap learns nothing
 
 
 def test_sampling_caps_do_not_depend_on_earlier_generations(models):
@@ -489,6 +490,8 @@ def test_sampling_caps_do_not_depend_on_earlier_generations(models):
     seed must reproduce the text in the same process, whatever ran before
     (greedy decoding alone carries learned estimates over)."""
     from mlx_lm.sample_utils import make_sampler
+
+    from mlx_lm_dspark.session import find
 
     model, drafter_dir = models["qwen3"]
     prompt = [5, 6, 7]
@@ -504,7 +507,7 @@ def test_sampling_caps_do_not_depend_on_earlier_generations(models):
     first = sampled()
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60))  # greedy: learns
     assert sampled() == first
-    assert getattr(drafter, "_draft_length", None) is not None  # greedy kept its estimates
+    assert find(drafter, model).lengths is not None  # greedy kept its estimates
 
 
 # The parts of DraftLength, one job each.

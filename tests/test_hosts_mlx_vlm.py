@@ -20,6 +20,7 @@ import pytest
 
 pytest.importorskip("mlx_vlm", reason="the mlx-vlm integration needs the `vlm` extra (pip install '.[vlm]')")
 
+from mlx_lm_dspark import last_stats  # noqa: E402
 from mlx_lm_dspark.hosts import mlx_vlm as patch_mlx_vlm  # noqa: E402
 from mlx_lm_dspark.drafter import Drafter  # noqa: E402
 from mlx_lm_dspark.hosts.mlx_lm import HostMismatchError  # noqa: E402
@@ -87,7 +88,7 @@ def test_greedy_output_equals_plain_decoding(pairs, loaded, kind, prompt, block)
     extra = {} if block is None else {"draft_block_size": block}
     spec = generate_ids(model, processor, text, image, draft_model=drafter, draft_kind=host_kind, **extra)
     assert spec == plain
-    stats = drafter.stats
+    stats = last_stats(drafter)
     assert 1 + stats.rounds + sum(stats.accepted_lengths) == len(plain)  # prefill token + rounds
     if block is not None:
         assert max(stats.proposal_lengths) == block - 1  # --draft-block-size counts the anchor
@@ -120,7 +121,7 @@ def test_eos_inside_an_accepted_block_stops_like_plain(pairs, loaded):
     finally:
         tokenizer.stopping_criteria = old
     assert plain_stop == plain[: stop + 1]
-    assert drafter.stats.accepted_lengths[-1] >= 1  # it stopped on an accepted draft, mid-block
+    assert last_stats(drafter).accepted_lengths[-1] >= 1  # it stopped on an accepted draft, mid-block
     assert spec_stop == plain_stop
 
 
@@ -146,16 +147,29 @@ def test_checkpoints_mlx_vlm_cannot_run_come_to_us(pairs, loaded):
     assert generate_ids(model, processor, TEXT, draft_model=drafter, draft_kind=kind, draft_block_size=8) == plain
 
 
+def test_a_drafter_loaded_by_us_runs_in_mlx_vlm(pairs, loaded):
+    from mlx_lm_dspark import load_drafter
+
+    drafter = load_drafter(str(pairs["copy"][1]), bits=None)
+    assert not hasattr(drafter, "config")  # the network class carries no mlx-vlm plumbing
+    model, processor = loaded("copy")
+    plain = generate_ids(model, processor, TEXT)
+    assert generate_ids(model, processor, TEXT, draft_model=drafter, draft_kind="dflash", draft_block_size=8) == plain
+    assert isinstance(drafter, Drafter) and drafter.config.target_layer_ids == drafter.target_layer_ids
+    assert drafter.accept_lens == last_stats(drafter).accepted_lengths and drafter.draft_lens
+
+
 def test_mismatched_target_is_refused(pairs, loaded):
     from mlx_vlm.speculative.drafters import load_drafter
 
+    from mlx_lm_dspark.session import forget
     from mlx_lm_dspark.target import DrafterMismatchError
 
     model, processor = loaded("random")
     drafter, kind = load_drafter(str(pairs["random"][1]), kind=patch_mlx_vlm.KIND)
     drafter.args.hidden_size = 128  # as if trained for another target
     try:
-        object.__setattr__(drafter, "_bound_target", None)
+        forget(drafter, model)
         with pytest.raises(DrafterMismatchError, match="hidden_size"):
             generate_ids(model, processor, TEXT, draft_model=drafter, draft_kind=kind)
     finally:

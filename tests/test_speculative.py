@@ -10,7 +10,7 @@ import pytest
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_lm_dspark import load_drafter
+from mlx_lm_dspark import last_stats, load_drafter
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import cache_length, text_args
 from oracle import OracleDrafter
@@ -71,7 +71,7 @@ def test_random_drafter_exact(pairs, family, bits, prompt):
     model, _, drafter_dir = pairs(family, bits)
     drafter = load_drafter(drafter_dir, bits=None)
     got, _ = check_exact(model, drafter, prompt, MAX)
-    stats = drafter.stats
+    stats = last_stats(drafter)
     assert stats.rounds > 0 and sum(stats.accepted_lengths) + stats.rounds + 1 == MAX
 
 
@@ -85,12 +85,12 @@ def test_oracle_drafters_exact(pairs, family, bits, pattern):
         got, expected = check_exact(model, drafter, prompt, MAX)
         if pattern == "perfect":
             # Every round drafts the full block and accepts it all.
-            assert all(a == n for a, n in zip(drafter.stats.accepted_lengths, drafter.stats.proposal_lengths))
-            assert drafter.stats.rounds == -(-(MAX - 1) // 8)
+            assert all(a == n for a, n in zip(last_stats(drafter).accepted_lengths, last_stats(drafter).proposal_lengths))
+            assert last_stats(drafter).rounds == -(-(MAX - 1) // 8)
         else:
-            assert 0 < drafter.stats.accepted < drafter.stats.drafted
+            assert 0 < last_stats(drafter).accepted < last_stats(drafter).drafted
         # from_draft marks exactly the accepted drafts
-        assert sum(d for _, d in got) == drafter.stats.accepted
+        assert sum(d for _, d in got) == last_stats(drafter).accepted
 
 
 @pytest.mark.parametrize("cap", range(1, 8))
@@ -100,14 +100,14 @@ def test_caps_and_max_tokens(pairs, cap, max_tokens):
     drafter = oracle(model, PROMPT_LONG, lambda pos: pos % 4 != 1)
     got, _ = check_exact(model, drafter, PROMPT_LONG, max_tokens, num_draft_tokens=cap)
     assert len(got) == max_tokens
-    assert all(n <= cap for n in drafter.stats.proposal_lengths)
+    assert all(n <= cap for n in last_stats(drafter).proposal_lengths)
 
 
 def test_num_draft_tokens_zero_is_plain_decoding(pairs):
     model, _, _ = pairs("qwen3")
     drafter = oracle(model, PROMPT_LONG)
     check_exact(model, drafter, PROMPT_LONG, 12, num_draft_tokens=0)
-    assert drafter.stats.drafted == 0
+    assert last_stats(drafter).drafted == 0
     with pytest.raises(ValueError, match="num_draft_tokens"):
         speculative(model, drafter, PROMPT_LONG, 5, num_draft_tokens=-1)
 
@@ -117,10 +117,21 @@ def test_host_time_is_split_into_graph_building_and_loop(pairs):
     drafter = load_drafter(drafter_dir, bits=None)
     for cap in (0, 3):  # undrafted and drafted rounds
         check_exact(model, drafter, PROMPT_LONG, 24, num_draft_tokens=cap)
-        stats = drafter.stats
+        stats = last_stats(drafter)
         assert 0.0 < stats.graph_seconds <= stats.host_seconds
         assert stats.loop_ms_per_round == pytest.approx(
             1000 * (stats.host_seconds - stats.graph_seconds) / stats.rounds)
+
+
+def test_tau_without_rounds(pairs):
+    """max_tokens=1: the token comes from the prefill, no round runs; τ counts
+    tokens per target forward, so 1.0 (not 0.0)."""
+    model, _, drafter_dir = pairs("qwen3")
+    drafter = load_drafter(drafter_dir, bits=None)
+    assert len(speculative(model, drafter, PROMPT_LONG, 1)) == 1
+    stats = last_stats(drafter)
+    assert stats.rounds == 0 and stats.mean_acceptance_length == 1.0
+    assert stats.as_dict()["mean_acceptance_length"] == 1.0 and "τ=1.00 over 0 rounds" in stats.summary()
 
 
 @pytest.mark.parametrize("layout", ["dflash", "dflash_config", "zlab"])
@@ -160,7 +171,7 @@ def test_eos_inside_accepted_block(pairs, family):
     tokens, reason, length = run(drafter)
     assert (tokens, reason, length) == run(None)
     assert tokens[-1] == eos and reason == "stop" and len(tokens) == stop_at + 1
-    assert drafter.stats.rounds == 2
+    assert last_stats(drafter).rounds == 2
     assert length == len(PROMPT_LONG) + stop_at + 1
 
 
@@ -187,20 +198,21 @@ def test_closed_generator_leaves_prompt_plus_yielded(pairs, family, stop):
     out = [t for t, _, _ in speculative_generate_step(mx.array(second), model, second_drafter,
                                                       max_tokens=20, prompt_cache=cache)]
     assert out == expected_second
-    assert second_drafter.stats.accepted > 0
+    assert last_stats(second_drafter).accepted > 0
 
 
 def test_drafter_context_follows_the_cache(pairs):
     model, _, drafter_dir = pairs("qwen3")
     drafter = load_drafter(drafter_dir, bits=None)
-    from mlx_lm_dspark.speculative import _draft_caches
+    from mlx_lm_dspark.session import find
 
     # A target-only cache reused across calls carries the drafter context along.
     cache = make_prompt_cache(model)
     list(speculative_generate_step(mx.array(PROMPT_LONG), model, drafter, max_tokens=9, prompt_cache=cache))
-    assert _draft_caches[cache[0]][0].offset == cache_length(cache) == len(PROMPT_LONG) + 9
+    contexts = find(drafter, model).draft_contexts
+    assert contexts[cache[0]][0].offset == cache_length(cache) == len(PROMPT_LONG) + 9
     list(speculative_generate_step(mx.array(PROMPT_SHORT), model, drafter, max_tokens=5, prompt_cache=cache))
-    assert _draft_caches[cache[0]][0].offset == cache_length(cache) == len(PROMPT_LONG) + 9 + 1 + 5
+    assert contexts[cache[0]][0].offset == cache_length(cache) == len(PROMPT_LONG) + 9 + 1 + 5
 
     # mlx-lm's convention (target entries + draft entries) works as well.
     combined = make_prompt_cache(model) + drafter.make_cache()
@@ -222,7 +234,7 @@ def test_logits_processors_match_plain(pairs):
     drafter = OracleDrafter(text_args(model), sequence, right=lambda pos: pos % 3 != 0)
     got = speculative(model, drafter, PROMPT_LONG, MAX, logits_processors=procs)
     assert [t for t, _ in got] == expected
-    assert drafter.stats.accepted > 0
+    assert last_stats(drafter).accepted > 0
 
 
 def test_quantized_kv_cache_matches_plain(pairs):
@@ -260,7 +272,7 @@ def test_reproduces_deepspec_e2e_run(fixtures_dir, expected_file):
     assert [t for t, _ in got][:max_new] == reference_ids
     assert [t for t, _ in got][:max_new] == plain(target, prompt, max_new)
     rounds = expected["acceptance_lengths"].size
-    stats = drafter.stats
+    stats = last_stats(drafter)
     assert [a + 1 for a in stats.accepted_lengths[:rounds]] == expected["acceptance_lengths"].tolist()
     assert stats.proposal_lengths[:rounds] == expected["proposal_lengths"].tolist()
     if "accepted_draft_lengths" in expected:

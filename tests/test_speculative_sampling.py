@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from goodness import chi2_sf, pair_test, pit, pit_mean_test, pit_test, token_test
+from mlx_lm_dspark import last_stats
 from mlx_lm_dspark.drafter import Drafter, ModelArgs
 from mlx_lm_dspark.sampling import SamplerSettings, distribution
 from mlx_lm_dspark.speculative import speculative_generate_step
@@ -76,7 +77,7 @@ def generate(model, drafter, sampler, processors=None, tokens=TOKENS, seed=0) ->
         run = [t for t, _, _ in speculative_generate_step(
             mx.array(PROMPT), model, drafter, max_tokens=RUN_LENGTH, sampler=sampler,
             logits_processors=processors, num_draft_tokens=drafter.max_drafts)]
-        stats = drafter.stats
+        stats = last_stats(drafter)
         run_slots = [0] + [k for a in stats.accepted_lengths for k in range(a + 1)]
         assert len(run_slots) == len(run) == RUN_LENGTH
         breaks.append(sum(map(len, out)))
@@ -179,7 +180,7 @@ def pq_run(model):
             processors = _processors(processor_spec)
             drafter = distorted_drafter(model)
             sample = generate(model, drafter, make_sampler(**sampler_kw), processors, seed=21)
-            assert drafter.stats.rule == "p/q"
+            assert last_stats(drafter).rule == "p/q"
             probs = conditionals(model, sample, SamplerSettings(**sampler_kw), processors)
             done[knob] = sample, probs, processors
         return done[knob]
@@ -227,7 +228,7 @@ def test_sample_and_match_is_distributed_like_the_target(model):
     drafter = distorted_drafter(model, scale=0.6)
     opaque = lambda logprobs: mx.random.categorical(logprobs * (1 / 0.9))  # noqa: E731
     sample = generate(model, drafter, opaque, seed=24)
-    assert drafter.stats.rule == "sample-and-match"
+    assert last_stats(drafter).rule == "sample-and-match"
     assert sample.accepted / sample.drafted > 0.2
     assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=0.9)), sample)
 
@@ -241,7 +242,7 @@ def test_pq_rule_keeps_more_drafts_than_sample_and_match(model):
                           ("sample-and-match", lambda logprobs: mx.random.categorical(logprobs))]:
         drafter = distorted_drafter(model)
         taus[rule] = generate(model, drafter, sampler, tokens=8 * RUN_LENGTH, seed=28).tau
-        assert drafter.stats.rule == rule
+        assert last_stats(drafter).rule == rule
     if os.environ.get("MLX_LM_DSPARK_SHOW_P"):
         print("\nτ:", taus)
     assert taus["p/q"] > taus["sample-and-match"], taus
@@ -271,7 +272,7 @@ def test_pq_rule_with_a_dspark_network_drafter(model):
     drafts), with a random drafter whose q overlaps p only partly."""
     drafter = random_dspark_drafter(model)
     sample = generate(model, drafter, make_sampler(temp=1.0), tokens=FEWER, seed=25)
-    assert drafter.stats.rule == "p/q" and sample.accepted > 0
+    assert last_stats(drafter).rule == "p/q" and sample.accepted > 0
     assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
 
 
@@ -378,6 +379,7 @@ CLI_SPY = """
 import importlib, json, os, sys
 
 host = importlib.import_module("mlx_lm.generate")  # the module (mlx_lm.generate is the function)
+from mlx_lm_dspark import last_stats
 
 runs = []
 dispatch = host.speculative_generate_step  # mlx-lm-dspark's dispatcher
@@ -391,8 +393,8 @@ def spy(prompt, model, draft_model, *args, **kwargs):
             run["tokens"].append(int(item[0]))
             yield item
     finally:  # the CLI stops iterating at EOS
-        run["rule"] = draft_model.stats.rule
-        run["accepted_lengths"] = list(draft_model.stats.accepted_lengths)
+        run["rule"] = last_stats(draft_model).rule
+        run["accepted_lengths"] = list(last_stats(draft_model).accepted_lengths)
 
 
 host.speculative_generate_step = spy

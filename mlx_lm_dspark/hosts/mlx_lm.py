@@ -271,6 +271,7 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
 def patch_generate(generate_module) -> None:
     if not _once(generate_module):
         return
+    from ..session import last_stats
     from ..speculative import bind, is_drafter, speculative_generate_step as ours
 
     stock_step = _expect_params(
@@ -306,8 +307,9 @@ def patch_generate(generate_module) -> None:
         if is_drafter(draft):
             bind(draft, model)  # a mismatched pair is refused before anything is printed
         text = stock_generate(model, tokenizer, prompt, verbose=verbose, **kwargs)
-        if verbose and is_drafter(draft) and getattr(draft, "stats", None) is not None:
-            print(draft.stats.summary())
+        stats = last_stats(draft) if verbose and is_drafter(draft) else None
+        if stats is not None:
+            print(stats.summary())
         return text
 
     generate_module.speculative_generate_step = speculative_generate_step
@@ -362,15 +364,16 @@ class _ReportingQueue:
         self._context = None
 
     def put(self, item, *args, **kwargs):
+        from ..session import clear_last_stats, last_stats
         from ..speculative import is_drafter
 
         draft = self._provider.draft_model
         if isinstance(item, self._context_type):
             self._context = item
             if is_drafter(draft):
-                draft.stats = None  # only this request's rounds are reported
+                clear_last_stats(draft)  # only this request's rounds are reported
         elif item is None and self._context is not None and is_drafter(draft):
-            stats = getattr(draft, "stats", None)
+            stats = last_stats(draft)
             if stats is not None:
                 self._context.dspark_usage = stats.as_dict()
                 logging.info(stats.summary())

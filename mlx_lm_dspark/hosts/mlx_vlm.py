@@ -12,10 +12,12 @@ to a round loop chosen by kind.  We hook in at three places:
   ``attention_k_eq_v``, whose missing ``v_proj`` its loop reads) come to us.
   To mlx-vlm the drafter reports its ``"dflash"`` kind, so its prefill
   plumbing (capture ids, whole-prompt prefill, hidden concatenation) runs
-  unchanged.
+  unchanged, and it gains what that plumbing reads (``SeenByMlxVlm``).
 - ``mlx_vlm.generate.ar.run_speculative_rounds`` / ``run_speculative_server_rounds``:
   our drafter object (not the kind string) sends the rounds to our loop
   (:func:`mlx_lm_dspark.speculative.decode`); anything else goes to mlx-vlm.
+  ``ar.SpeculativePrefill``, the first of mlx-vlm to meet the drafter in a
+  generation, gives one of ours (however it was loaded) what mlx-vlm reads.
 - the ``--draft-kind`` choices of ``mlx_vlm.generate`` and ``mlx_vlm.server``.
 
 Every hook first checks that the host still looks the way it is patched
@@ -27,6 +29,8 @@ import functools
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
+from typing import List
 
 import mlx.core as mx
 
@@ -107,12 +111,63 @@ class _HostKind(str):
         return repr(KIND)
 
 
+class SeenByMlxVlm:
+    """What mlx-vlm's speculative plumbing reads from a drafter, mixed into
+    the class of a drafter we load for it (the drafter stays what it was
+    otherwise; the network class carries no host plumbing)."""
+
+    @property
+    def config(self) -> SimpleNamespace:
+        """The taps mlx-vlm's prefill captures; a model_type it does not map
+        to one of its own kinds."""
+        return SimpleNamespace(model_type="mlx_lm_dspark", target_layer_ids=list(self.target_layer_ids))
+
+    @property
+    def accept_lens(self) -> List[int]:
+        """Accepted drafts per round of the last generation (mlx-vlm's stats line)."""
+        from ..session import last_stats
+
+        stats = last_stats(self)
+        return list(stats.accepted_lengths) if stats is not None else []
+
+    @property
+    def draft_lens(self) -> List[int]:
+        """Drafts verified per round of the last generation."""
+        from ..session import last_stats
+
+        stats = last_stats(self)
+        return list(stats.proposal_lengths) if stats is not None else []
+
+    def validate_target_compatibility(self, target_model) -> None:
+        """Called by mlx-vlm before generating: refuse a mismatched target."""
+        from ..speculative import bind
+
+        bind(self, target_model)
+
+
+_SEEN_CLASSES = {}
+
+
+def seen_by_mlx_vlm(drafter):
+    """``drafter`` with ``SeenByMlxVlm`` mixed into its class (idempotent)."""
+    cls = type(drafter)
+    if isinstance(drafter, SeenByMlxVlm):
+        return drafter
+    sub = _SEEN_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (SeenByMlxVlm, cls), {"__module__": cls.__module__})
+        sub.__qualname__ = cls.__qualname__
+        _SEEN_CLASSES[cls] = sub
+    drafter.__class__ = sub
+    return drafter
+
+
 def _load_ours(path_or_repo):
     from ..loader import load_drafter
 
     drafter = load_drafter(path_or_repo, bits=None)
     logger.info("Loaded %s as an mlx-lm-dspark %s drafter.", path_or_repo, drafter.kind)
-    return drafter, _HostKind()
+    return seen_by_mlx_vlm(drafter), _HostKind()
 
 
 def patch_drafters(drafters) -> None:
@@ -244,12 +299,31 @@ def patch_ar(ar) -> None:
         ["model", "draft_model", "prompt_cache", "hidden", "first_bonus", "max_tokens", "sampler",
          "draft_block_size", "stop_check", "greedy_sampling"],
     )
-    _expect_calls(ar.generate_step, "mlx_vlm.generate.ar.generate_step", ["run_speculative_rounds"])
+    _expect_calls(ar.generate_step, "mlx_vlm.generate.ar.generate_step",
+                  ["run_speculative_rounds", "SpeculativePrefill"])
     batch = getattr(ar, "SpeculativeGenerationBatch", None)
     if not isinstance(batch, type) or not hasattr(batch, "_start_rounds"):
         _fail("mlx_vlm.generate.ar.SpeculativeGenerationBatch", "the class or its _start_rounds is gone")
     _expect_calls(batch._start_rounds, "SpeculativeGenerationBatch._start_rounds",
                   ["run_speculative_server_rounds"])
+    prompt_batch = getattr(ar, "PromptProcessingBatch", None)
+    if not isinstance(prompt_batch, type):
+        _fail("mlx_vlm.generate.ar.PromptProcessingBatch", "the class is gone")
+    _expect_calls(prompt_batch.__init__, "PromptProcessingBatch.__init__", ["SpeculativePrefill"])
+    prefill = getattr(ar, "SpeculativePrefill", None)
+    if not isinstance(prefill, type):
+        _fail("mlx_vlm.generate.ar.SpeculativePrefill", "the class is gone")
+    _expect_params(ar, "SpeculativePrefill", ["draft_kind", "drafter"])
+
+    class SpeculativePrefill(prefill):
+        __doc__ = prefill.__doc__
+
+        def __init__(self, draft_kind, drafter, *args, **kwargs):
+            if drafter is not None and _is_ours(drafter):
+                seen_by_mlx_vlm(drafter)
+            super().__init__(draft_kind, drafter, *args, **kwargs)
+
+    SpeculativePrefill.__module__, SpeculativePrefill.__qualname__ = prefill.__module__, prefill.__qualname__
 
     @functools.wraps(rounds)
     def run_speculative_rounds(model, draft_model, prompt_cache, input_ids, first_token, logprobs,
@@ -293,11 +367,15 @@ def patch_ar(ar) -> None:
                     return
         finally:
             tokens.close()
-            if getattr(draft_model, "stats", None) is not None:
-                logger.info("mlx-lm-dspark: %s", draft_model.stats.summary())
+            from ..session import last_stats
+
+            stats = last_stats(draft_model)
+            if stats is not None:
+                logger.info("mlx-lm-dspark: %s", stats.summary())
 
     ar.run_speculative_rounds = run_speculative_rounds
     ar.run_speculative_server_rounds = run_speculative_server_rounds
+    ar.SpeculativePrefill = SpeculativePrefill
 
 
 # ---------------------------------------------------------------- command lines
