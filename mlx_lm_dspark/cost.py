@@ -248,7 +248,7 @@ class Sampler:
         cache, draft_cache = target.make_cache(), drafter.make_cache()
         prompt = mx.random.randint(0, vocab, (1, length), key=next(self._keys)).astype(mx.uint32)
         _, features = target(prompt, cache)
-        drafter.add_context(draft_cache, features, 0)
+        drafter.add_context(draft_cache, features, 0, prompt[0])
         mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
         snapshot = [c.state for c in cache]
 
@@ -298,10 +298,11 @@ class Sampler:
             return (reads[-1] - reads[1]) / steps
 
         _, new_features = verify(2)
+        anchor_pair = mx.array([1, 1], dtype=mx.uint32)  # the tokens of the two committed positions
 
         def draft_round():
             start = time.perf_counter()
-            drafter.add_context(draft_cache, new_features, length)
+            drafter.add_context(draft_cache, new_features, length, anchor_pair)
             proposal = drafter.propose(draft_cache, anchor, length + 1, drafter.max_drafts)
             mx.eval([x for x in proposal if x is not None])
             elapsed = time.perf_counter() - start

@@ -314,7 +314,7 @@ class Drafter(nn.Module):
         """Per drafter layer, the K/V of the committed context positions."""
         return [KVCache() for _ in self.layers]
 
-    def add_context(self, cache: list, features: mx.array, start: int) -> None:
+    def add_context(self, cache: list, features: mx.array, start: int, tokens: Optional[mx.array] = None) -> None:
         """Project target features of new positions start… into the context."""
         # In the drafter's dtype (norms are never quantized), so fp32 taps
         # don't promote the whole context cache.

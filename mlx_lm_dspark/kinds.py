@@ -3,7 +3,7 @@
 
 A kind is an object with a ``name``, ``recognise(config) -> bool`` (config.json
 alone decides) and ``build(config) -> nn.Module`` (an unloaded drafter that
-follows the protocol of ``mlx_lm_dspark.drafter.Drafter``).
+follows ``protocol.DrafterProtocol``).
 """
 
 from dataclasses import dataclass

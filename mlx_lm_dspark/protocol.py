@@ -37,9 +37,12 @@ class DrafterProtocol(Protocol):
         ``offset`` and ``trim(n)``)."""
         ...
 
-    def add_context(self, cache: list, features: mx.array, start: int) -> None:
+    def add_context(self, cache: list, features: mx.array, start: int, tokens: mx.array) -> None:
         """Add the target's tapped states ``features`` [1, L, taps * H] of
-        positions ``start`` ... ``start + L - 1`` to ``cache``."""
+        positions ``start`` ... ``start + L - 1`` to ``cache``, with
+        ``tokens`` [L], the token ids the target read at those positions
+        (EAGLE3 pairs each position's state with the token after it; a
+        drafter that reads states alone ignores them)."""
         ...
 
     def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int,

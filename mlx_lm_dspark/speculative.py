@@ -221,7 +221,7 @@ def speculative_generate_step(
             chunk = prompt[done : done + n]
             _, features = target(chunk[None], target_cache)
             quantize_cache()
-            drafter.add_context(draft_cache, features, position)
+            drafter.add_context(draft_cache, features, position, chunk)
             history.extend(chunk)
             mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
             position += n
@@ -230,7 +230,7 @@ def speculative_generate_step(
         last = prompt[done:]
         logits, features = target(last[None], target_cache)
         quantize_cache()
-        drafter.add_context(draft_cache, features, position)
+        drafter.add_context(draft_cache, features, position, last)
         logits = history.process(logits[0], last)
         position += 1
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -424,11 +424,13 @@ class DrafterContext:
         self.drafter = drafter
         self.cache = cache
         self.clock = clock
-        self.pending = []  # (features, start) committed but not yet in the cache
+        self.pending = []  # (features, tokens, start) committed but not yet in the cache
         self.pending_positions = 0
 
-    def commit(self, features: mx.array, start: int) -> None:
-        self.pending.append((features, start))
+    def commit(self, features: mx.array, tokens: mx.array, start: int) -> None:
+        """Queue the target's ``features`` and the ``tokens`` it read at
+        positions ``start``… (committed: accepted)."""
+        self.pending.append((features, tokens, start))
         self.pending_positions += features.shape[1]
         if self.pending_positions >= CONTEXT_BATCH:
             self.flush()
@@ -438,8 +440,12 @@ class DrafterContext:
         if not pending:
             return
         began = time.perf_counter()
-        joined = mx.concatenate([f for f, _ in pending], axis=1) if len(pending) > 1 else pending[0][0]
-        self.drafter.add_context(self.cache, joined, pending[0][1])
+        if len(pending) > 1:
+            features = mx.concatenate([f for f, _, _ in pending], axis=1)
+            tokens = mx.concatenate([t for _, t, _ in pending])
+        else:
+            features, tokens, _ = pending[0]
+        self.drafter.add_context(self.cache, features, pending[0][2], tokens)
         self.clock.built_s += time.perf_counter() - began
         self.pending = []
         self.pending_positions = 0
@@ -625,7 +631,7 @@ class Rounds:
         # Only the now-committed positions (anchor + accepted) enter the
         # drafter context; their projection is queued with the next proposal.
         with mx.stream(self.stream):
-            self.context.commit(verified.features[:, : a + 1], self.at.anchor)
+            self.context.commit(verified.features[:, : a + 1], verified.inputs[: a + 1], self.at.anchor)
         self.history.drop(rejected)
         stats = self.stats
         stats.proposal_lengths.append(block.n)
@@ -665,7 +671,7 @@ class Rounds:
             logits = self.history.process(logits, token)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             _, following = self.acceptor.accept(logprobs, None, None)
-            self.context.commit(features, start)
+            self.context.commit(features, token, start)
         began = time.perf_counter()
         mx.async_eval(following, logprobs)
         self.clock.waited(began)
@@ -714,7 +720,7 @@ class Rounds:
                 _trim_drafter(cache, excess)
             elif excess == -1:
                 _, features = self.forward(self.anchor)
-                self.drafter.add_context(cache, features, end - 1)
+                self.drafter.add_context(cache, features, end - 1, self.anchor)
             mx.eval([c.state for c in self.target_cache] + [c.state for c in cache])
 
 

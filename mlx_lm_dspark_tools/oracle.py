@@ -20,7 +20,7 @@ stop matching it.
 import struct
 import zlib
 from types import SimpleNamespace
-from typing import List
+from typing import List, Optional
 
 import mlx.core as mx
 
@@ -114,9 +114,9 @@ class OracleDrafter:
     def make_cache(self) -> list:
         return self.inner.make_cache() if self.inner is not None else [PositionCache()]
 
-    def add_context(self, cache: list, features: mx.array, start: int) -> None:
+    def add_context(self, cache: list, features: mx.array, start: int, tokens: Optional[mx.array] = None) -> None:
         if self.inner is not None:
-            self.inner.add_context(cache, features, start)
+            self.inner.add_context(cache, features, start, tokens)
         else:
             cache[0].offset += features.shape[1]
 

@@ -37,7 +37,7 @@ class OracleDrafter:
     def make_cache(self):
         return [KVCache()]
 
-    def add_context(self, cache, features, start):
+    def add_context(self, cache, features, start, tokens=None):
         n = features.shape[1]
         self.context_starts.append((start, n))
         cache[0].update_and_fetch(mx.zeros((1, 1, n, 1)), mx.zeros((1, 1, n, 1)))
