@@ -14,7 +14,7 @@ import re
 
 # host distribution -> (lowest supported release, first unsupported release)
 SUPPORTED = {
-    "mlx-lm": ("0.32.0", "0.33.0"),
+    "mlx-lm": ("0.32.1", "0.33.0"),
     "mlx-vlm": ("0.7.10", "0.7.11"),
 }
 
