@@ -3,6 +3,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,32 @@ def qwen3_dirs(tmp_path_factory):
         dirs[layout] = build_pair(root / layout, family="qwen3", layout=layout)
     dirs["dflash"] = build_pair(root / "dflash", family="qwen3", markov_rank=0)
     return dirs
+
+
+_PLAIN_OPTIONS = {"kv_bits", "kv_group_size", "quantized_kv_start", "prefill_step_size"}
+_plain_runs = {}  # id(model) -> {(prompt, options): the longest plain continuation decoded so far}
+
+
+def plain_tokens(model, prompt, n, **options):
+    """The first ``n`` tokens plain greedy decoding (mlx-lm's ``generate_step``
+    on ``model``) continues ``prompt`` with, decoded once per session.
+
+    Runs are kept per model, prompt and cache ``options``; a shorter request
+    is served from a longer run, since a greedy token does not depend on
+    ``max_tokens``.  Samplers, logits processors and prompt caches carry state,
+    so calls with them decode themselves."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    unknown = set(options) - _PLAIN_OPTIONS
+    if unknown:
+        raise TypeError(f"plain_tokens memoises only {sorted(_PLAIN_OPTIONS)}, not {sorted(unknown)}")
+    if id(model) not in _plain_runs:
+        _plain_runs[id(model)] = {}
+        weakref.finalize(model, _plain_runs.pop, id(model), None)
+    runs = _plain_runs[id(model)]
+    key = (tuple(int(t) for t in prompt), tuple(sorted(options.items())))
+    if len(runs.get(key, ())) < n:
+        tokens = prompt if isinstance(prompt, mx.array) else mx.array(key[0])
+        runs[key] = [int(t) for t, _ in generate_step(tokens, model, max_tokens=n, **options)]
+    return runs[key][:n]

@@ -4,7 +4,6 @@ acceptance estimates, exact output whatever the caps."""
 import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx_lm.generate import generate_step
 
 from mlx_lm_dspark import last_stats, load_drafter
 from mlx_lm_dspark.autocap import (
@@ -21,6 +20,7 @@ from mlx_lm_dspark.cost import CostModel
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
 from mlx_lm_dspark_tools.tiny import build_pair
+from conftest import plain_tokens
 from oracle import OracleDrafter
 
 GPU_LIKE = CostModel(verify_ms=[10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5], draft_ms=2.0)
@@ -419,8 +419,8 @@ class ConfidentOracle(OracleDrafter):
 def test_the_loop_chooses_without_waiting_while_typical_confidences_do_as_well(models, monkeypatch, right):
     model, _ = models["qwen3"]
     prompt = [(5 * i + 1) % 300 + 5 for i in range(17)]
-    expected = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=90)]
-    more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=110)]
+    expected = plain_tokens(model, prompt, 90)
+    more = plain_tokens(model, prompt, 110)
     pattern = (lambda pos: True) if right == "perfect" else (lambda pos: pos % 5 != 0)
     drafter = ConfidentOracle(text_args(model), prompt + more, right=pattern)
     monkeypatch.setattr("mlx_lm_dspark.speculative.cost_model", lambda drafter, target: GPU_LIKE)
@@ -451,12 +451,12 @@ def models(tmp_path_factory):
 def test_exact_with_the_automatic_cap(models, family, drafter_kind):
     model, drafter_dir = models[family]
     prompt = [(7 * i + 3) % 300 + 5 for i in range(21)]
-    expected = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=60)]
+    expected = plain_tokens(model, prompt, 60)
     if drafter_kind == "random":
         drafter = load_drafter(drafter_dir, bits=None)
     else:
         right = (lambda pos: True) if drafter_kind == "perfect" else (lambda pos: pos % 3 != 0)
-        more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
+        more = plain_tokens(model, prompt, 80)
         drafter = OracleDrafter(text_args(model), prompt + more, right=right)
     got = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60)]
     assert got == expected
@@ -476,7 +476,7 @@ def test_an_explicit_cap_wins(models):
 def test_decoding_feeds_round_times_to_the_automatic_cap(models):
     model, _ = models["qwen3"]
     prompt = [5, 6, 7]
-    more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
+    more = plain_tokens(model, prompt, 80)
     drafter = OracleDrafter(text_args(model), prompt + more, right=lambda pos: True)
     list(speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=60))
     undrafted, drafted = last_stats(drafter).time_scale
@@ -495,7 +495,7 @@ def test_sampling_caps_do_not_depend_on_earlier_generations(models):
 
     model, drafter_dir = models["qwen3"]
     prompt = [5, 6, 7]
-    more = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=80)]
+    more = plain_tokens(model, prompt, 80)
     drafter = OracleDrafter(text_args(model), prompt + more, right=lambda pos: pos % 3 != 0)
     sampler = make_sampler(temp=0.8)
 

@@ -206,6 +206,7 @@ print(cost.load_or_measure(bind(drafter, model), drafter).draft_ms)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_leave_one_valid_file(tmp_path_factory, cache_dir):
     import os
     import subprocess

@@ -12,7 +12,7 @@ from mlx_lm_dspark import demo, last_stats
 from mlx_lm_dspark.loader import load_drafter
 from mlx_lm_dspark.speculative import speculative_generate_step
 
-from mlx_lm.generate import generate_step
+from conftest import plain_tokens
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_pair.py"
 CODE = [
@@ -29,13 +29,6 @@ def pair():
     return model, tokenizer, load_drafter(str(drafter_dir), bits=None)
 
 
-def plain_tokens(model, prompt, n):
-    out = []
-    for token, _ in generate_step(prompt, model, max_tokens=n):
-        out.append(int(token))
-    return out
-
-
 def test_shipped_pair_is_small_quantized_and_described():
     target_dir, drafter_dir = demo.pair_paths()
     size = sum(f.stat().st_size for f in demo.PAIR_DIR.rglob("*") if f.is_file())
@@ -46,7 +39,7 @@ def test_shipped_pair_is_small_quantized_and_described():
     assert manifest["corpus"]["files"] > 100 and manifest["drafter"]["held_out"]
 
 
-@pytest.mark.parametrize("cap", [None, 0, 1, 3, 6])
+@pytest.mark.parametrize("cap", [None, 3, *(pytest.param(c, marks=pytest.mark.slow) for c in (0, 1, 6))])
 def test_shipped_pair_lossless(pair, cap):
     """Greedy speculative output equals plain decoding (expected tokens from
     the plain target), for the automatic cap and fixed caps."""
@@ -59,6 +52,7 @@ def test_shipped_pair_lossless(pair, cap):
         assert got == expected, (text, cap)
 
 
+@pytest.mark.slow
 def test_shipped_drafter_is_trained(pair):
     """A trained drafter keeps several drafts per round on the demo's code
     prompts (measured 3.0 at the full block; a random drafter: 1.0)."""
@@ -113,6 +107,7 @@ def test_demo_with_a_mismatched_or_damaged_pair_says_why_in_one_line(tmp_path, c
     assert "config.json is not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reproduction_script_smoke(tmp_path):
     """The whole reproduction pipeline at toy sizes (a few corpus files, a
     two-layer target, a few steps): it writes a pair the demo runs losslessly."""

@@ -38,6 +38,7 @@ def generated_text(stdout: str) -> str:
     return parts[1].strip() if len(parts) >= 3 else stdout.strip()
 
 
+@pytest.mark.slow
 def test_console_script_same_text_with_and_without_drafter(pair):
     target, drafter = pair
     base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--prompt", PROMPT, "--max-tokens", "30"]
@@ -71,6 +72,7 @@ def test_help_shows_drafter_group():
     assert "Default: auto (4 bits for a float drafter, a quantized one as stored)" in out
 
 
+@pytest.mark.slow
 def test_bad_flags_are_refused(pair):
     target, drafter = pair
     base = [str(BIN / "mlx_lm.generate"), "--model", str(target), "--draft-model", str(drafter)]
@@ -245,6 +247,7 @@ def test_generate_module_is_patched_once():
     assert mlx_lm.generate is gen.generate
 
 
+@pytest.mark.slow
 def test_sampling_flags_with_a_drafter(pair):
     """--temp/--top-p/--top-k/--min-p/--seed reach the p/q rule; a seed makes
     the run reproducible.  (Distributional exactness is tested in

@@ -257,6 +257,7 @@ def chat(url, model, content, max_tokens=30):
         return json.loads(response.read())["choices"][0]["message"]["content"]
 
 
+@pytest.mark.slow
 def test_server_with_our_draft_kind(pairs):
     import base64
 

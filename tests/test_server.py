@@ -263,6 +263,7 @@ def test_malformed_requests_get_a_4xx_and_the_server_stays_up(servers, bad, monk
     assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
 
 
+@pytest.mark.slow
 def test_sampled_answers_are_distributed_like_plain_sampling(servers, pair):
     """Tokens of long sampled answers (temperature, top-p, repetition
     penalty; returned through ``logprobs``) against the conditionals of plain

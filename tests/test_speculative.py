@@ -13,6 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm_dspark import last_stats, load_drafter
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import cache_length, text_args
+from conftest import plain_tokens
 from oracle import OracleDrafter
 from mlx_lm_dspark_tools.tiny import build_pair
 
@@ -34,7 +35,7 @@ def speculative(model, drafter, prompt, max_tokens, **kw):
 
 
 def check_exact(model, drafter, prompt, max_tokens, **kw):
-    expected = plain(model, prompt, max_tokens)
+    expected = plain_tokens(model, prompt, max_tokens)
     got = speculative(model, drafter, prompt, max_tokens, **kw)
     assert [t for t, _ in got] == expected
     return got, expected
@@ -58,7 +59,7 @@ def pairs(tmp_path_factory):
 
 
 def oracle(model, prompt, right=lambda pos: True, block=7):
-    sequence = list(prompt) + plain(model, prompt, 3 * MAX)
+    sequence = list(prompt) + plain_tokens(model, prompt, 3 * MAX)
     return OracleDrafter(text_args(model), sequence, block_size=block, right=right)
 
 
@@ -151,7 +152,7 @@ def test_quantized_drafter_exact(pairs):
 @pytest.mark.parametrize("family", ["qwen3", "gemma4"])
 def test_eos_inside_accepted_block(pairs, family):
     model, tokenizer, _ = pairs(family)
-    expected = plain(model, PROMPT_LONG, MAX)
+    expected = plain_tokens(model, PROMPT_LONG, MAX)
     # With a perfect drafter, round 2 yields tokens 9..16; 16 is its bonus.
     # Pick an EOS that is an accepted draft in the middle of that block.
     stop_at = next(i for i in range(9, 16) if expected[i] not in expected[:i])
@@ -216,7 +217,7 @@ def test_drafter_context_follows_the_cache(pairs):
 
     # mlx-lm's convention (target entries + draft entries) works as well.
     combined = make_prompt_cache(model) + drafter.make_cache()
-    expected = plain(model, PROMPT_LONG, 12)
+    expected = plain_tokens(model, PROMPT_LONG, 12)
     got = speculative(model, drafter, PROMPT_LONG, 12, prompt_cache=combined)
     assert [t for t, _ in got] == expected
     assert combined[-1].offset == cache_length(combined[:-len(drafter.make_cache())]) == len(PROMPT_LONG) + 12

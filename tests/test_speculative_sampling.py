@@ -36,6 +36,8 @@ from mlx_lm_dspark.target import text_args
 from mlx_lm_dspark_tools.tiny import make_qwen3_target
 from oracle import ModelDrafter, TableDrafter
 
+pytestmark = pytest.mark.slow  # every test here draws thousands of sampled tokens
+
 VOCAB = 12
 PROMPT = [3, 7, 5, 9]
 BLOCK = 3  # drafts per round: slots 0..3 in a round

@@ -33,6 +33,7 @@ def run(pair, *extra, drafter=True, tokens=12):
     return bench.run(argv)
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_the_documented_json(pair, tmp_path, capsys):
     out = tmp_path / "results.json"
     run(pair, "--prompts", "code", "--sweep-caps", "--json", str(out))
@@ -291,6 +292,7 @@ def test_oracle_pattern_depends_on_the_continuation():
     assert sum(map(sum, trials)) / 900 == pytest.approx(0.5, abs=0.06)
 
 
+@pytest.mark.slow
 def test_cost_model_is_measured_again_between_the_runs(pair, monkeypatch):
     """The machine's speed changes over minutes: the predictions use costs
     measured before and between the runs; the automatic cap used the first."""

@@ -151,6 +151,7 @@ def test_gradients_reach_only_drafter_weights(bigram, tmp_path):
 # ---------------------------------------------------------------- 3. learning
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_raises_tau(bigram, tmp_path):
     model, _, corpus = bigram
     # Over data seeds 0-3 these settings gave τ 1.07-1.19 -> 2.5-4.6 (block 4:

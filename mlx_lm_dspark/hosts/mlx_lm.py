@@ -17,9 +17,10 @@
   statistics are logged and returned in its ``usage`` as ``speculative``
   (OpenAI clients ignore unknown fields).
 
-Each patch first checks that the host function still looks the way this
-code expects, and raises ``HostMismatchError`` otherwise: a silent mismatch
-could change what users' generations return.
+Each patch first checks the installed mlx-lm against the supported range
+and that the host function still looks the way this code expects, and raises
+``HostMismatchError`` otherwise (:mod:`.guards`): a silent mismatch could
+change what users' generations return.
 """
 
 import argparse
@@ -32,56 +33,29 @@ import types
 from pathlib import Path
 
 from .. import loader
+from . import guards
+from .guards import HostMismatchError  # noqa: F401 (raised by every patch here)
 
-SUPPORTED_MLX_LM = "0.32.2"
 LEGACY_NUM_DRAFT_TOKENS = 3  # mlx_lm.generate's --num-draft-tokens default
-
-
-class HostMismatchError(RuntimeError):
-    pass
+HOST = "mlx-lm"
 
 
 def _fail(what: str, detail: str):
-    try:
-        from mlx_lm import _version
-
-        version = _version.__version__
-    except Exception:
-        version = "unknown"
-    raise HostMismatchError(
-        f"mlx-lm-dspark cannot patch {what}: {detail}. Installed mlx-lm is {version}; this "
-        f"release supports mlx-lm {SUPPORTED_MLX_LM}. Install that version, upgrade "
-        "mlx-lm-dspark, or set MLX_LM_DSPARK_DISABLE=1 to run mlx-lm without it."
-    )
+    guards.fail(HOST, what, detail)
 
 
 def _expect_params(module, name: str, params, fail=None):
     """``module.name``, after checking it still takes ``params`` (``fail``
     raises the host's HostMismatchError; mlx-lm's by default)."""
-    fail = fail or _fail
-    func = getattr(module, name, None)
-    if not callable(func):
-        fail(f"{module.__name__}.{name}", "the function no longer exists")
-    have = list(inspect.signature(func).parameters)
-    missing = [p for p in params if p not in have]
-    if missing:
-        fail(f"{module.__name__}.{name}", f"parameters {missing} are gone (it now takes {have})")
-    return func
+    return guards.expect_params(module, name, params, fail or _fail)
 
 
 def _expect_calls(module, name: str, callees):
-    func = getattr(module, name)
-    names = set(func.__code__.co_names)
-    missing = [c for c in callees if c not in names]
-    if missing:
-        _fail(f"{module.__name__}.{name}", f"it no longer calls {missing} through module globals")
+    guards.expect_calls(getattr(module, name), f"{module.__name__}.{name}", callees, _fail)
 
 
 def _once(module) -> bool:
-    if getattr(module, "_mlx_lm_dspark_patched", False):
-        return False
-    module._mlx_lm_dspark_patched = True
-    return True
+    return guards.once(module, HOST)
 
 
 def patch_utils(utils) -> None:

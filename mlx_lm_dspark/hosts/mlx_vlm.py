@@ -20,8 +20,9 @@ to a round loop chosen by kind.  We hook in at three places:
   generation, gives one of ours (however it was loaded) what mlx-vlm reads.
 - the ``--draft-kind`` choices of ``mlx_vlm.generate`` and ``mlx_vlm.server``.
 
-Every hook first checks that the host still looks the way it is patched
-and raises ``HostMismatchError`` if not.
+Every hook first checks the installed mlx-vlm against the supported range
+and that the host still looks the way it is patched, and raises
+``HostMismatchError`` if not (:mod:`.guards`).
 """
 
 import argparse
@@ -34,37 +35,31 @@ from typing import List
 
 import mlx.core as mx
 
-from .mlx_lm import HostMismatchError, _once, argparse_with
-from .mlx_lm import _expect_params as expect_host_params
+from . import guards
+from .guards import HostMismatchError  # noqa: F401 (raised by every patch here)
+from .mlx_lm import argparse_with
 
 KIND = "mlx-lm-dspark"
 HOST_KIND = "dflash"  # the mlx-vlm kind whose prefill our drafters need
-SUPPORTED_MLX_VLM = "0.7.10"
+HOST = "mlx-vlm"
 
 logger = logging.getLogger(__name__)
 
 
 def _fail(what: str, detail: str):
-    try:
-        from mlx_vlm.version import __version__ as version
-    except Exception:
-        version = "unknown"
-    raise HostMismatchError(
-        f"mlx-lm-dspark cannot patch {what}: {detail}. Installed mlx-vlm is {version}; this "
-        f"release supports mlx-vlm {SUPPORTED_MLX_VLM}. Install that version, upgrade "
-        "mlx-lm-dspark, or set MLX_LM_DSPARK_DISABLE=1 to run mlx-vlm without it."
-    )
+    guards.fail(HOST, what, detail)
 
 
 def _expect_params(module, name: str, params):
-    return expect_host_params(module, name, params, fail=_fail)
+    return guards.expect_params(module, name, params, _fail)
 
 
 def _expect_calls(func, where: str, callees):
-    names = set(func.__code__.co_names)
-    missing = [c for c in callees if c not in names]
-    if missing:
-        _fail(where, f"it no longer calls {missing} through module globals")
+    guards.expect_calls(func, where, callees, _fail)
+
+
+def _once(module) -> bool:
+    return guards.once(module, HOST)
 
 
 # ---------------------------------------------------------------- loading
