@@ -222,6 +222,8 @@ def parse_bits(value) -> Optional[int]:
 def make_drafter(args, model):
     """The drafter to benchmark: loaded, the oracle, or the oracle around it."""
     from mlx_lm_dspark.loader import load_drafter
+    from mlx_lm_dspark.target import text_args
+
     from .oracle import OracleDrafter
 
     inner = None
@@ -231,8 +233,9 @@ def make_drafter(args, model):
         if inner is None:
             raise ValueError("--draft-model is required (or --oracle-acceptance).")
         return inner
-    return OracleDrafter(model, args.oracle_acceptance, block_size=args.draft_block_size or 7,
-                         inner=inner, seed=args.seed)
+    settings = text_args(model) if inner is None else None
+    return OracleDrafter(settings, acceptance=args.oracle_acceptance, confidence=args.oracle_acceptance,
+                         block_size=args.draft_block_size or 7, inner=inner, seed=args.seed)
 
 
 def timed(generator, eos_ids) -> Run:

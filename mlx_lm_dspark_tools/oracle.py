@@ -1,13 +1,17 @@
-"""A benchmark-only drafter that is right with a chosen probability.
+"""The oracle drafter: proposes from a known continuation, right or wrong
+at each position as chosen, so tests and the benchmark control acceptance.
 
-It proposes the target's own plain-decoding continuation (set with
-``set_continuation`` after a plain run), each position right with
-probability ``acceptance`` and wrong otherwise.  Whether a position is right
-is a hash of (seed, the continuation, the trial, position): runs of one trial
-(the caps compared on it) see the same pattern, while other trials and other
-prompts see independent ones, so no fixed cap is fitted in hindsight to one
-pattern.  Its confidence is ``acceptance`` for every slot: the per-slot
-acceptance the automatic cap should expect.
+It proposes the target's own plain-decoding continuation (the prompt and the
+plain run's tokens: ``continuation`` or ``set_continuation``).  Whether the
+draft for a position is right is either ``right(position)`` (tests choose
+exact patterns) or a hash of (seed, the continuation, the trial, position)
+compared with ``acceptance`` (the benchmark: runs of one trial, the caps
+compared on it, see the same pattern, while other trials and prompts see
+independent ones, so no fixed cap is fitted in hindsight to one pattern).
+A wrong draft is the right token + 1.  ``confidence``, when given, is the
+per-slot confidence it reports (the benchmark gives ``acceptance``: what the
+automatic cap should expect).  When sampling, its q is a point mass on its
+draft (a deterministic drafter).
 
 Wrapping a real drafter (``inner``) keeps that drafter's work in every round
 (context updates and the full proposal are computed, then its tokens
@@ -20,7 +24,7 @@ stop matching it.
 import struct
 import zlib
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 
@@ -55,37 +59,49 @@ class PositionCache:
         return n
 
 
+def target_settings(target_args: dict, block_size: int) -> SimpleNamespace:
+    """What the pair check reads, taken from the target's own settings (a
+    drafter of any target)."""
+    from mlx_lm_dspark.config import FAMILY_OF_MODEL_TYPE
+
+    return SimpleNamespace(
+        family=FAMILY_OF_MODEL_TYPE.get(target_args.get("model_type")),
+        vocab_size=target_args["vocab_size"],
+        hidden_size=target_args["hidden_size"],
+        num_target_layers=None,
+        has_embeddings=True,
+        block_size=block_size,
+    )
+
+
 class OracleDrafter:
-    """Proposes the plain continuation, right at each position with
-    probability ``acceptance`` (see the module docstring)."""
+    """Proposes the continuation, each position right as ``right`` or
+    ``acceptance`` says (see the module docstring)."""
 
-    kind = "benchmark-oracle"
+    kind = "oracle"
 
-    def __init__(self, model, acceptance: float, *, block_size: int = 7, inner=None, seed: int = 0):
-        if not 0.0 <= acceptance <= 1.0:
+    def __init__(self, target_args: Optional[dict], continuation=(), *, right: Optional[Callable[[int], bool]] = None,
+                 acceptance: Optional[float] = None, confidence: Optional[float] = None, block_size: int = 7,
+                 inner=None, seed: int = 0):
+        if (right is None) == (acceptance is None):
+            raise ValueError("give either right(position) or acceptance.")
+        if acceptance is not None and not 0.0 <= acceptance <= 1.0:
             raise ValueError(f"acceptance must be between 0 and 1, got {acceptance}.")
-        self.acceptance = float(acceptance)
+        self.acceptance = acceptance
+        self.confidence = confidence
         self.seed = int(seed)
         self.inner = inner
-        self.continuation: List[int] = []
         self.salt = 0
+        self.continuation: List[int] = [int(t) for t in continuation]
+        if right is not None:
+            self.right = right
         self.confidence_threshold = None
         if inner is not None:
             self.args = inner.args
             self.target_layer_ids = list(inner.target_layer_ids)
             self.max_drafts = inner.max_drafts
         else:
-            from mlx_lm_dspark.target import family_of, text_args  # not at import: importing it before mlx-lm is circular
-
-            args = text_args(model)
-            self.args = SimpleNamespace(
-                family=family_of(model),
-                vocab_size=args["vocab_size"],
-                hidden_size=args["hidden_size"],
-                num_target_layers=None,
-                has_embeddings=True,
-                block_size=block_size,
-            )
+            self.args = target_settings(target_args, block_size)
             self.target_layer_ids = [0]
             self.max_drafts = block_size
         self.block_size = self.max_drafts
@@ -122,12 +138,14 @@ class OracleDrafter:
 
     def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int, choose=None):
         tokens = mx.array(self.drafts(start, num_drafts), dtype=mx.uint32)
-        confidence = mx.full((num_drafts,), self.acceptance, dtype=mx.float32)
+        confidence = None
+        if self.confidence is not None:
+            confidence = mx.full((num_drafts,), self.confidence, dtype=mx.float32)
         if self.inner is not None:
             # Keep the real drafter's work in the graph (its tokens are replaced).
             inner_tokens, inner_confidence, _ = self.inner.propose(cache, anchor, start, num_drafts)
             tokens = mx.where(inner_tokens >= 0, tokens, inner_tokens)
-            if inner_confidence is not None:
+            if inner_confidence is not None and confidence is not None:
                 confidence = confidence + 0 * inner_confidence
         q = None
         if choose is not None:  # a deterministic drafter: q is a point mass on its draft

@@ -21,7 +21,7 @@ from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
 from mlx_lm_dspark_tools.tiny import build_pair
 from conftest import plain_tokens
-from oracle import OracleDrafter
+from mlx_lm_dspark_tools.oracle import OracleDrafter
 
 GPU_LIKE = CostModel(verify_ms=[10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5], draft_ms=2.0)
 CPU_LIKE = CostModel(verify_ms=[10.0 * w for w in range(1, 9)], draft_ms=2.0)

@@ -8,9 +8,9 @@ from mlx_lm_dspark import load_drafter
 from mlx_lm_dspark.protocol import DrafterProtocol
 from mlx_lm_dspark.speculative import is_drafter
 from mlx_lm_dspark.target import text_args
-from mlx_lm_dspark_tools.oracle import OracleDrafter as BenchmarkOracle
 from mlx_lm_dspark_tools.tiny import build_pair
-from oracle import ModelDrafter, OracleDrafter, TableDrafter
+from drafters import ModelDrafter, TableDrafter
+from mlx_lm_dspark_tools.oracle import OracleDrafter
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def test_the_oracles_satisfy_the_protocol(pair):
     model, drafter_dir = pair
     args = text_args(model)
     oracles = [
-        OracleDrafter(args, [1, 2, 3]),
+        OracleDrafter(args, [1, 2, 3], right=lambda pos: True),
         ModelDrafter(model, args),
         TableDrafter(mx.zeros((args["vocab_size"], args["vocab_size"])), args),
-        BenchmarkOracle(model, 0.5),
-        BenchmarkOracle(model, 0.5, inner=load_drafter(drafter_dir, bits=None)),
+        OracleDrafter(args, acceptance=0.5, confidence=0.5),
+        OracleDrafter(None, acceptance=0.5, confidence=0.5, inner=load_drafter(drafter_dir, bits=None)),
     ]
     for oracle in oracles:
         assert isinstance(oracle, DrafterProtocol) and is_drafter(oracle), type(oracle).__name__
@@ -46,7 +46,7 @@ def test_the_oracles_satisfy_the_protocol(pair):
                                      "confidence_threshold", "block_size", "kind", "args"])
 def test_a_member_missing_is_not_a_drafter(pair, missing):
     model, _ = pair
-    oracle = OracleDrafter(text_args(model), [1, 2, 3])
+    oracle = OracleDrafter(text_args(model), [1, 2, 3], right=lambda pos: True)
     members = {name: getattr(oracle, name) for name in dir(oracle) if not name.startswith("__")}
     del members[missing]
     partial = type("Partial", (), members)()

@@ -14,7 +14,7 @@ from mlx_lm_dspark import last_stats, load_drafter
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import cache_length, text_args
 from conftest import plain_tokens
-from oracle import OracleDrafter
+from mlx_lm_dspark_tools.oracle import OracleDrafter
 from mlx_lm_dspark_tools.tiny import build_pair
 
 PROMPT_LONG = [(7 * i + 3) % 300 + 5 for i in range(21)]  # longer than the 8-token window

@@ -34,7 +34,7 @@ from mlx_lm_dspark.sampling import SamplerSettings, distribution
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import text_args
 from mlx_lm_dspark_tools.tiny import make_qwen3_target
-from oracle import ModelDrafter, TableDrafter
+from drafters import ModelDrafter, TableDrafter
 
 pytestmark = pytest.mark.slow  # every test here draws thousands of sampled tokens
 

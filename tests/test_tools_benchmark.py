@@ -139,7 +139,7 @@ def test_oracle_acceptance_sets_tau(pair):
     spec = perfect["overall"]["speculative"]
     assert spec["tau"] == pytest.approx(4.0, abs=0.3)  # cap + 1 (the last round may be shorter)
     assert spec["acceptance_by_position"][:3] == [1.0, 1.0, 1.0]
-    assert perfect["config"]["drafter_kind"] == "benchmark-oracle"
+    assert perfect["config"]["drafter_kind"] == "oracle"
     never = run(pair, "--oracle-acceptance", "0.0", "--num-draft-tokens", "3", drafter=False, tokens=25)
     assert never["overall"]["speculative"]["tau"] == 1.0
     # Around a real drafter (its cost kept, its tokens replaced), with the automatic cap.
@@ -273,7 +273,7 @@ def test_oracle_pattern_depends_on_the_continuation():
     from mlx_lm_dspark_tools.oracle import OracleDrafter
 
     inner = SimpleNamespace(args=SimpleNamespace(vocab_size=100), target_layer_ids=[0], max_drafts=7)
-    oracle = OracleDrafter(None, 0.5, inner=inner)
+    oracle = OracleDrafter(None, acceptance=0.5, confidence=0.5, inner=inner)
     oracle.set_continuation([5, 6, 7])
     first = [oracle.right(p) for p in range(300)]
     assert oracle.drafts(0, 2) == [6 if first[1] else 7, 7 if first[2] else 8]

@@ -1,63 +1,14 @@
-"""A test-only drafter that proposes from a known continuation.
+"""Test-only drafters built on the oracle drafter (``mlx_lm_dspark_tools.oracle``).
 
-It follows the drafter protocol the round loop uses, so acceptance patterns
-can be chosen exactly: ``right`` decides, per absolute position, whether the
-proposed token is the continuation's (from the plain run) or a wrong one.
+``ModelDrafter`` drafts with the target model itself (a perfect drafter, or
+one whose logits are distorted on purpose); ``TableDrafter`` drafts from a
+bigram table.  Both sample their drafts through the round loop's ``choose``
+when it samples, so the p/q rule meets a real q.
 """
 
-from types import SimpleNamespace
-
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
-
-class OracleDrafter:
-    kind = "oracle"
-
-    def __init__(self, target_args: dict, sequence, block_size=7, right=lambda pos: True, confidence=0.0):
-        self.args = SimpleNamespace(
-            family={"qwen3": "qwen3"}.get(target_args["model_type"], "gemma4"),
-            vocab_size=target_args["vocab_size"],
-            hidden_size=target_args["hidden_size"],
-            num_target_layers=None,
-            has_embeddings=True,
-            block_size=block_size,
-        )
-        self.sequence = list(sequence)  # prompt + plain continuation
-        self.right = right
-        self.target_layer_ids = [0]
-        self.max_drafts = block_size
-        self.block_size = block_size
-        self.confidence_threshold = None
-        self.context_starts = []  # (start, length) of every add_context call
-        # When sampling (p/q rule): q = confidence * point mass on the
-        # proposal + the rest spread uniformly, and drafts are drawn from q.
-        self.confidence = confidence
-
-    def make_cache(self):
-        return [KVCache()]
-
-    def add_context(self, cache, features, start, tokens=None):
-        n = features.shape[1]
-        self.context_starts.append((start, n))
-        cache[0].update_and_fetch(mx.zeros((1, 1, n, 1)), mx.zeros((1, 1, n, 1)))
-
-    def propose(self, cache, anchor, start, num_drafts, choose=None):
-        tokens = []
-        for pos in range(start + 1, start + 1 + num_drafts):
-            true = self.sequence[pos] if pos < len(self.sequence) else 0
-            tokens.append(true if self.right(pos) else (true + 1) % self.args.vocab_size)
-        tokens = mx.array(tokens, dtype=mx.uint32)
-        q = None
-        if choose is not None:
-            V = self.args.vocab_size
-            point = (mx.arange(V)[None] == tokens[:, None]).astype(mx.float32)
-            if self.confidence:
-                q = mx.log(self.confidence * point + (1 - self.confidence) / V)
-                tokens = mx.random.categorical(q).astype(mx.uint32)
-            else:  # a deterministic drafter: q is a point mass on its draft
-                q = mx.where(point > 0, 0.0, -mx.inf)
-        return tokens, None, q
+from mlx_lm_dspark_tools.oracle import OracleDrafter
 
 
 class ModelDrafter(OracleDrafter):
@@ -75,7 +26,7 @@ class ModelDrafter(OracleDrafter):
     auto_draft_length = False  # it tracks one generation; the cost model cannot probe it
 
     def __init__(self, model, target_args: dict, block_size=3, distort=lambda logits: logits):
-        super().__init__(target_args, [], block_size=block_size)
+        super().__init__(target_args, right=lambda pos: True, block_size=block_size)
         from mlx_lm.models.cache import make_prompt_cache
 
         self.model = model
@@ -138,7 +89,7 @@ class TableDrafter(OracleDrafter):
     kind = "table-oracle"
 
     def __init__(self, table: mx.array, target_args: dict, block_size=3):
-        super().__init__(target_args, [], block_size=block_size)
+        super().__init__(target_args, right=lambda pos: True, block_size=block_size)
         self.table = table.astype(mx.float32)
 
     def propose(self, cache, anchor, start, num_drafts, choose=None):
