@@ -134,8 +134,7 @@ class TargetAdapter:
 
         With ``start_early`` and several tokens (a verify) each tap queues
         the layers up to it as soon as they are built, so the device starts
-        on them while the rest of the graph is built and dispatched: on the
-        tiny pair on this CPU, 9-13 % less time per drafted round.  (A single
+        on them while the rest of the graph is built and dispatched.  (A single
         token's forward is already queued behind the previous one, pipelined
         like plain decoding.)  Never inside a function transformation
         (training's ``value_and_grad``): nothing may be evaluated there."""

@@ -4,7 +4,7 @@ A small Qwen3-architecture code model trained from scratch on the Python
 standard library's own source (every Python installation carries it), and
 its DSpark drafter trained with ``mlx_lm_dspark.train`` against the
 *quantized* target (the precision it is verified by at run time).  Both are
-saved 4-bit.  On a 2-core CPU the whole run takes about half an hour:
+saved 4-bit.  The whole run takes about half an hour on a small CPU:
 
     python scripts/make_demo_pair.py                     # writes mlx_lm_dspark/demo_pair
     python scripts/make_demo_pair.py --out /tmp/pair --target-iters 50 --drafter-iters 20   # a smoke run
@@ -34,8 +34,8 @@ from pathlib import Path
 
 
 def use_fast_blas():
-    """On Linux, mlx's CPU wheel links the reference BLAS (about 3 GFLOP/s
-    here, 35x slower than OpenBLAS for training's float matmuls).  If an
+    """On Linux, mlx's CPU wheel links the reference BLAS, many times slower
+    than OpenBLAS for training's float matmuls.  If an
     OpenBLAS is installed (Debian: ``apt install libopenblas0``), re-run this
     script with it preloaded so mlx's ``cblas_sgemm`` calls resolve to it.
     Not needed on a Mac (Metal / Accelerate)."""
@@ -244,7 +244,7 @@ def quantize_target(model, config, tokenizer_dir: Path, out: Path, bits: int):
 def train_drafter(target_dir: Path, texts, args, out: Path):
     """Train against the quantized target's own weights, dequantized: the
     same function as the 4-bit model, but on the CPU float matmuls (BLAS)
-    run ~15x faster than mlx's quantized ones at training batch sizes."""
+    run many times faster than mlx's quantized ones at training batch sizes."""
     from mlx_lm import load
     from mlx_lm.utils import dequantize_model
 
