@@ -108,6 +108,12 @@ COVERAGE = {
             "0003-dispatch-registered-rounds.diff",
             {"mlx_vlm/speculative/utils.py": ["run_speculative_server_rounds"]},
         ),
+        # our drafters loaded by mlx_lm_dspark.load_drafter, met by mlx-vlm's prefill
+        "SpeculativePrefill": (
+            "0004-claim-external-drafters.diff",
+            {"mlx_vlm/speculative/utils.py": ["SpeculativePrefill"],
+             "mlx_vlm/speculative/drafters/__init__.py": ["external_drafter_kind"]},
+        ),
     },
     "mlx_vlm.generate.dispatch": {
         "argparse": ("0002-draft-kind-choices.diff", {"mlx_vlm/generate/dispatch.py": ["parse_arguments"]}),
