@@ -8,15 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import mlx_lm_dspark
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-# The statistics API the Python and mlx-vlm examples print; remove this guard
-# once mlx_lm_dspark.last_stats is on the same branch.
-needs_last_stats = pytest.mark.skipif(not hasattr(mlx_lm_dspark, "last_stats"),
-                                      reason="mlx_lm_dspark.last_stats is not in this tree yet")
-
 
 def run_example(name, *args, timeout=600):
     """The example's stdout; fails with its output unless it exits 0."""
@@ -26,14 +18,12 @@ def run_example(name, *args, timeout=600):
     return result.stdout
 
 
-@needs_last_stats
 def test_python_api():
     out = run_example("python_api.py", "--max-tokens", "32")  # automatic draft length
     assert "identical to plain decoding: True" in out
     assert "Speculative: τ=" in out
 
 
-@needs_last_stats
 def test_python_api_fixed_cap_drafts():
     out = run_example("python_api.py", "--max-tokens", "32", "--num-draft-tokens", "3")
     assert "identical to plain decoding: True" in out
@@ -55,7 +45,6 @@ def test_server_client():
 
 
 @pytest.mark.slow
-@needs_last_stats
 def test_mlx_vlm_image():
     pytest.importorskip("mlx_vlm", reason="the mlx-vlm example needs the `vlm` extra (pip install '.[vlm]')")
     out = run_example("mlx_vlm_image.py", "--draft-block-size", "8")
