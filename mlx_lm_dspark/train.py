@@ -543,10 +543,18 @@ def load_checkpoint(output: Path) -> tuple:
         raise TrainingError(
             f"--resume: no checkpoint in {output} (no {STATE_FILE}); run without --resume to start afresh."
         )
-    state = json.loads(state_path.read_text())
-    config = json.loads((output / CONFIG_FILE).read_text())
-    drafter = Drafter(ModelArgs.from_dict(drafter_args(config)))
-    drafter.load_weights(str(output / WEIGHTS_FILE), strict=True)
+    try:
+        state = json.loads(state_path.read_text())
+        config = json.loads((output / CONFIG_FILE).read_text())
+        drafter = Drafter(ModelArgs.from_dict(drafter_args(config, source=output)))
+        drafter.load_weights(str(output / WEIGHTS_FILE), strict=True)
+    except (OSError, ValueError) as e:  # a JSON or safetensors file that is missing, cut short or damaged
+        if isinstance(e, TrainingError):
+            raise
+        raise TrainingError(
+            f"--resume: the checkpoint in {output} is damaged ({type(e).__name__}: {e}); "
+            "run without --resume to start afresh."
+        ) from None
     drafter.kind = "dspark" if drafter.args.markov_rank > 0 else "dflash"
     freeze_embeddings(drafter)
     opt_state = tree_unflatten(list(mx.load(str(output / OPTIMIZER_FILE)).items()))

@@ -291,6 +291,9 @@ def test_cli_bad_input(target_dir, tmp_path, capsys):
     err = run_cli_error(capsys, base + ["--data", str(text), "--target-layer-ids", "9"])
     assert "out of range for a 4-layer target" in err
     assert "no checkpoint" in run_cli_error(capsys, base + ["--data", str(text), "--resume"])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / T.STATE_FILE).write_text('{"step": 3,')  # a checkpoint cut short
+    assert "checkpoint in" in run_cli_error(capsys, base + ["--data", str(text), "--resume"])
     assert "Cannot load the target" in run_cli_error(
         capsys, ["--model", str(tmp_path / "nowhere"), "--data", str(text), "--quiet"])
 
