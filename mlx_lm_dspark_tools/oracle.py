@@ -75,7 +75,7 @@ class OracleDrafter:
             self.target_layer_ids = list(inner.target_layer_ids)
             self.max_drafts = inner.max_drafts
         else:
-            from .target import family_of, text_args  # not at import: importing it before mlx-lm is circular
+            from mlx_lm_dspark.target import family_of, text_args  # not at import: importing it before mlx-lm is circular
 
             args = text_args(model)
             self.args = SimpleNamespace(
