@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -110,6 +110,7 @@ class Case:
     max_kv_size: Optional[int]  # passed to stream_generate
     second_prompt: Optional[Tuple[int, ...]]  # a second turn on the same cache
     second_max_tokens: Optional[int]
+    overrides: Tuple[str, ...] = ()  # "field=value" set after drawing (``--set``)
 
     @classmethod
     def draw(cls, seed: int) -> "Case":
@@ -181,6 +182,23 @@ class Case:
                    quantized_kv_start=kv_start, prompt_cache=prompt_cache, rotating=rotating,
                    max_kv_size=max_kv_size, second_prompt=second_prompt, second_max_tokens=second_max_tokens)
 
+    def with_overrides(self, overrides) -> "Case":
+        """The case with fields set from "field=value" strings (values in
+        JSON: ``max_tokens=200``, ``precision="bfloat16"``, ``window=3``)."""
+        names = {f.name for f in fields(self)} - {"seed", "overrides"}
+        changes = {}
+        for item in overrides:
+            name, _, value = item.partition("=")
+            if name not in names:
+                raise ValueError(f"--set {item}: no case field {name!r} (fields: {', '.join(sorted(names))})")
+            try:
+                changes[name] = json.loads(value)
+            except ValueError:
+                changes[name] = value  # a bare string: precision=bfloat16
+            if isinstance(changes[name], list):
+                changes[name] = tuple(changes[name])
+        return replace(self, overrides=self.overrides + tuple(overrides), **changes)
+
     # What the case is ------------------------------------------------------
 
     @property
@@ -219,7 +237,7 @@ class Case:
             drafter = f"oracle(acceptance {self.acceptance})"
         else:
             drafter = f"{self.drafter}({'float' if self.drafter_bits is None else f'{self.drafter_bits}-bit'})"
-        parts = [f"seed {self.seed}", f"{self.target_name()} {self.precision}", drafter, f"block {self.block}",
+        parts = [f"seed {self.seed}" + (f" (with {', '.join(self.overrides)})" if self.overrides else ""), f"{self.target_name()} {self.precision}", drafter, f"block {self.block}",
                  f"cap {'auto' if self.cap is None else self.cap}", f"prompt {len(self.prompt)}",
                  f"max_tokens {self.max_tokens}"]
         if self.eos_pick is not None:
@@ -239,7 +257,8 @@ class Case:
         return ", ".join(parts)
 
     def reproduction(self) -> str:
-        return f"python -m mlx_lm_dspark_tools.exactness --seed {self.seed}"
+        sets = "".join(f" --set '{item}'" for item in self.overrides)
+        return f"python -m mlx_lm_dspark_tools.exactness --seed {self.seed}{sets}"
 
 
 # ---------------------------------------------------------------- dimensions
@@ -627,8 +646,8 @@ def _first_divergence(plain: Plain, got: Plain):
                 detail = "" if a is not None and b is not None else f"{len(want)} plain tokens, {len(have)} speculative"
                 return turn, i, a, b, margin, detail
         if plain.cache_lengths[turn] != got.cache_lengths[turn]:
-            return (turn, len(want), None, None, None,
-                    f"cache holds {got.cache_lengths[turn]} positions after the turn, plain {plain.cache_lengths[turn]}")
+            held = f"cache holds {got.cache_lengths[turn]} positions after the turn, plain {plain.cache_lengths[turn]}"
+            return turn, len(want), None, None, None, held
     return None
 
 
@@ -676,13 +695,14 @@ def run_case(case: Case, session: Session) -> Outcome:
 STATUSES = ("exact", "diverged", "refused", "error", "host-unsupported")
 
 
-def run_cases(seeds, session: Optional[Session] = None, keep=lambda case: True, report=None) -> List[Outcome]:
-    """Outcomes of the cases of ``seeds`` that ``keep`` accepts; ``report``
-    is called with each outcome as it comes."""
+def run_cases(seeds, session: Optional[Session] = None, keep=lambda case: True, report=None,
+              overrides=()) -> List[Outcome]:
+    """Outcomes of the cases of ``seeds`` (with ``overrides``) that ``keep``
+    accepts; ``report`` is called with each outcome as it comes."""
     session = session or Session()
     outcomes = []
     for seed in seeds:
-        case = Case.draw(seed)
+        case = Case.draw(seed).with_overrides(overrides)
         if not keep(case):
             continue
         outcome = run_case(case, session)
@@ -700,7 +720,8 @@ def summary(outcomes: List[Outcome]) -> str:
         for dim, value in dimensions(outcome.case).items():
             counts[(dim, value)][outcome.status] += 1
             counts[(dim, value)]["cases"] += 1
-    head = f"{'dimension':<22} {'value':<34} {'cases':>6} {'diverged':>9} {'refused':>8} {'errors':>7} {'host-unsup':>10}"
+    head = (f"{'dimension':<22} {'value':<34} {'cases':>6} {'diverged':>9} {'refused':>8} {'errors':>7} "
+            f"{'host-unsup':>10}")
     lines = [head, "-" * len(head)]
     for (dim, value) in sorted(counts, key=lambda k: (list(dimensions(outcomes[0].case)).index(k[0]), k[1])):
         c = counts[(dim, value)]
@@ -723,6 +744,7 @@ def _seed_range(text: str) -> range:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m mlx_lm_dspark_tools.exactness",
         description="Randomized exactness check: greedy speculative decoding against plain decoding.")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--seed", type=int, help="Run one case and print it in full.")
@@ -731,15 +753,21 @@ def main(argv=None) -> int:
                         help="Only cases in this configuration (repeatable: any of them).")
     parser.add_argument("--exclude-tag", action="append", default=[], choices=TAGS,
                         help="Skip cases in this configuration (repeatable).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="Set a case field after drawing (JSON value; repeatable), e.g. max_tokens=200.")
     parser.add_argument("--session-dir", type=Path, default=None,
                         help=f"Where checkpoints and plain runs are kept (default: {default_session_dir()}).")
     parser.add_argument("--verbose", action="store_true", help="Print every case, not only those not exact.")
     args = parser.parse_args(argv)
+    try:
+        Case.draw(0).with_overrides(args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
     import mlx_lm.generate  # noqa: F401  (mlx-lm first: it activates mlx-lm-dspark's patches)
 
     session = Session(args.session_dir)
     if args.seed is not None:
-        case = Case.draw(args.seed)
+        case = Case.draw(args.seed).with_overrides(args.overrides)
         print(case.describe())
         print(f"tags: {', '.join(sorted(case.tags())) or '-'}")
         outcome = run_case(case, session)
@@ -754,7 +782,7 @@ def main(argv=None) -> int:
         if args.verbose or outcome.status != "exact":
             print(outcome.line(), flush=True)
 
-    outcomes = run_cases(args.seeds, session, keep, report)
+    outcomes = run_cases(args.seeds, session, keep, report, args.overrides)
     if not outcomes:
         print("no case in that range matches the filters")
         return 0

@@ -8,6 +8,8 @@ default, a long one with ``-m slow``; together they check FAST + LONG
 cases.  A failure's message is the case's one-line reproduction.
 """
 
+import contextlib
+
 import pytest
 
 from mlx_lm_dspark_tools.exactness import TAGS, Case, Session, run_case
@@ -42,9 +44,11 @@ LONG_SEEDS = checked_seeds(FAST, LONG)
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory, request):
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     if reporter is not None:
-        reporter.write_line(f"exactness: cases in {', '.join(sorted(PENDING))} are left out ({PENDING_REASON})")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write_line(f"\nexactness: cases in {', '.join(sorted(PENDING))} are left out ({PENDING_REASON})")
     import mlx_lm.generate  # noqa: F401  (mlx-lm first: it activates mlx-lm-dspark's patches)
 
     return Session(tmp_path_factory.mktemp("exactness"))
