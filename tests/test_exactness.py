@@ -23,7 +23,7 @@ PENDING_REASON = "issue 19: fix pending"
 # name), once a refusal is the documented answer for them; none yet.
 EXPECTED_REFUSALS = {}
 
-FAST = 60
+FAST = 40
 LONG = 440  # CI's share; `python -m mlx_lm_dspark_tools.exactness --seeds 0:2000` runs more
 
 
