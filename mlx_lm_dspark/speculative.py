@@ -5,19 +5,19 @@ DSpark/DFlash drafter, with the same call signature and the same yields:
 ``(token, logprobs, from_draft)`` per generated token.
 """
 
+import inspect
 import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
-from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.generate import generate_step, generation_stream, maybe_quantize_kv_cache
 
 from . import early
 from .autocap import draft_length_for
 from .cost import CostModel, load_or_measure, save
-from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
+from .sampling import GREEDY, PQ, accept_pq, distribution, greedy_sampler, rule_for, sample, settings_of
 from .target import (
     TargetAdapter,
     cache_length,
@@ -27,7 +27,8 @@ from .target import (
 )
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
-DEFAULT_QUANTIZED_KV_START = 5000
+# Plain decoding's default (mlx-lm 0.32: 5000, 0.31: 0), so both quantize alike.
+DEFAULT_QUANTIZED_KV_START = inspect.signature(generate_step).parameters["quantized_kv_start"].default
 CONTEXT_BATCH = 64  # committed positions queued at most before the drafter context takes them
 
 
