@@ -14,7 +14,7 @@ import re
 
 # host distribution -> (lowest supported release, first unsupported release)
 SUPPORTED = {
-    "mlx-lm": ("0.31.1", "0.33.0"),
+    "mlx-lm": ("0.31.3", "0.33.0"),
     "mlx-vlm": ("0.7.10", "0.7.11"),
 }
 
