@@ -3,7 +3,7 @@ acceptance rule.
 
 mlx-lm's ``make_sampler`` returns an opaque function; once this package is
 active the functions it returns carry their ``SamplerSettings`` (see
-``patch_mlx_lm.patch_sample_utils``), so the round loop can compute the exact
+``hosts.mlx_lm.patch_sample_utils``), so the round loop can compute the exact
 distribution p the sampler draws from and run DSpark's p/q rule.  A sampler
 whose distribution is unknown (a user's own function, or XTC, which flips its
 own coin) keeps the sample-and-match rule, which is exact for any sampler.
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+from mlx_lm import sample_utils
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 GREEDY = "greedy"  # argmax matching
 PQ = "p/q"  # accept d with min(1, p(d)/q(d)), residual max(0, p - q)
@@ -31,6 +32,16 @@ class SamplerSettings:
     top_k: int = 0
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
+
+
+def _argmax(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+# mlx-lm >= 0.32 has one greedy sampler, which ``make_sampler(temp=0)``
+# returns; before, that call made a new argmax function each time, which
+# carries its settings like any other sampler it makes.
+greedy_sampler = getattr(sample_utils, "greedy_sampler", _argmax)
 
 
 def settings_of(sampler) -> Optional[SamplerSettings]:

@@ -17,23 +17,24 @@ caches holding exactly prompt + yielded tokens.  The pieces: ``TokenHistory``
 ``Positions``.
 """
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
-from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.generate import generate_step, generation_stream, maybe_quantize_kv_cache
 
 from . import early
 from .cost import CostModel, load_or_measure, save
 from .protocol import DrafterProtocol
 from .session import Session, session_for
-from .sampling import GREEDY, PQ, accept_pq, distribution, rule_for, sample, settings_of
+from .sampling import GREEDY, PQ, accept_pq, distribution, greedy_sampler, rule_for, sample, settings_of
 from .target import TargetAdapter, cache_length, check_rollback, rollback
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
-DEFAULT_QUANTIZED_KV_START = 5000
+# Plain decoding's default (mlx-lm 0.32: 5000, 0.31: 0), so both quantize alike.
+DEFAULT_QUANTIZED_KV_START = inspect.signature(generate_step).parameters["quantized_kv_start"].default
 CONTEXT_BATCH = 64  # committed positions queued at most before the drafter context takes them
 
 

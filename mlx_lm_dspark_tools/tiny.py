@@ -206,13 +206,22 @@ def _maybe_quantize(model, config, bits, group_size):
         return quantize_model(model, config, group_size, bits)
 
 
+def readable_config(config) -> dict:
+    """``config`` with a flat transformers-5 ``rope_parameters`` also given as
+    a top-level ``rope_theta``, the only place mlx-lm < 0.32 reads it."""
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        return {**config, "rope_theta": rope["rope_theta"]}
+    return dict(config)
+
+
 def save_target(path, model, config) -> dict:
     """Save a target the way mlx_lm.convert does, plus the tiny tokenizer."""
     from mlx_lm.utils import save_config, save_model
 
     path = Path(path)
     save_model(path, model)
-    save_config(dict(config), path / "config.json")
+    save_config(readable_config(config), path / "config.json")
     write_tokenizer(path, text_config_of(config)["vocab_size"])
     return config
 
@@ -262,7 +271,7 @@ def make_qwen3_target(*, vocab_size=512, hidden_size=64, num_layers=8, num_heads
     config = qwen3_config(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                           intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(readable_config(config)))
     _randomize(model, seed, hidden_size, gain=QWEN3_GAIN)
     _silence_eos(model, model, tie_word_embeddings)
     return _maybe_quantize(model, config, bits, group_size)

@@ -22,6 +22,20 @@ if "MLX_LM_DSPARK_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["MLX_LM_DSPARK_CACHE"], ignore_errors=True)
 
 
+def _host_loads(model_type: str) -> bool:
+    import importlib.util
+
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return importlib.util.find_spec(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}") is not None
+
+
+# mlx-lm 0.31 has no "gemma4_unified" model type (0.32 loads it as gemma4).
+needs_gemma4_unified = pytest.mark.skipif(
+    not _host_loads("gemma4_unified"), reason="the installed mlx-lm cannot load gemma4_unified checkpoints"
+)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

@@ -46,10 +46,12 @@ def test_the_installed_mlx_lm_is_in_range():
 
 
 def test_a_patch_refuses_an_unsupported_host_before_patching(monkeypatch):
-    monkeypatch.setattr(guards, "installed_version", lambda host: "0.31.3")
+    older = _just_before(guards.SUPPORTED["mlx-lm"][0])
+    monkeypatch.setattr(guards, "installed_version", lambda host: older)
     utils = types.ModuleType("mlx_lm.utils_fake")
     stock = utils.load_model = lambda model_path, lazy=False, model_config=None: None
-    with pytest.raises(HostMismatchError, match=r"Installed mlx-lm is 0\.31\.3.*MLX_LM_DSPARK_DISABLE=1"):
+    with pytest.raises(HostMismatchError, match=rf"outside the supported range.*Installed mlx-lm is {older}.*"
+                       r"MLX_LM_DSPARK_DISABLE=1"):
         patch_mlx_lm.patch_utils(utils)
     assert utils.load_model is stock  # nothing was patched
     assert not getattr(utils, "_mlx_lm_dspark_patched", False)

@@ -191,7 +191,8 @@ def test_ordinary_draft_model_still_uses_mlx_lm_step(pair, tmp_path):
 FAKE_GENERATE = """
 def speculative_generate_step(prompt, model, draft_model, stream=None, *, num_draft_tokens=2,
                               max_tokens=256, sampler=None, logits_processors=None,
-                              prompt_cache=None, prefill_step_size=512):
+                              prompt_cache=None, prefill_step_size=512, kv_bits=None,
+                              kv_group_size=64, quantized_kv_start=5000):
     pass
 
 def stream_generate(model, tokenizer, prompt):
@@ -220,11 +221,24 @@ def _fake_generate_module(**overrides):
 def test_patches_fail_loudly_when_host_changes():
     patch_mlx_lm.patch_generate(_fake_generate_module())  # the expected shape patches fine
 
+    def step_without_stream(prompt, model, draft_model, *, num_draft_tokens=2, max_tokens=256,
+                            sampler=None, logits_processors=None, prompt_cache=None,
+                            prefill_step_size=512, kv_bits=None, kv_group_size=64, quantized_kv_start=0):
+        pass
+
+    patch_mlx_lm.patch_generate(_fake_generate_module(speculative_generate_step=step_without_stream))  # 0.31
+
     def renamed(prompt, model, drafter, stream=None):
         pass
 
-    with pytest.raises(patch_mlx_lm.HostMismatchError, match="speculative_generate_step"):
-        patch_mlx_lm.patch_generate(_fake_generate_module(speculative_generate_step=renamed))
+    def new_option(prompt, model, draft_model, stream=None, *, num_draft_tokens=2, max_tokens=256,
+                   sampler=None, logits_processors=None, prompt_cache=None, prefill_step_size=512,
+                   kv_bits=None, kv_group_size=64, quantized_kv_start=5000, draft_temperature=None):
+        pass
+
+    for changed in (renamed, new_option):
+        with pytest.raises(patch_mlx_lm.HostMismatchError, match="speculative_generate_step"):
+            patch_mlx_lm.patch_generate(_fake_generate_module(speculative_generate_step=changed))
 
     def stream_generate(model, tokenizer, prompt):
         return None  # no longer looks the step up as a module global
@@ -238,6 +252,18 @@ def test_patches_fail_loudly_when_host_changes():
     utils.load = lambda path: None
     with pytest.raises(patch_mlx_lm.HostMismatchError, match="load_tokenizer"):
         patch_mlx_lm.patch_utils(utils)
+
+
+def test_our_step_takes_every_known_host_shape():
+    """The dispatch forwards the caller's arguments unchanged to our step."""
+    import inspect
+
+    from mlx_lm_dspark.speculative import speculative_generate_step
+
+    ours = list(inspect.signature(speculative_generate_step).parameters)
+    newest, older = patch_mlx_lm.SPECULATIVE_STEP_SHAPES
+    assert ours == newest
+    assert set(older) <= set(ours)  # 0.31 takes everything after draft_model by keyword
 
 
 def test_generate_module_is_patched_once():

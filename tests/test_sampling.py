@@ -1,5 +1,7 @@
 """The acceptance rule and sampler-settings recovery, against closed forms."""
 
+import inspect
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -18,9 +20,13 @@ def _logp(values):
 
 def test_samplers_from_make_sampler_carry_their_settings():
     s = make_sampler(0.7, top_p=0.9, min_p=0.05, top_k=7)
-    assert s.dspark_settings == SamplerSettings(temp=0.7, top_p=0.9, min_p=0.05, top_k=7)
+    # Unset arguments carry the host's defaults (xtc_threshold: 0.1 since mlx-lm 0.32, 0.0 before).
+    xtc_threshold = inspect.signature(make_sampler).parameters["xtc_threshold"].default
+    assert s.dspark_settings == SamplerSettings(temp=0.7, top_p=0.9, min_p=0.05, top_k=7,
+                                                xtc_threshold=xtc_threshold)
     assert rule_for(s) == PQ
-    assert rule_for(make_sampler(0.0)) == rule_for(None) == GREEDY
+    # mlx-lm 0.32's make_sampler(0.0) is its shared greedy_sampler, 0.31's a new function each call.
+    assert rule_for(make_sampler(0.0)) == rule_for(make_sampler(temp=0.0, top_k=5)) == rule_for(None) == GREEDY
     assert rule_for(make_sampler(1.0, xtc_probability=0.5)) == MATCH  # XTC flips its own coin
     assert rule_for(lambda logprobs: mx.argmax(logprobs, axis=-1)) == MATCH
 

@@ -14,7 +14,7 @@ import re
 
 # host distribution -> (lowest supported release, first unsupported release)
 SUPPORTED = {
-    "mlx-lm": ("0.32.1", "0.33.0"),
+    "mlx-lm": ("0.31.3", "0.33.0"),
     "mlx-vlm": ("0.7.10", "0.7.11"),
 }
 
@@ -107,6 +107,16 @@ def expect_params(module, name: str, params, fail):
     missing = [p for p in params if p not in have]
     if missing:
         fail(f"{module.__name__}.{name}", f"parameters {missing} are gone (it now takes {have})")
+    return func
+
+
+def expect_shape(func, what: str, shapes, fail):
+    """Check that ``func`` takes exactly one of the parameter lists in
+    ``shapes`` (each release's shape, known to the patch), in order."""
+    have = list(inspect.signature(func).parameters)
+    if have not in [list(shape) for shape in shapes]:
+        known = " or ".join(str(list(shape)) for shape in shapes)
+        fail(what, f"it takes {have}, not one of the known shapes {known}")
     return func
 
 

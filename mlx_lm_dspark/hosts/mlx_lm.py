@@ -39,6 +39,19 @@ from .guards import HostMismatchError  # noqa: F401 (raised by every patch here)
 LEGACY_NUM_DRAFT_TOKENS = 3  # mlx_lm.generate's --num-draft-tokens default
 HOST = "mlx-lm"
 
+# The shapes of the host functions whose parameters changed within the
+# supported range: mlx-lm 0.32 added a ``stream`` parameter to both.
+_STEP_OPTIONS = ["num_draft_tokens", "max_tokens", "sampler", "logits_processors", "prompt_cache",
+                 "prefill_step_size", "kv_bits", "kv_group_size", "quantized_kv_start"]
+SPECULATIVE_STEP_SHAPES = (
+    ["prompt", "model", "draft_model", "stream", *_STEP_OPTIONS],  # mlx-lm 0.32
+    ["prompt", "model", "draft_model", *_STEP_OPTIONS],  # mlx-lm 0.31
+)
+SERVE_SINGLE_SHAPES = (
+    ["self", "request", "stream"],  # mlx-lm 0.32
+    ["self", "request"],  # mlx-lm 0.31
+)
+
 
 def _fail(what: str, detail: str):
     guards.fail(HOST, what, detail)
@@ -94,7 +107,7 @@ def patch_utils(utils) -> None:
 def patch_sample_utils(sample_utils) -> None:
     if not _once(sample_utils):
         return
-    from ..sampling import SamplerSettings
+    from ..sampling import SamplerSettings, greedy_sampler
 
     fields = list(SamplerSettings.__dataclass_fields__)
     make_sampler = _expect_params(sample_utils, "make_sampler", fields)
@@ -103,7 +116,7 @@ def patch_sample_utils(sample_utils) -> None:
     @functools.wraps(make_sampler)
     def make_sampler_with_settings(*args, **kwargs):
         sampler = make_sampler(*args, **kwargs)
-        if sampler is not sample_utils.greedy_sampler:
+        if sampler is not greedy_sampler:  # the one shared greedy function (mlx-lm >= 0.32)
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             sampler.dspark_settings = SamplerSettings(**{f: bound.arguments[f] for f in fields})
@@ -248,11 +261,13 @@ def patch_generate(generate_module) -> None:
     from ..session import last_stats
     from ..speculative import bind, is_drafter, speculative_generate_step as ours
 
-    stock_step = _expect_params(
-        generate_module,
-        "speculative_generate_step",
-        ["prompt", "model", "draft_model", "stream", "num_draft_tokens", "max_tokens",
-         "sampler", "logits_processors", "prompt_cache", "prefill_step_size"],
+    # Ours takes every parameter of either shape (``stream`` too, which 0.31
+    # callers never pass), so the wrapper forwards the caller's arguments.
+    stock_step = guards.expect_shape(
+        _expect_params(generate_module, "speculative_generate_step", []),
+        f"{generate_module.__name__}.speculative_generate_step",
+        SPECULATIVE_STEP_SHAPES,
+        _fail,
     )
     _expect_calls(generate_module, "stream_generate", ["speculative_generate_step"])
     setup_arg_parser = _expect_params(generate_module, "setup_arg_parser", [])
@@ -388,7 +403,12 @@ def patch_server(server) -> None:
     for name in ("GenerationContext", "ResponseGenerator", "APIHandler"):
         if not isinstance(getattr(server, name, None), type):
             _fail(f"mlx_lm.server.{name}", "the class no longer exists")
-    serve_single = _expect_method(responder, "_serve_single", ["request", "stream"])
+    serve_single = guards.expect_shape(
+        _expect_method(responder, "_serve_single", []),
+        f"{server.__name__}.ResponseGenerator._serve_single",
+        SERVE_SINGLE_SHAPES,
+        _fail,
+    )
     _expect_calls(responder, "_serve_single", ["stream_generate", "put"])
     generate = _expect_method(responder, "generate", ["request", "generation_args", "progress_callback"])
     validate = _expect_method(handler, "validate_model_parameters", [])
@@ -410,10 +430,10 @@ def patch_server(server) -> None:
     server_argparse = argparse_with(with_drafter_arguments)
 
     @functools.wraps(serve_single)
-    def _serve_single(self, request, stream):
+    def _serve_single(self, request, *stream):
         queue, body, args = request
         reporting = _ReportingQueue(queue, server.GenerationContext, self.model_provider)
-        return serve_single(self, (reporting, body, args), stream)
+        return serve_single(self, (reporting, body, args), *stream)
 
     @functools.wraps(generate)
     def generate_remembering_context(self, request, generation_args, progress_callback=None):
