@@ -317,7 +317,10 @@ def targets():
 
     def get(run):
         if run not in loaded:
-            loaded[run] = load_model(EAGLE3_FIXTURES / run / "target")[0]
+            # A transformers-5 config: rope_theta given at the top too, for mlx-lm < 0.32.
+            path = EAGLE3_FIXTURES / run / "target"
+            rope_theta = json.loads((path / "config.json").read_text())["rope_parameters"]["rope_theta"]
+            loaded[run] = load_model(path, model_config={"rope_theta": rope_theta})[0]
         return loaded[run]
 
     return get
