@@ -134,6 +134,7 @@ def test_prompt_file_end_to_end(pair, tmp_path):
     assert list(results["by_category"]) == ["mine"]
 
 
+@pytest.mark.slow
 def test_oracle_acceptance_sets_tau(pair):
     perfect = run(pair, "--oracle-acceptance", "1.0", "--num-draft-tokens", "3", drafter=False, tokens=25)
     spec = perfect["overall"]["speculative"]
