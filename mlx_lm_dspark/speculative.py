@@ -30,7 +30,7 @@ from .cost import CostModel, load_or_measure, save
 from .protocol import DrafterProtocol
 from .session import Session, session_for
 from .sampling import GREEDY, PQ, accept_pq, distribution, greedy_sampler, rule_for, sample, settings_of
-from .target import TargetAdapter, cache_length, check_rollback, rollback
+from .target import TargetAdapter, cache_length, check_rollback, rollback, single_step_masks
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
 # Plain decoding's default (mlx-lm 0.32: 5000, 0.31: 0), so both quantize alike.
@@ -572,7 +572,8 @@ class Rounds:
     def forward(self, tokens: mx.array):
         """Target forward over ``tokens`` after the cached positions (lazy)."""
         began, queued = time.perf_counter(), early.seconds()
-        logits, features = self.target(tokens[None], self.target_cache, start_early=True)
+        with single_step_masks(self.target_cache, tokens.size):
+            logits, features = self.target(tokens[None], self.target_cache, start_early=True)
         self.clock.built(began, queued)
         return logits[0], features
 
