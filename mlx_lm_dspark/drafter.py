@@ -149,14 +149,15 @@ class Attention(nn.Module):
         return keys, values.transpose(0, 2, 1, 3)
 
     def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
+        """The block ``x`` at positions start… attending to the cached context
+        and to itself.  The block's K/V are written after the context in the
+        cache's spare room and left there uncommitted (``offset`` grows by L):
+        ``Drafter.block_hidden`` trims them, so no round copies the context."""
         B, L, _ = x.shape
         queries = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
         queries = self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset=start)
-        keys, values = self.keys_values(x, start)
         context = cache.offset
-        if context:
-            keys = mx.concatenate([cache.keys[..., :context, :], keys], axis=2)
-            values = mx.concatenate([cache.values[..., :context, :], values], axis=2)
+        keys, values = cache.update_and_fetch(*self.keys_values(x, start))
         mask = None
         if self.window is not None:
             # The context is every committed position before the block, so its
@@ -371,6 +372,8 @@ class Drafter(nn.Module):
         h = self.embed(block_ids)
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, layer_cache, start)
+        for layer_cache in cache:  # the block is not committed context
+            layer_cache.trim(block_ids.shape[1])
         return self.norm(h)
 
     def draft_block(self, cache: list, anchor: mx.array, start: int, num_drafts: Optional[int] = None,
@@ -398,9 +401,10 @@ class Drafter(nn.Module):
         hidden = self.block_hidden(cache, ids, start)
         if start_early:
             early.start(hidden)
-        logits = self.base_logits(hidden)
+        logits = self.base_logits(hidden)  # the whole block's, lazy: a proposal evaluates its slots' only
         slots = self.draft_rows(num_drafts)
-        slot_logits, slot_hidden = logits[0, slots], hidden[0, slots]
+        slot_hidden = hidden[0, slots]
+        slot_logits = logits[0, slots] if num_drafts == self.max_drafts else self.base_logits(slot_hidden)
         markov = self.args.markov_rank > 0
         V = logits.shape[-1]
 

@@ -50,11 +50,21 @@ class SpeculativeStats:
     host_seconds: float = 0.0  # loop time outside waits for the device (and outside the caller)
     graph_seconds: float = 0.0  # ... of which building the target's and drafter's graphs
     wait_seconds: float = 0.0  # time blocked on device results
+    syncs: int = 0  # reads that block on the device (evaluations waited for)
+    hand_offs: int = 0  # graphs queued without waiting (async evaluations, early starts included)
     time_scale: Optional[List[float]] = None  # automatic cap: learned (undrafted, drafted) round time over the cost model's
 
     @property
     def host_ms_per_round(self) -> float:
         return 1000 * self.host_seconds / self.rounds if self.rounds else 0.0
+
+    @property
+    def syncs_per_round(self) -> float:
+        return self.syncs / self.rounds if self.rounds else 0.0
+
+    @property
+    def hand_offs_per_round(self) -> float:
+        return self.hand_offs / self.rounds if self.rounds else 0.0
 
     @property
     def loop_ms_per_round(self) -> float:
@@ -415,12 +425,21 @@ class RoundClock:
         stats.host_seconds += (now - self.began) - (stats.wait_seconds - self.wait_before)
         stats.graph_seconds += self.built_s - self.built_before
 
-    def built(self, began: float, queued_before: float) -> None:
+    def built(self, began: float, queued_before: float, starts_before: int) -> None:
         """Count the time since ``began`` as graph building, except what
         queueing the graph's first layers spent (time on the device)."""
         queued = early.seconds() - queued_before
         self.stats.wait_seconds += queued
+        self.stats.hand_offs += early.starts() - starts_before
         self.built_s += time.perf_counter() - began - queued
+
+    def queued(self, *arrays) -> None:
+        """Hand ``arrays`` to the device without waiting for them (the time
+        the backend blocks in it counted as waiting)."""
+        self.stats.hand_offs += 1
+        began = time.perf_counter()
+        mx.async_eval(*arrays)
+        self.waited(began)
 
     def waited(self, since: float) -> float:
         """Count the time since ``since`` as waiting for the device; returns now."""
@@ -430,6 +449,7 @@ class RoundClock:
 
     def wait_for(self, read: Callable, *args):
         """The value of a call that blocks on the device, its time counted as waiting."""
+        self.stats.syncs += 1
         began = time.perf_counter()
         value = read(*args)
         self.waited(began)
@@ -576,10 +596,10 @@ class Rounds:
 
     def forward(self, tokens: mx.array):
         """Target forward over ``tokens`` after the cached positions (lazy)."""
-        began, queued = time.perf_counter(), early.seconds()
+        began, queued, starts = time.perf_counter(), early.seconds(), early.starts()
         with single_step_masks(self.target_cache, tokens.size):
             logits, features = self.target(tokens[None], self.target_cache, start_early=True)
-        self.clock.built(began, queued)
+        self.clock.built(began, queued, starts)
         return logits[0], features
 
     def propose(self, produced_after: int) -> Optional[Proposal]:
@@ -598,16 +618,14 @@ class Rounds:
         with mx.stream(self.stream):
             self.context.flush()
             choose = self.acceptor.drafter_sampling(self.history, self.anchor)
-            began, queued = time.perf_counter(), early.seconds()
+            began, queued, starts = time.perf_counter(), early.seconds(), early.starts()
             drafts, confidence, q = self.drafter.propose(self.context.cache, self.anchor, self.at.anchor, n, choose)
-            self.clock.built(began, queued)
+            self.clock.built(began, queued, starts)
         if drafts.shape[0] < n:  # a proposer may find fewer (a lookup without a long match): none, no round
             if drafts.shape[0] == 0:
                 return None
             n = drafts.shape[0]
-        began = time.perf_counter()
-        mx.async_eval(*(x for x in (drafts, confidence, q) if x is not None))
-        self.clock.waited(began)
+        self.clock.queued(*(x for x in (drafts, confidence, q) if x is not None))
         return Proposal(n, drafts, confidence, q, getattr(self.drafter, "sized", False))
 
     def cut(self, proposal: Proposal) -> Block:
@@ -715,9 +733,7 @@ class Rounds:
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             _, following = self.acceptor.accept(logprobs, None, None)
             self.context.commit(features, token, start)
-        began = time.perf_counter()
-        mx.async_eval(following, logprobs)
-        self.clock.waited(began)
+        self.clock.queued(following, logprobs)
         return following, logprobs
 
     def undrafted_rounds(self):
@@ -740,6 +756,7 @@ class Rounds:
                 step = self.plain_step()
             began = time.perf_counter()
             token = following.item()
+            stats.syncs += 1
             clock.end(clock.waited(began))
             at.produced += 1
             clock.to_caller()
