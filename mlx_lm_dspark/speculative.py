@@ -502,6 +502,7 @@ class Proposal:
     drafts: mx.array  # [n]
     confidence: Optional[mx.array]  # [n] per-draft acceptance estimates, or None
     q: Optional[mx.array]  # [n, V] the distributions the drafts were sampled from, or None
+    sized: bool = False  # the proposer chose its length: the automatic cap neither cuts nor learns from it
 
 
 @dataclass(slots=True)
@@ -514,6 +515,7 @@ class Block:
     proposed: int  # drafts the automatic cap chose from (after the confidence threshold)
     confidence: Optional[mx.array]  # the whole proposal's
     scores: Optional[list]  # confidences read before the verify, or None
+    sized: bool = False  # see ``Proposal.sized``
 
 
 @dataclass(slots=True)
@@ -558,6 +560,9 @@ class Rounds:
         self.stats = SpeculativeStats(rule=self.acceptor.rule, cap=None if auto else self.cap,
                                       time_scale=self.lengths.time_scale if auto else None)
         session.record(self.stats)
+        plan_with = getattr(drafter, "plan_with", None)
+        if plan_with is not None:  # a drafter that sizes some proposals itself (``lookup.WithLookup``)
+            plan_with(self.lengths)
         self.clock = RoundClock(self.stats, self.lengths.observe if auto and learn else None)
         self.history = TokenHistory(logits_processors, history)
         self.context = DrafterContext(drafter, draft_cache, self.clock)
@@ -596,10 +601,14 @@ class Rounds:
             began, queued = time.perf_counter(), early.seconds()
             drafts, confidence, q = self.drafter.propose(self.context.cache, self.anchor, self.at.anchor, n, choose)
             self.clock.built(began, queued)
+        if drafts.shape[0] < n:  # a proposer may find fewer (a lookup without a long match): none, no round
+            if drafts.shape[0] == 0:
+                return None
+            n = drafts.shape[0]
         began = time.perf_counter()
         mx.async_eval(*(x for x in (drafts, confidence, q) if x is not None))
         self.clock.waited(began)
-        return Proposal(n, drafts, confidence, q)
+        return Proposal(n, drafts, confidence, q, getattr(self.drafter, "sized", False))
 
     def cut(self, proposal: Proposal) -> Block:
         """The drafts to verify: the proposal up to its first confidence below
@@ -612,7 +621,7 @@ class Rounds:
                 n = below.index(True) if True in below else n
                 drafts, q = drafts[:n], (q[:n] if q is not None else None)
             proposed = n
-            lengths = self.lengths
+            lengths = None if proposal.sized else self.lengths
             if lengths is not None and n > 0:
                 # The proposal was queued last round; reading its confidences
                 # waits for it (skipped while typical ones choose as well:
@@ -633,7 +642,7 @@ class Rounds:
                 drafts, q = drafts[:n], (q[:n] if q is not None else None)
         if n == 0:
             drafts = q = None
-        return Block(n, drafts, q, proposed, confidence, scores)
+        return Block(n, drafts, q, proposed, confidence, scores, proposal.sized)
 
     def verify(self, block: Block) -> Verified:
         """The target's forward over [anchor, drafts] and, on device, how many
@@ -672,7 +681,7 @@ class Rounds:
         if block.n == 0:
             stats.declined.append(stats.rounds - 1)
         self.clock.drafted(block.n)
-        if self.lengths is not None and block.proposed > 0:
+        if self.lengths is not None and block.proposed > 0 and not block.sized:
             scores = block.scores
             if verified.judged is not None:
                 scores = verified.judged.tolist()[: block.proposed]  # evaluated: no slicing op

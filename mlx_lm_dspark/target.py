@@ -179,7 +179,8 @@ class TargetAdapter:
 
 
 def validate_pair(drafter, target: TargetAdapter) -> None:
-    """Refuse a drafter trained for another target, naming the field."""
+    """Refuse a drafter trained for another target, naming the field (a
+    drafter field that is None, as lookup's, matches any target)."""
     args = drafter.args
     problems = []
     if target.family is None:
@@ -187,11 +188,11 @@ def validate_pair(drafter, target: TargetAdapter) -> None:
             f"target family: {type(target.model).__name__} is not a supported target "
             f"(supported: {sorted(set(FAMILY_OF_MODEL_TYPE.values()))})"
         )
-    elif args.family != target.family:
+    elif args.family is not None and args.family != target.family:
         problems.append(f"family: drafter is for {args.family}, target is {target.family}")
-    if target.vocab_size is not None and args.vocab_size != target.vocab_size:
+    if None not in (target.vocab_size, args.vocab_size) and args.vocab_size != target.vocab_size:
         problems.append(f"vocab_size: drafter {args.vocab_size}, target {target.vocab_size}")
-    if target.hidden_size is not None and args.hidden_size != target.hidden_size:
+    if None not in (target.hidden_size, args.hidden_size) and args.hidden_size != target.hidden_size:
         problems.append(f"hidden_size: drafter {args.hidden_size}, target {target.hidden_size}")
     if args.num_target_layers is not None and args.num_target_layers != target.num_layers:
         problems.append(

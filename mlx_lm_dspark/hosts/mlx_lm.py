@@ -80,10 +80,20 @@ def patch_utils(utils) -> None:
     load_tokenizer = _expect_params(
         utils, "load_tokenizer", ["model_path", "tokenizer_config_extra", "eos_token_ids"]
     )
+    download = _expect_params(utils, "_download", ["path_or_hf_repo", "revision"])
     _expect_calls(utils, "load", ["_download", "load_model", "load_tokenizer"])
+
+    @functools.wraps(download)
+    def download_unless_lookup(path_or_hf_repo, *args, **kwargs):
+        if loader.names_lookup(path_or_hf_repo):
+            return Path(path_or_hf_repo)  # nothing to fetch: ``load_model`` builds it
+        return download(path_or_hf_repo, *args, **kwargs)
 
     @functools.wraps(load_model)
     def load_model_or_drafter(model_path, lazy=False, *args, **kwargs):
+        if loader.names_lookup(model_path):
+            _refuse_private_generate_copy()
+            return loader.load_lookup(str(model_path)), {}
         config = loader.read_config(model_path)
         if config is not None and loader.is_drafter_config(config):
             _refuse_private_generate_copy()
@@ -93,6 +103,8 @@ def patch_utils(utils) -> None:
 
     @functools.wraps(load_tokenizer)
     def load_tokenizer_or_stand_in(model_path, *args, **kwargs):
+        if loader.names_lookup(model_path):
+            return loader.DrafterTokenizer(0)
         config = loader.read_config(model_path)
         if (
             config is not None
@@ -102,6 +114,7 @@ def patch_utils(utils) -> None:
             return loader.DrafterTokenizer(config.get("vocab_size", 0))
         return load_tokenizer(model_path, *args, **kwargs)
 
+    utils._download = download_unless_lookup
     utils.load_model = load_model_or_drafter
     utils.load_tokenizer = load_tokenizer_or_stand_in
 
@@ -197,6 +210,18 @@ _non_negative_int = _in_range(int, 0, float("inf"), "an integer >= 0")
 _probability = _in_range(float, 0.0, 1.0, "a value in [0, 1]")
 
 
+def _lookup_settings(value: str) -> str:
+    """A --draft-lookup value, checked: the lookup specification it makes."""
+    from ..lookup import LookupSpecError, RESERVED, parse_spec
+
+    spec = f"{RESERVED}:{value}" if value.strip() else RESERVED
+    try:
+        parse_spec(spec)
+    except LookupSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 class _DrafterDefault(argparse.Action):
     """Store the option and make it the default for drafters loaded next."""
 
@@ -211,6 +236,7 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
         group_size=None,
         block_size=None,
         confidence_threshold=None,
+        lookup=None,
     )
     for action in parser._actions:
         if "--num-draft-tokens" in action.option_strings:
@@ -254,6 +280,22 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
         action=_DrafterDefault,
         default=None,
         help="Cut each proposal at the first slot whose confidence is below this value (DSpark only).",
+    )
+    group.add_argument(
+        "--draft-lookup",
+        dest="draft_lookup",
+        nargs="?",
+        const="",
+        type=_lookup_settings,
+        action=_DrafterDefault,
+        default=None,
+        metavar="SETTINGS",
+        help=(
+            "With a DSpark/DFlash drafter, let each round propose the continuation of an earlier "
+            "occurrence of the last tokens instead, when the measured costs expect more tokens/s from it. "
+            "SETTINGS as for --draft-model ngram:SETTINGS (e.g. n=4,min=2,k=8). "
+            "(--draft-model ngram alone: lookup without a drafter.)"
+        ),
     )
 
 
