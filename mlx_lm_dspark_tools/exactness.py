@@ -740,6 +740,24 @@ def summary(outcomes: List[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def cross_table(outcomes: List[Outcome], by: List[str]) -> str:
+    """Cases and divergences per combination of the dimensions ``by`` (the
+    half-precision rates in the README are measured this way)."""
+    counts = defaultdict(Counter)
+    for outcome in outcomes:
+        values = dimensions(outcome.case)
+        counts[tuple(values[d] for d in by)][outcome.status] += 1
+    width = [max(len(d), *(len(k[i]) for k in counts)) for i, d in enumerate(by)]
+    head = "  ".join(d.ljust(w) for d, w in zip(by, width)) + f"  {'cases':>6} {'diverged':>9} {'rate':>7}"
+    lines = [head, "-" * len(head)]
+    for key in sorted(counts):
+        c = counts[key]
+        n = sum(c.values())
+        lines.append("  ".join(v.ljust(w) for v, w in zip(key, width))
+                     + f"  {n:>6} {c['diverged']:>9} {c['diverged'] / n:>7.2%}")
+    return "\n".join(lines)
+
+
 def _seed_range(text: str) -> range:
     start, _, stop = text.partition(":")
     return range(int(start), int(stop))
@@ -760,8 +778,14 @@ def main(argv=None) -> int:
                         help="Set a case field after drawing (JSON value; repeatable), e.g. max_tokens=200.")
     parser.add_argument("--session-dir", type=Path, default=None,
                         help=f"Where checkpoints and plain runs are kept (default: {default_session_dir()}).")
+    parser.add_argument("--by", action="append", default=[], metavar="DIMENSION",
+                        help="Also print cases and divergences per combination of these dimensions "
+                             "(repeatable), e.g. --by family --by precision.")
     parser.add_argument("--verbose", action="store_true", help="Print every case, not only those not exact.")
     args = parser.parse_args(argv)
+    unknown = [d for d in args.by if d not in dimensions(Case.draw(0))]
+    if unknown:
+        parser.error(f"--by {unknown[0]!r}: no such dimension (dimensions: {', '.join(dimensions(Case.draw(0)))})")
     try:
         Case.draw(0).with_overrides(args.overrides)
     except ValueError as e:
@@ -790,6 +814,9 @@ def main(argv=None) -> int:
         print("no case in that range matches the filters")
         return 0
     print(summary(outcomes))
+    if args.by:
+        print()
+        print(cross_table(outcomes, args.by))
     return 1 if any(o.status in ("diverged", "error") for o in outcomes) else 0
 
 
