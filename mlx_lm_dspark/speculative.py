@@ -30,7 +30,7 @@ from .cost import CostModel, load_or_measure, save
 from .protocol import DrafterProtocol
 from .session import Session, session_for
 from .sampling import GREEDY, PQ, accept_pq, distribution, greedy_sampler, rule_for, sample, settings_of
-from .target import TargetAdapter, cache_length, check_rollback, rollback
+from .target import TargetAdapter, cache_length, check_rollback, rollback, single_step_masks
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
 # Plain decoding's default (mlx-lm 0.32: 5000, 0.31: 0), so both quantize alike.
@@ -207,8 +207,7 @@ def speculative_generate_step(
     position = cache_length(target_cache)
     _trim_drafter(draft_cache, draft_cache[0].offset - position)
 
-    def quantize_cache():
-        maybe_quantize_kv_cache(target_cache, quantized_kv_start, kv_group_size, kv_bits)
+    kv = KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
 
     history = TokenHistory(logits_processors)
     with mx.stream(stream):
@@ -221,7 +220,7 @@ def speculative_generate_step(
             n = min(prefill_step_size, total - done - 1)
             chunk = prompt[done : done + n]
             _, features = target(chunk[None], target_cache)
-            quantize_cache()
+            kv.apply(target_cache)
             drafter.add_context(draft_cache, features, position, chunk)
             history.extend(chunk)
             mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
@@ -230,7 +229,7 @@ def speculative_generate_step(
             mx.clear_cache()
         last = prompt[done:]
         logits, features = target(last[None], target_cache)
-        quantize_cache()
+        kv.apply(target_cache)
         drafter.add_context(draft_cache, features, position, last)
         logits = history.process(logits[0], last)
         position += 1
@@ -242,7 +241,7 @@ def speculative_generate_step(
         yield from decode(
             target, drafter, target_cache, draft_cache, anchor, logprobs[0], position,
             stream=stream, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens, sampler=sampler,
-            logits_processors=logits_processors, history=history.tokens, after_forward=quantize_cache,
+            logits_processors=logits_processors, history=history.tokens, kv=kv,
         )
     finally:
         if prompt_cache is not None:
@@ -254,6 +253,34 @@ def speculative_generate_step(
 
 
 # ---------------------------------------------------------------- the round loop's pieces
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """mlx-lm's KV-cache quantization (``kv_bits``, ``kv_group_size``,
+    ``quantized_kv_start``), done where plain decoding does it.
+
+    ``generate_step`` converts the cache after a forward that leaves it
+    holding at least ``start`` positions, so every position from ``start``
+    on is computed through the quantized cache and every one before through
+    the float cache.  The round loop converts only on committed positions
+    (after rollback) and ends a verify block before ``start`` when it would
+    cross it."""
+
+    bits: Optional[int] = None
+    group_size: int = 64
+    start: int = 0
+
+    def apply(self, cache: list) -> None:
+        """Convert ``cache`` if it now holds ``start`` committed positions or more."""
+        maybe_quantize_kv_cache(cache, self.start, self.group_size, self.bits)
+
+    def widest_verify(self, anchor: int, n: int) -> int:
+        """How many of ``n`` drafts a verify from position ``anchor`` can
+        take without computing positions on both sides of ``start``."""
+        if self.bits is None or anchor >= self.start:
+            return n
+        return min(n, self.start - anchor - 1)
 
 
 class TokenHistory:
@@ -511,7 +538,7 @@ class Rounds:
     def __init__(self, target: TargetAdapter, drafter, target_cache: list, draft_cache: list, anchor: mx.array,
                  position: int, *, stream, num_draft_tokens: Optional[int], max_tokens: int,
                  sampler: Optional[Callable], logits_processors: Optional[List[Callable]],
-                 history: Optional[mx.array], after_forward: Callable[[], None]):
+                 history: Optional[mx.array], kv: KVQuantization = KVQuantization()):
         max_drafts = drafter.max_drafts
         if num_draft_tokens is None:
             self.cap = max_drafts
@@ -520,7 +547,7 @@ class Rounds:
         else:
             self.cap = min(int(num_draft_tokens), max_drafts)
         self.target, self.drafter, self.target_cache = target, drafter, target_cache
-        self.stream, self.max_tokens, self.after_forward = stream, max_tokens, after_forward
+        self.stream, self.max_tokens, self.kv = stream, max_tokens, kv
         self.threshold = drafter.confidence_threshold
         self.acceptor = Acceptor(sampler or greedy_sampler)
         auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
@@ -551,8 +578,8 @@ class Rounds:
     def forward(self, tokens: mx.array):
         """Target forward over ``tokens`` after the cached positions (lazy)."""
         began, queued = time.perf_counter(), early.seconds()
-        logits, features = self.target(tokens[None], self.target_cache, start_early=True)
-        self.after_forward()
+        with single_step_masks(self.target_cache, tokens.size):
+            logits, features = self.target(tokens[None], self.target_cache, start_early=True)
         self.clock.built(began, queued)
         return logits[0], features
 
@@ -611,6 +638,10 @@ class Rounds:
                 if chosen < n:
                     n = chosen
                     drafts, q = drafts[:n], (q[:n] if q is not None else None)
+            kv_limit = self.kv.widest_verify(self.at.anchor, n)
+            if kv_limit < n:
+                n = kv_limit
+                drafts, q = drafts[:n], (q[:n] if q is not None else None)
         if n == 0:
             drafts = q = None
         return Block(n, drafts, q, proposed, confidence, scores, proposal.sized)
@@ -640,6 +671,7 @@ class Rounds:
         rejected = block.n - a
         rollback(self.target_cache, rejected)
         self.at.cached -= rejected
+        self.kv.apply(self.target_cache)
         # Only the now-committed positions (anchor + accepted) enter the
         # drafter context; their projection is queued with the next proposal.
         with mx.stream(self.stream):
@@ -679,6 +711,7 @@ class Rounds:
         token, start = self.anchor, self.at.anchor
         with mx.stream(self.stream):
             logits, features = self.forward(token)
+            self.kv.apply(self.target_cache)
             self.at.cached += 1
             logits = self.history.process(logits, token)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -732,6 +765,7 @@ class Rounds:
                 _trim_drafter(cache, excess)
             elif excess == -1:
                 _, features = self.forward(self.anchor)
+                self.kv.apply(self.target_cache)
                 self.drafter.add_context(cache, features, end - 1, self.anchor)
             mx.eval([c.state for c in self.target_cache] + [c.state for c in cache])
 
@@ -751,20 +785,21 @@ def decode(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable]] = None,
     history: Optional[mx.array] = None,
-    after_forward: Callable[[], None] = lambda: None,
+    kv: KVQuantization = KVQuantization(),
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """The round loop after a prefill, shared by every host.
 
     ``target_cache`` and the drafter context hold ``position`` positions;
     ``anchor`` [1] is the token sampled after them (with ``logprobs``, its
     distribution) and is yielded first.  ``history`` is the token history the
-    logits processors have seen so far.  On close the caches hold exactly the
-    positions of everything yielded.
+    logits processors have seen so far; ``kv`` the KV-cache quantization
+    plain decoding would do.  On close the caches hold exactly the positions
+    of everything yielded.
     """
     rounds = Rounds(
         target, drafter, target_cache, draft_cache, anchor, position, stream=stream,
         num_draft_tokens=num_draft_tokens, max_tokens=max_tokens, sampler=sampler,
-        logits_processors=logits_processors, history=history, after_forward=after_forward,
+        logits_processors=logits_processors, history=history, kv=kv,
     )
     at, clock = rounds.at, rounds.clock
     try:

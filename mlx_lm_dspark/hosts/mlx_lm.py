@@ -5,7 +5,9 @@
 - ``mlx_lm.sample_utils``: samplers from ``make_sampler`` carry their
   settings, so the p/q acceptance rule can compute their distribution;
 - ``mlx_lm.generate``: ``speculative_generate_step`` dispatches to our round
-  loop for our drafters; ``setup_arg_parser`` gains the drafter options;
+  loop for our drafters; ``stream_generate`` keeps ``max_kv_size`` for them
+  (mlx-lm drops it for draft models: it builds the rotating prompt cache
+  plain decoding would); ``setup_arg_parser`` gains the drafter options;
   ``generate(verbose=True)`` also prints the acceptance statistics and
   checks the pair before printing anything; ``main`` prints a user's mistake
   (bad checkpoint, option or pair) as one line, without a traceback.
@@ -312,6 +314,14 @@ def patch_generate(generate_module) -> None:
         _fail,
     )
     _expect_calls(generate_module, "stream_generate", ["speculative_generate_step"])
+    stock_stream = _expect_params(generate_module, "stream_generate", ["model", "draft_model"])
+    stream_signature = inspect.signature(stock_stream)
+    stream_options = next((p.name for p in stream_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    if stream_options is None:
+        _fail(f"{generate_module.__name__}.stream_generate", "it no longer takes **kwargs for generate_step")
+    make_prompt_cache = getattr(generate_module, "make_prompt_cache", None)
+    if not callable(make_prompt_cache):
+        _fail(f"{generate_module.__name__}.make_prompt_cache", "the function is no longer imported there")
     setup_arg_parser = _expect_params(generate_module, "setup_arg_parser", [])
     stock_generate = _expect_params(generate_module, "generate", ["model", "tokenizer", "prompt", "verbose"])
     _expect_calls(generate_module, "main", ["setup_arg_parser", "load", "generate"])
@@ -325,6 +335,17 @@ def patch_generate(generate_module) -> None:
         if kwargs.get("num_draft_tokens", 0) is None:
             kwargs["num_draft_tokens"] = LEGACY_NUM_DRAFT_TOKENS
         return stock_step(prompt, model, draft_model, *args, **kwargs)
+
+    @functools.wraps(stock_stream)
+    def stream_generate(*args, **kwargs):
+        bound = stream_signature.bind(*args, **kwargs)
+        options = bound.arguments.get(stream_options, {})
+        if (is_drafter(bound.arguments.get("draft_model")) and options.get("max_kv_size") is not None
+                and options.get("prompt_cache") is None):
+            # generate_step's own cache for max_kv_size, made here because
+            # stream_generate drops the option on the way to a draft model.
+            options["prompt_cache"] = make_prompt_cache(bound.arguments["model"], max_kv_size=options.pop("max_kv_size"))
+        return stock_stream(*bound.args, **bound.kwargs)
 
     @functools.wraps(setup_arg_parser)
     def setup_arg_parser_with_drafter():
@@ -344,6 +365,7 @@ def patch_generate(generate_module) -> None:
         return text
 
     generate_module.speculative_generate_step = speculative_generate_step
+    generate_module.stream_generate = stream_generate
     generate_module.setup_arg_parser = setup_arg_parser_with_drafter
     generate_module.generate = generate
     generate_module.main = _one_line_errors(main, "mlx_lm.generate")
