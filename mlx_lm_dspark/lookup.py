@@ -245,7 +245,7 @@ def _round_ms(now, drafts: int, scale, drafter: bool) -> float:
     less the drafter's forward for a lookup round."""
     if drafter or drafts == 0:
         return now.round_ms(drafts, scale)
-    return max(now.verify_ms[drafts] * scale[1], now.verify_ms[0] * scale[0])
+    return max(now.verify_ms[drafts], now.verify_ms[0]) * scale[0]  # a verify alone: scaled like plain steps
 
 
 def lookup_cap(rates: List[float], available: int, lengths, rival: Optional[float] = None) -> int:
@@ -411,13 +411,28 @@ class WithLookup(LookupProposals):
         self.extend_index(cache, start, tokens)
 
     def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int, choose=None):
+        """The lookup proposal when it is expected to pay more than the
+        drafter's (when the automatic cap lets the drafter run at all) and
+        than plain decoding; else the drafter's, or none."""
         index = cache[-1]
-        token = _read_anchor(anchor)
-        index.judge_last(token)
-        found, name = self.lookup(index, token, start, num_drafts)
-        rival = drafter_rate(index.rates_of("drafter").rates(), num_drafts, self.lengths)
-        cap = lookup_cap(index.rates_of(name).rates(), len(found), self.lengths, rival)
+        lengths = self.lengths
+        drafting = lengths is None or lengths.should_draft()
+        self.sized = False
+        if not index.may_match(self.settings.min_n):
+            if not drafting:
+                index.judge_last(None)  # no anchor read: a plain step stays pipelined
+                return mx.array([], dtype=mx.uint32), None, None
+            found, name = [], ""
+            index.judge_last(_read_anchor(anchor))
+        else:
+            token = _read_anchor(anchor)
+            index.judge_last(token)
+            found, name = self.lookup(index, token, start, num_drafts)
+        rival = drafter_rate(index.rates_of("drafter").rates(), num_drafts, lengths) if drafting else None
+        cap = lookup_cap(index.rates_of(name).rates(), len(found), lengths, rival) if found else 0
         self.sized = cap > 0
+        if not (self.sized or drafting):
+            return mx.array([], dtype=mx.uint32), None, None
         if self.sized:
             index.remember(name, start, found[:cap])
             # The context update a drafter round would have computed.

@@ -581,7 +581,8 @@ class Rounds:
                                       time_scale=self.lengths.time_scale if auto else None)
         session.record(self.stats)
         plan_with = getattr(drafter, "plan_with", None)
-        if plan_with is not None:  # a drafter that sizes some proposals itself (``lookup.WithLookup``)
+        self.sizes_itself = plan_with is not None  # a proposer that sizes some proposals itself (``lookup.py``)
+        if plan_with is not None:
             plan_with(self.lengths)
         self.clock = RoundClock(self.stats, self.lengths.observe if auto and learn else None)
         self.history = TokenHistory(logits_processors, history)
@@ -613,7 +614,8 @@ class Rounds:
         lengths = self.lengths
         if lengths is not None:
             lengths.at(self.at.anchor)
-        if n <= 0 or (lengths is not None and not lengths.should_draft()):
+        # A proposer sizing its own proposals asks the cap itself whether its drafter should run.
+        if n <= 0 or (lengths is not None and not self.sizes_itself and not lengths.should_draft()):
             return None
         with mx.stream(self.stream):
             self.context.flush()

@@ -92,6 +92,28 @@ PROMPTS = {
         "What is the sum of the first 50 positive even numbers? Reason step by step.",
         "A rectangle has a perimeter of 36 cm and its length is twice its width. Find its area.",
     ],
+    # Where lookup (n-gram) drafts shine: the answer repeats the context.
+    "edit": [
+        "Here is a file. Return the whole file with the class Stack renamed to Pile and nothing else.\n\n"
+        "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def __init__(self):\n"
+        "        self.items = []\n\n    def push(self, item):\n        self.items.append(item)\n\n"
+        "    def pop(self):\n        return self.items.pop()\n\n    def peek(self):\n"
+        "        return self.items[-1]\n\n    def __len__(self):\n        return len(self.items)\n\n"
+        "Renamed:\n\nclass Pile:\n",
+        "Rename the variable total to result in this function and return the function.\n\n"
+        "def mean(values):\n    total = 0\n    count = 0\n    for value in values:\n        total += value\n"
+        "        count += 1\n    if count == 0:\n        raise ValueError(\"mean of no values\")\n"
+        "    return total / count\n\nWith total renamed to result:\n\ndef mean(values):\n",
+        "Quote the second paragraph of this passage exactly.\n\n"
+        "The river rose in the night and by morning the lower fields were under water. Nobody in the village "
+        "had seen it so high since the old mill was built.\n\n"
+        "By noon the water had reached the steps of the church, and the children were sent up the hill with "
+        "the goats while their parents carried sacks of grain to the loft above the school.\n\n"
+        "The second paragraph, quoted exactly:\n\nBy noon the water",
+        "Reformat this JSON with one key per line, indented by two spaces.\n\n"
+        '{"name": "garden party", "day": "Saturday", "time": "15:00", "guests": ["Ann", "Bo", "Cy"], '
+        '"food": {"cake": 2, "bread": 4}, "music": true}\n\nReformatted:\n\n{\n  "name": "garden party",\n',
+    ],
 }
 
 WARMUP_TOKENS = 8
@@ -153,6 +175,11 @@ def setup_arg_parser():
                        help="Also run these fixed caps (comma-separated, e.g. 0,5,7): a sweep of the "
                             "candidates only, so more trials fit in the same time.")
     parser.add_argument("--draft-bits", default="4", help="Quantize the drafter on load ('none': stored precision).")
+    parser.add_argument("--draft-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
+                        help="Combine the drafter with lookup proposals (a spec like ngram:n=4,k=7).")
+    parser.add_argument("--compare-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
+                        help="Run lookup alone (--draft-model SPEC, default ngram), the drafter alone and both "
+                             "combined, each against plain decoding, and report them side by side.")
     parser.add_argument("--oracle-acceptance", type=float, default=None,
                         help="Replace the drafter by an oracle right at each position with this probability.")
     parser.add_argument("--draft-block-size", type=int, default=None,
@@ -228,7 +255,8 @@ def make_drafter(args, model):
 
     inner = None
     if args.draft_model:
-        inner = load_drafter(args.draft_model, bits=parse_bits(args.draft_bits), block_size=args.draft_block_size)
+        inner = load_drafter(args.draft_model, bits=parse_bits(args.draft_bits), block_size=args.draft_block_size,
+                             lookup=getattr(args, "draft_lookup", None))
     if args.oracle_acceptance is None:
         if inner is None:
             raise ValueError("--draft-model is required (or --oracle-acceptance).")
@@ -781,6 +809,8 @@ def run(argv=None) -> dict:
         configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
     except ValueError as e:
         parser.error(str(e))
+    if getattr(args, "compare_lookup", None):
+        return compare_lookup(model, tokenizer, drafter, prompts, args)
     results = benchmark(model, tokenizer, drafter, prompts, args)
     results = {
         "config": {
@@ -802,6 +832,57 @@ def run(argv=None) -> dict:
         write_plot(results, args.plot, plt)
         print(f"wrote {args.plot}")
     return results
+
+
+# ---------------------------------------------------------------- lookup side by side
+
+
+def lookup_variants(drafter, spec: str) -> Dict[str, object]:
+    """The proposers ``--compare-lookup`` runs: lookup alone, the drafter
+    alone, and the drafter combined with lookup."""
+    from mlx_lm_dspark.loader import load_lookup, with_lookup
+
+    return {"lookup": load_lookup(spec), "drafter": drafter, "combined": with_lookup(drafter, spec)}
+
+
+def compare_lookup(model, tokenizer, drafter, prompts: List[Prompt], args) -> dict:
+    """Benchmark each of ``lookup_variants`` against plain decoding; print
+    their report side by side (and write it with --json)."""
+    results = {"config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+                          "device": str(mx.default_device())}, "variants": {}}
+    for name, variant in lookup_variants(drafter, args.compare_lookup).items():
+        print(f"-- {name}: {getattr(variant, 'source', getattr(variant, 'kind', name))}", file=sys.stderr)
+        results["variants"][name] = benchmark(model, tokenizer, variant, prompts, args)
+    print(format_lookup_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return results
+
+
+def format_lookup_report(results: dict) -> str:
+    """Per category and proposer: τ, speed-up over plain decoding (paired
+    runs), over the drafter alone (the ratio of the two paired speed-ups),
+    and acceptance by position."""
+    variants = results["variants"]
+    header = (f"{'category':<10}{'proposer':<10}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
+              f"{'speedup':>9}{'vs drafter':>11}  acceptance by position")
+    lines = [header, "-" * len(header)]
+    groups = list(next(iter(variants.values()))["by_category"]) + ["overall"]
+    for group in groups:
+        def of(name):
+            r = variants[name]
+            return r["overall"] if group == "overall" else r["by_category"][group]
+
+        base = of("drafter")["speculative"]["speedup"] if "drafter" in variants else None
+        for name in variants:
+            s = of(name)
+            p, q = s["plain"], s["speculative"]
+            versus = q["speedup"] / base if q["speedup"] and base else None
+            lines.append(f"{group:<10}{name:<10}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
+                         f"{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}{_num(q['speedup'], '{:.2f}x'):>9}"
+                         f"{_num(versus, '{:.2f}x'):>11}  {_acceptance_cells(q['acceptance_by_position'])}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

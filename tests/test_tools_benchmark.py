@@ -104,7 +104,7 @@ def test_prompt_files_are_read(tmp_path):
     args = bench.setup_arg_parser().parse_args(["--model", "m", "--prompts", "math"])
     assert len(bench.load_prompts(args)) == len(bench.PROMPTS["math"])
     args = bench.setup_arg_parser().parse_args(["--model", "m", "--num-prompts", "1"])  # per built-in category
-    assert [p.name for p in bench.load_prompts(args)] == ["chat-1", "code-1", "math-1"]
+    assert [p.name for p in bench.load_prompts(args)] == ["chat-1", "code-1", "math-1", "edit-1"]
     path.write_text('{"question": "no turns"}\n')
     with pytest.raises(ValueError, match="turns"):
         bench.read_prompts_file(path)
