@@ -10,7 +10,11 @@ The cap maximises expected tokens per second under the machine's cost model
   confidence head, from running per-slot acceptance rates.
 - ``RoundTimeScale``: measured round times over the cost model's, for rounds
   without and with drafts, so that the choice follows the machine as it runs
-  now (and the host work the measured pieces leave out).
+  now (and the host work the measured pieces leave out).  Beyond the context
+  lengths the cost model was measured at, its growth is an extrapolation:
+  there each kind's scale rests on rounds timed near the current context
+  only, and while rounds draft a few undrafted ones (a plain check, as fast
+  as plain decoding) time a plain step where it is used.
 - ``ProbeSchedule``: when rounds propose at all.  When even the best cap is
   predicted slower than plain decoding, rounds skip drafting; every so often
   a probe verifies a whole proposal whatever the estimates say, the only way
@@ -35,7 +39,7 @@ the next (``session.Session.draft_length``).
 import math
 from typing import List, Optional
 
-from .cost import CostModel
+from .cost import MEASURED_SPAN, CostModel
 
 DECAY = 0.95  # weight of the past in the running estimates (per round)
 PRIOR = 0.5  # acceptance assumed for a slot never tried
@@ -49,6 +53,9 @@ TIME_DECAY = 0.9  # weight of the past in the running round-time scales (per rou
 SCALE_PRIOR = 1.0  # rounds' worth of the pooled scale a kind of round starts from (fading as its own come)
 PRIOR_FADED = 200  # ... gone (TIME_DECAY ** 200 < 1e-9) after this many of its own rounds
 AT_STEP = 8  # positions the context grows before the costs at it are recomputed
+STALE_POSITIONS = 128  # beyond the measured contexts, a kind's timing is stale this many positions away ...
+STALE_SHARE = 0.125  # ... or this share of the context, whichever is more
+PLAIN_CHECK_ROUNDS = 3  # undrafted rounds in a row a plain check runs (the first after a drafted one is not timed)
 AGREED_ROUNDS = 4  # rounds in a row typical confidences chose as well as the proposal's before rounds stop waiting for them
 READ_GAIN = 0.01  # ... "as well": within this share of the tokens per second the proposal's own choice promises
 
@@ -110,8 +117,11 @@ class RoundTimeScale:
     measured, plus the host work and lost overlap that timing the pieces
     alone leaves out.  ``scale`` is updated in place (readers keep it)."""
 
-    def __init__(self, max_drafts: int):
+    def __init__(self, max_drafts: int, measured_to: Optional[int] = None):
         self.max_drafts = max_drafts
+        self.measured_to = measured_to  # the longest context the cost model was measured at (None: no limit)
+        self.timed_at = [None, None]  # the context length each kind was last timed at
+        self.local = [False, False]  # whether a kind's scale rests on rounds timed near the context alone
         self.scale = [1.0, 1.0]
         self.took_ms = [0.0, 0.0]  # decayed sums of measured round times ...
         self.modelled_ms = [0.0, 0.0]  # ... and of the cost model's for the same rounds
@@ -140,8 +150,20 @@ class RoundTimeScale:
         i = kind
         modelled = now.verify_ms[drafts] + (now.draft_ms if proposed else 0.0)
         # A round seen as nearly free (its work overlapped the caller) or a
-        # one-off stall is not the machine's new speed.
-        took = min(max(elapsed_ms, 0.25 * modelled), 4.0 * modelled)
+        # one-off stall is not the machine's new speed: clamped around what
+        # is expected (beyond the measured contexts, around what was learned
+        # near this one; the first round timed there stands alone).
+        expected = modelled
+        if not self.extrapolated(now.context):
+            self.local[i] = False
+        elif self.stale(i, now.context):
+            self.took_ms[i] = self.modelled_ms[i] = 0.0  # timed at another context length
+            self.local[i] = True
+            expected = None
+        else:
+            expected = modelled * self.scale[i]
+        self.timed_at[i] = now.context
+        took = elapsed_ms if expected is None else min(max(elapsed_ms, 0.25 * expected), 4.0 * expected)
         self.took_ms[i] = TIME_DECAY * self.took_ms[i] + took
         self.modelled_ms[i] = TIME_DECAY * self.modelled_ms[i] + modelled
         self.timed[i] += 1
@@ -150,7 +172,7 @@ class RoundTimeScale:
         # own rounds take over as they come.
         pooled = None
         for k in (0, 1):
-            if self.timed[k] >= PRIOR_FADED:  # its own rounds alone: only the kind just timed moved
+            if self.timed[k] >= PRIOR_FADED or self.local[k]:  # its own rounds alone: only the kind just timed moved
                 if k == i:
                     self.scale[k] = self.took_ms[k] / self.modelled_ms[k]
                 continue
@@ -158,6 +180,21 @@ class RoundTimeScale:
                 pooled = (sum(self.took_ms) + 1e-9) / (sum(self.modelled_ms) + 1e-9)
             prior = SCALE_PRIOR * now.round_ms(self.max_drafts if k else 0) * TIME_DECAY ** self.timed[k]
             self.scale[k] = (self.took_ms[k] + prior * pooled) / (self.modelled_ms[k] + prior)
+
+
+    def extrapolated(self, context: int) -> bool:
+        """Whether the cost model's costs at ``context`` are extrapolated
+        beyond the contexts it was measured at."""
+        return self.measured_to is not None and context > self.measured_to
+
+    def stale(self, kind: int, context: int) -> bool:
+        """Whether, beyond the measured contexts, rounds of ``kind`` (0:
+        undrafted, 1: drafted) were last timed too far from ``context`` to
+        say what they cost there."""
+        if not self.extrapolated(context):
+            return False
+        at = self.timed_at[kind]
+        return at is None or abs(context - at) > max(STALE_POSITIONS, STALE_SHARE * context)
 
 
 class ProbeSchedule:
@@ -287,7 +324,9 @@ class DraftLength:
         n = self.max_drafts
         self.perfect = [1.0] * n  # acceptance of a drafter always right
         self.estimates = AcceptanceEstimates(n)
-        self.clock = RoundTimeScale(n)
+        self.clock = RoundTimeScale(n, cost.context + MEASURED_SPAN if cost.verify_ms_per_position else None)
+        self.plain_check = 0  # undrafted rounds left in a plain check
+        self.checked_at = None  # the context length the last plain check began at
         self.schedule = ProbeSchedule(cost, n)
         self.reads = ConfidenceReads(n)
         self.time_scale = self.clock.scale  # (undrafted, drafted) rounds' time over the cost model's
@@ -323,6 +362,7 @@ class DraftLength:
         self.schedule.start()
         self.clock.start()
         self.now = self.cost
+        self.plain_check = 0
 
     def should_draft(self) -> bool:
         """Whether the next round proposes at all: the running rates say
@@ -334,6 +374,13 @@ class DraftLength:
         after ``drafting``: a proposal worth verifying implies drafting can
         pay, and drafted rounds skip the check.)"""
         schedule = self.schedule
+        if self.plain_check > 0 or (schedule.drafting and self.plain_check_due()):
+            # Beyond the measured contexts, time plain steps where rounds run
+            # before drafting on: undrafted rounds decode as fast as plain.
+            if self.plain_check == 0:
+                self.plain_check, self.checked_at = PLAIN_CHECK_ROUNDS, self.now.context
+            self.plain_check -= 1
+            return False
         if schedule.drafting:
             return True  # the last proposal was worth verifying: ``choose`` judges this one
         if self.now.best_cap(self.perfect, scale=self.time_scale) == 0:
@@ -344,6 +391,15 @@ class DraftLength:
             return True
         schedule.wait()
         return False
+
+    def plain_check_due(self) -> bool:
+        """Whether plain steps were last timed too far from the current
+        context beyond the measured ones (and no check began near it)."""
+        context, clock = self.now.context, self.clock
+        if not clock.stale(0, context):
+            return False
+        last = self.checked_at
+        return last is None or abs(context - last) > max(STALE_POSITIONS, STALE_SHARE * context)
 
     def reads_confidence(self) -> bool:
         """Whether this round waits for its proposal's confidences before

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 
 
 FORMAT = 8  # bump when what is measured changes
+MEASURED_SPAN = 256  # the cost model is measured with its context and this many more positions cached
 
 
 @dataclass
@@ -222,7 +223,7 @@ class Sampler:
     a cost model.  The benchmark keeps taking repetitions between its runs,
     so its predictions see the machine as the runs did."""
 
-    def __init__(self, target, drafter, context: int = 32, longer: int = 256):
+    def __init__(self, target, drafter, context: int = 32, longer: int = MEASURED_SPAN):
         self.target, self.drafter = target, drafter
         self.context, self.longer = context, longer
         # Own keys: measuring must not move the global RNG (seeded runs stay
@@ -346,7 +347,7 @@ def extend(sampler: Sampler, reps: int = 3, budget_s: float = 2.0, max_reps: int
     return sampler
 
 
-def measure(target, drafter, context: int = 32, longer: int = 256, **budget) -> CostModel:
+def measure(target, drafter, context: int = 32, longer: int = MEASURED_SPAN, **budget) -> CostModel:
     """The pair's cost model, measured now (``budget``: see ``extend``)."""
     return extend(Sampler(target, drafter, context, longer), **budget).model()
 

@@ -59,6 +59,7 @@ the cost model's that the cap learned while decoding.
 import argparse
 import json
 import math
+import resource
 import statistics
 import sys
 import time
@@ -149,6 +150,10 @@ class Run:
     declined: List[int] = field(default_factory=list)  # rounds whose proposal was made, then none of it verified
     host_s: float = 0.0
     graph_s: float = 0.0
+    cpu_s: float = 0.0  # process CPU time during generation (every thread)
+    switches: int = 0  # context switches during generation (voluntary + involuntary)
+    syncs: int = 0  # the loop's blocking reads of the device
+    hand_offs: int = 0  # ... and graphs it queued without waiting
     time_scale: Optional[List[float]] = None  # automatic cap's learned round time over the cost model's
 
 
@@ -186,6 +191,11 @@ def setup_arg_parser():
                         help="Effective drafter block (at most the trained one; the oracle's block, default 7).")
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                         help="Apply the tokenizer's chat template when it has one.")
+    parser.add_argument("--context", type=int, default=None,
+                        help="Lengthen every prompt to this many tokens (filler text before it): the long-context case.")
+    parser.add_argument("--drafter-contexts", type=parse_caps, default=None,
+                        help="Also time one drafter round with these many positions cached (e.g. 64,4096), "
+                             "against attention's own reads at those lengths.")
     parser.add_argument("--cached-cost", action="store_true",
                         help="Reuse the cached cost model instead of measuring it again before the runs.")
     parser.add_argument("--json", default=None, help="Write all results to this JSON file.")
@@ -239,6 +249,18 @@ def encode(tokenizer, text: str, chat_template: bool) -> List[int]:
     return list(tokenizer.encode(text))
 
 
+def lengthen(tokenizer, prompt: List[int], context: int) -> List[int]:
+    """``prompt`` after enough filler (the built-in prompts' text, repeated)
+    to make ``context`` tokens: the long-context case."""
+    missing = context - len(prompt)
+    if missing <= 0:
+        return prompt
+    text = " ".join(t for texts in PROMPTS.values() for t in texts)
+    piece = list(tokenizer.encode(text))
+    filler = (piece * (missing // max(len(piece), 1) + 1))[:missing]
+    return filler + prompt
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -266,25 +288,37 @@ def make_drafter(args, model):
                          block_size=args.draft_block_size or 7, inner=inner, seed=args.seed)
 
 
+def _usage():
+    """(process CPU seconds, context switches) so far."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime, u.ru_nvcsw + u.ru_nivcsw
+
+
 def timed(generator, eos_ids) -> Run:
     """Consume a generator of (token, ...) and time it: prefill until the
-    first token, generation from the first token to the last."""
+    first token, generation from the first token to the last (with the CPU
+    time and context switches in between)."""
     tokens = []
     start = time.perf_counter()
     first = last = start
+    began = ended = _usage()
     try:
         for item in generator:
             now = time.perf_counter()
             token = int(item[0])
             if not tokens:
                 first = now
+                began = ended = _usage()
+            else:
+                ended = _usage()
             last = now
             tokens.append(token)
             if token in eos_ids:
                 break
     finally:
         generator.close()
-    return Run(tokens, prefill_s=first - start, decode_s=last - first)
+    return Run(tokens, prefill_s=first - start, decode_s=last - first,
+               cpu_s=ended[0] - began[0], switches=ended[1] - began[1])
 
 
 def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids) -> Run:
@@ -308,6 +342,7 @@ def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler,
         run.declined = list(stats.declined)
         run.host_s = stats.host_seconds
         run.graph_s = stats.graph_seconds
+        run.syncs, run.hand_offs = getattr(stats, "syncs", 0), getattr(stats, "hand_offs", 0)
         run.time_scale = list(stats.time_scale) if stats.time_scale is not None else None
     return run
 
@@ -450,11 +485,14 @@ def pair_quartiles(runs: List[Run]) -> Optional[List[float]]:
 
 
 def summarize_plain(runs: List[Run]) -> dict:
+    steps = sum(len(r.tokens) - 1 for r in runs)
     return {
         "tokens_per_s": rate(runs),
         "prefill_ms": 1000 * sum(r.prefill_s for r in runs) / len(runs),
         "generated_tokens": sum(len(r.tokens) for r in runs),
         "runs": len(runs),
+        "cpu_ms_per_token": 1000 * sum(r.cpu_s for r in runs) / steps if steps else None,
+        "switches_per_token": sum(r.switches for r in runs) / steps if steps else None,
     }
 
 
@@ -494,6 +532,11 @@ def summarize_speculative(runs: List[Run], cost, max_drafts: int, cap) -> dict:
         time_over_model=time_over_model(cost, runs) if cost is not None else None,
         host_ms_per_round=1000 * sum(r.host_s for r in runs) / rounds if rounds else None,
         loop_ms_per_round=1000 * sum(r.host_s - r.graph_s for r in runs) / rounds if rounds else None,
+        graph_ms_per_round=1000 * sum(r.graph_s for r in runs) / rounds if rounds else None,
+        syncs_per_round=sum(r.syncs for r in runs) / rounds if rounds else None,
+        hand_offs_per_round=sum(r.hand_offs for r in runs) / rounds if rounds else None,
+        switches_per_round=sum(r.switches for r in runs) / rounds if rounds else None,
+        cpu_ms_per_round=1000 * sum(r.cpu_s for r in runs) / rounds if rounds else None,
         learned_time_scale=_mean_scale(runs),
     )
     return out
@@ -538,6 +581,63 @@ def summarize(plain: List[Run], spec: Dict, cost, max_drafts: int, main_key) -> 
         out["best_fixed_cap"] = {"cap": best, "speedup": sweep[best]["speedup"],
                                  "held_out": held_out_best_fixed(spec, main_key)}
     return out
+
+
+# ---------------------------------------------------------------- the drafter round against the context
+
+
+def drafter_round_costs(target, drafter, contexts: List[int], reps: int = 15) -> Optional[dict]:
+    """Per context length: one drafter round (two committed positions added,
+    a full-block proposal, evaluated) and attention's own part of it (each
+    layer's block queries against the context's and the block's keys), in
+    ms, medians of interleaved repetitions.  A round whose cost grows with
+    the context only by attention's reads grows by about as much as the
+    latter.  None for drafters that are not DSpark/DFlash networks."""
+    layers = getattr(drafter, "layers", None)
+    if not layers or not hasattr(layers[0], "self_attn"):
+        return None
+    taps = len(drafter.target_layer_ids)
+    H, B = drafter.args.hidden_size, drafter.block_size
+    dtype = drafter.hidden_norm.weight.dtype  # the drafter's compute dtype (norms are never quantized)
+    anchor, pair = mx.array([1], dtype=mx.uint32), mx.array([1, 1], dtype=mx.uint32)
+    new = mx.random.normal((1, 2, taps * H), key=mx.random.key(1)).astype(dtype)
+    setups = []
+    for n in contexts:
+        cache = drafter.make_cache()
+        drafter.add_context(cache, mx.random.normal((1, n, taps * H), key=mx.random.key(n)).astype(dtype), 0)
+        mx.eval([c.state for c in cache])
+        attention = []
+        for layer in layers:
+            a = layer.self_attn
+            q = mx.random.normal((1, a.n_heads, B, a.head_dim)).astype(dtype)
+            k = mx.random.normal((1, a.n_kv_heads, n + 2 + B, a.head_dim)).astype(dtype)
+            attention.append((q, k, a.scale))
+        mx.eval([x for q, k, _ in attention for x in (q, k)])
+        setups.append((n, cache, attention))
+
+    def one_round(n, cache):
+        began = time.perf_counter()
+        drafter.add_context(cache, new, n, pair)
+        mx.eval([x for x in drafter.propose(cache, anchor, n + 2, drafter.max_drafts) if x is not None])
+        elapsed = time.perf_counter() - began
+        for c in cache:
+            c.trim(2)
+        return elapsed
+
+    def reads(attention):
+        began = time.perf_counter()
+        mx.eval([mx.fast.scaled_dot_product_attention(q, k, k, scale=scale) for q, k, scale in attention])
+        return time.perf_counter() - began
+
+    times = {n: ([], []) for n in contexts}
+    for rep_ in range(reps + 1):
+        for n, cache, attention in setups:
+            r, a = one_round(n, cache), reads(attention)
+            if rep_:  # the first is a warm-up
+                times[n][0].append(1000 * r)
+                times[n][1].append(1000 * a)
+    return {str(n): {"round_ms": statistics.median(r), "attention_ms": statistics.median(a)}
+            for n, (r, a) in times.items()}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -585,6 +685,8 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
 
     for p in prompts:
         p.tokens = encode(tokenizer, p.text, args.chat_template)
+        if getattr(args, "context", None):
+            p.tokens = lengthen(tokenizer, p.tokens, args.context)
     # Measured now (outside the timings) unless told to reuse the cached one,
     # and again between the runs for the predictions: this machine's speed
     # changes over minutes, and the predictions must see it as the runs did.
@@ -652,6 +754,9 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
     results["by_category"] = {c: pooled([p.name for p in prompts if p.category == c]) for c in categories}
     results["overall"] = pooled([p.name for p in prompts])
     results["greedy_checked"] = greedy
+    if getattr(args, "drafter_contexts", None):
+        results["drafter_round"] = drafter_round_costs(target, getattr(drafter, "inner", None) or drafter,
+                                                       args.drafter_contexts)
     return results
 
 
@@ -710,6 +815,31 @@ def format_report(results: dict) -> str:
         for name, s in results["by_category"].items():
             lines.append(row(name, s))
     lines.append(row("overall", results["overall"]))
+    lines += ["", "per round (speculative) and per token (plain): host ms = graph building + loop; syncs = blocking "
+              "reads of the device, hand-offs = graphs queued without waiting; switches = context switches "
+              "(process); cpu = process CPU ms (all threads)",
+              f"{'':<16}{'host ms':>8}{'graph':>7}{'loop':>7}{'syncs':>7}{'hand-offs':>10}{'switches':>9}"
+              f"{'cpu ms':>8}   plain/token:{'switches':>9}{'cpu ms':>8}"]
+
+    def per_round(name, s):
+        p, q = s["plain"], s["speculative"]
+        return (f"{name:<16}{_num(q['host_ms_per_round']):>8}{_num(q.get('graph_ms_per_round')):>7}"
+                f"{_num(q.get('loop_ms_per_round')):>7}{_num(q.get('syncs_per_round')):>7}"
+                f"{_num(q.get('hand_offs_per_round')):>10}{_num(q.get('switches_per_round'), '{:.0f}'):>9}"
+                f"{_num(q.get('cpu_ms_per_round')):>8}   {'':>12}{_num(p.get('switches_per_token'), '{:.0f}'):>9}"
+                f"{_num(p.get('cpu_ms_per_token')):>8}")
+
+    lines.append(per_round("overall", results["overall"]))
+    for c, s in results["overall"].get("sweep", {}).items():
+        lines.append(per_round(f"cap {c}", {"plain": results["overall"]["plain"], "speculative": s}))
+    drafter_round = results.get("drafter_round")
+    if drafter_round:
+        lines.append("")
+        lines.append("drafter round (2 positions added + full-block proposal) by cached positions: " + "; ".join(
+            f"{n}: {v['round_ms']:.3f} ms (attention reads {v['attention_ms']:.3f} ms)" for n, v in drafter_round.items()))
+        (a, low), (b, high) = list(drafter_round.items())[0], list(drafter_round.items())[-1]
+        lines.append(f"  {a} -> {b}: round +{high['round_ms'] - low['round_ms']:.3f} ms, attention reads "
+                     f"+{high['attention_ms'] - low['attention_ms']:.3f} ms")
     scale = results["overall"]["speculative"].get("learned_time_scale")
     if scale:
         lines.append(f"automatic cap learned round time over the cost model's: x{scale[0]:.2f} undrafted, "

@@ -587,3 +587,45 @@ def test_draft_length_reaches_its_parts():
     lengths.declined = 1
     assert lengths.schedule.calibrated and lengths.schedule.drafting and lengths.schedule.declined == 1
     assert lengths.min_probe_every == lengths.schedule.min_probe_every and lengths.timed is lengths.clock.timed
+
+
+def _decode_at(cost, context, real, accept, rounds=400):
+    """Simulated automatic-cap rounds at ``context`` whose real times are
+    ``real[k]`` (k drafts verified) and whose drafts are each kept with
+    probability ``accept``: tokens per ms over the second half."""
+    import random
+
+    lengths = DraftLength(cost, 7)
+    lengths.calibrated = True
+    lengths.schedule.drafting = True  # the shorter contexts before were drafting
+    draws = random.Random(0)
+    spent_ms = tokens = 0.0
+    for i in range(rounds):
+        lengths.at(context)
+        k = lengths.choose(7) if lengths.should_draft() else 0
+        kept = 0
+        while kept < k and draws.random() < accept:
+            kept += 1
+        lengths.update(k, kept)
+        lengths.observe(k, real[k], k > 0)
+        if i >= rounds // 2:
+            spent_ms, tokens = spent_ms + real[k], tokens + kept + 1
+    return tokens / spent_ms
+
+
+def test_beyond_the_measured_contexts_plain_steps_are_timed_where_used():
+    """Far beyond the contexts a cost model was measured at, its growth is an
+    extrapolation: one whose plain-step growth came out far too steep makes
+    drafting look cheap there.  A plain check times undrafted rounds where
+    they run, so drafting that does not pay at the real costs stops, and
+    decoding stays about as fast as plain; where it does pay it goes on."""
+    context = 3000
+    steep = CostModel(verify_ms=[10.0 * w for w in range(1, 9)], draft_ms=5.0, context=32,
+                      verify_ms_per_position=[0.072] + [0.003] * 7, draft_ms_per_position=0.0)
+    cpu = [(10.0 + 0.003 * context) * (k + 1) + (5.0 if k else 0.0) for k in range(8)]  # K+1 steps
+    accept = 0.6  # drafting pays at the model's costs, not at the real ones
+    assert steep.at(context).best_cap([accept] * 7) > 0
+    assert CostModel(verify_ms=cpu, draft_ms=0.0).best_cap([accept] * 7) == 0
+    assert _decode_at(steep, context, cpu, accept) >= 0.97 / cpu[0]
+    gpu = [(10.0 + 0.003 * context) + 0.5 * k + (2.0 if k else 0.0) for k in range(8)]  # wide verifies nearly free
+    assert _decode_at(steep, context, gpu, 0.9) >= 2.5 / gpu[0]
