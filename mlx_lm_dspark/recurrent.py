@@ -26,10 +26,6 @@ import mlx.core as mx
 from mlx_lm.models import cache as cache_lib
 
 
-class UnrecordedStateError(RuntimeError):
-    """A recurrent cache changed in a forward without its mixer being recorded."""
-
-
 def is_recurrent(c) -> bool:
     """Whether ``c`` is a recurrent-state cache (mlx-lm's or mlx-vlm's ArraysCache)."""
     return isinstance(c, cache_lib.ArraysCache) or any(k.__name__ == "ArraysCache" for k in type(c).__mro__)
@@ -163,7 +159,9 @@ class recording:
     """Context of one target forward over ``width`` tokens: keeps each
     recurrent cache's state before it and records its mixer's call."""
 
-    def __init__(self, caches, width: int):
+    def __init__(self, caches, width: int, layers=()):
+        caches = list(caches)
+        self.layers = list(layers) if len(layers) == len(caches) else None  # one entry per layer
         self.records = {}
         for i, c in enumerate(caches):
             if is_recurrent(c):
@@ -182,15 +180,22 @@ class recording:
         for key, (i, c, record) in self.records.items():
             if unseen and key in unseen:
                 if any(a is not b for a, b in zip(c.state[0], record.before[0])):
-                    raise UnrecordedStateError(
-                        f"Cache entry {i} ({type(c).__name__}) changed in a forward without any sub-module "
-                        "of the target's layers taking it as `cache`; its recurrent state cannot be rolled "
-                        "back exactly, so speculative decoding is not available for this target."
-                    )
+                    raise self.unrecorded(i, c)
                 _records.pop(c, None)  # untouched by this forward: nothing to roll back
                 continue
             _records[c] = record
         return False
+
+
+    def unrecorded(self, i: int, c):
+        from .target import UnsupportedCacheError
+
+        where = f"layer {i} ({type(self.layers[i]).__name__})" if self.layers else f"cache entry {i}"
+        return UnsupportedCacheError(
+            f"The recurrent state ({type(c).__name__}) of {where} is updated outside any sub-module of "
+            "the layer that takes the cache, so it cannot be rolled back exactly after rejected drafts: "
+            "speculative decoding is not available for this target. Generate without --draft-model."
+        )
 
 
 def rollback(c, n: int) -> None:

@@ -155,7 +155,7 @@ class TargetAdapter:
             if cache is None:
                 out = self.forward(tokens, cache=cache)
             else:
-                with recurrent.recording(_leaf_caches(cache), tokens.shape[-1]):
+                with recurrent.recording(_leaf_caches(cache), tokens.shape[-1], self.layers):
                     out = self.forward(tokens, cache=cache)
         finally:
             _capture.sink, _capture.start_early = outer

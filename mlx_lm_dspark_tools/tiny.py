@@ -482,11 +482,12 @@ def hybrid_config(model_type, *, vocab_size=512, hidden_size=64, num_layers=8, n
     return config
 
 
-def make_hybrid_target(model_type, *, seed=0, bits=None, group_size=64, **kw):
-    """A random (optionally quantized) hybrid recurrent mlx-lm model in memory, with its config."""
+def make_hybrid_target(model_type, *, seed=0, bits=None, group_size=64, overrides=None, **kw):
+    """A random (optionally quantized) hybrid recurrent mlx-lm model in memory,
+    with its config (``overrides``: config fields set after ``hybrid_config``)."""
     import importlib
 
-    config = hybrid_config(model_type, **kw)
+    config = {**hybrid_config(model_type, **kw), **(overrides or {})}
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     model = module.Model(module.ModelArgs.from_dict(config))
     text_model = getattr(model, "language_model", model)
