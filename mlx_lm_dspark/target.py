@@ -15,7 +15,7 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx_lm.models import cache as cache_lib
 
-from . import early
+from . import early, recurrent
 from .config import FAMILY_OF_MODEL_TYPE
 
 
@@ -90,7 +90,11 @@ def forward_module(model):
 
 def family_of(model) -> Optional[str]:
     model_type = getattr(model, "model_type", None) or text_args(model).get("model_type")
-    return FAMILY_OF_MODEL_TYPE.get(model_type)
+    return FAMILY_OF_MODEL_TYPE.get(model_type) or HYBRID_FAMILY_OF_MODEL_TYPE.get(model_type)
+
+
+# Hybrid recurrent targets whose drafters use the Qwen3 layer variant.
+HYBRID_FAMILY_OF_MODEL_TYPE = {t: "qwen3" for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "nemotron_h")}
 
 
 class TargetAdapter:
@@ -121,6 +125,7 @@ class TargetAdapter:
             if i not in self.bad_layer_ids:
                 tap(self.layers[i])
         self._tap_keys = [id(self.layers[i]) for i in self.layer_ids if i not in self.bad_layer_ids]
+        recurrent.prepare(self.layers)
 
     def tap_problem(self) -> Optional[str]:
         if not self.bad_layer_ids:
@@ -148,7 +153,11 @@ class TargetAdapter:
         outer = getattr(_capture, "sink", None), getattr(_capture, "start_early", False)
         _capture.sink, _capture.start_early = sink, start_early and tokens.shape[-1] > 1
         try:
-            out = self.forward(tokens, cache=cache)
+            if cache is None:
+                out = self.forward(tokens, cache=cache)
+            else:
+                with recurrent.recording(_leaf_caches(cache), tokens.shape[-1], self.layers):
+                    out = self.forward(tokens, cache=cache)
         finally:
             _capture.sink, _capture.start_early = outer
         missing = [i for i, k in zip(self.layer_ids, self._tap_keys) if sink[k] is None]
@@ -168,8 +177,8 @@ class TargetAdapter:
         """(token ids -> embeddings, hidden -> logits) of the target, for
         drafters that borrow them (z-lab DFlash ships neither)."""
         inner = getattr(self.model, "language_model", self.model)
-        body = getattr(inner, "model", None)
-        embed = getattr(body, "embed_tokens", None)
+        body = getattr(inner, "model", None) or getattr(inner, "backbone", None)  # Nemotron-H: backbone
+        embed = getattr(body, "embed_tokens", None) or getattr(body, "embeddings", None)
         if embed is None:
             raise TypeError(
                 f"{type(self.model).__name__} has no model.embed_tokens to lend to the drafter."
@@ -229,14 +238,14 @@ def _leaf_caches(cache):
 
 
 def check_rollback(cache) -> None:
-    """Every cache entry must support removing rejected tokens."""
+    """Every cache entry must support removing rejected tokens (recurrent
+    state is restored by ``recurrent.py``; positions are counted by the
+    attention caches)."""
+    counted = False
     for i, c in enumerate(_leaf_caches(cache)):
-        if isinstance(c, cache_lib.ArraysCache) or _is_a(c, "ArraysCache"):
-            raise UnsupportedCacheError(
-                f"Cache entry {i} is a recurrent-state ArraysCache: rejected draft tokens cannot be "
-                "rolled back out of it, so speculative decoding with a DSpark/DFlash drafter is not "
-                "available for this (hybrid/recurrent) target. Generate without --draft-model."
-            )
+        if recurrent.is_recurrent(c):
+            continue
+        counted = True
         if _is_rotating(c):
             continue
         if not (hasattr(c, "trim") and hasattr(c, "is_trimmable") and c.is_trimmable()):
@@ -244,6 +253,12 @@ def check_rollback(cache) -> None:
                 f"Cache entry {i} ({type(c).__name__}) cannot be trimmed, so rejected draft tokens "
                 "could not be rolled back. Use a plain, quantized or rotating KV cache."
             )
+    if not counted:
+        raise UnsupportedCacheError(
+            "Every cache entry of this target is recurrent state (ArraysCache): with no attention cache "
+            "there is no position count for the drafter context, so speculative decoding is not available "
+            "for this target. Generate without --draft-model."
+        )
 
 
 def _rollback_rotating(c, n: int) -> None:
@@ -268,7 +283,9 @@ def rollback(cache, n: int) -> None:
     if n <= 0:
         return
     for c in _leaf_caches(cache):
-        if _is_rotating(c):
+        if recurrent.is_recurrent(c):
+            recurrent.rollback(c, n)
+        elif _is_rotating(c):
             _rollback_rotating(c, n)
         elif c.trim(n) != n:
             raise RuntimeError(f"{type(c).__name__} trimmed fewer than {n} tokens.")
@@ -325,6 +342,8 @@ def single_step_masks(cache, n: int):
 def cache_length(cache) -> int:
     """Number of positions the target cache holds (total, not window size)."""
     for c in _leaf_caches(cache):
+        if recurrent.is_recurrent(c):
+            continue  # recurrent state has no length
         offset = c.offset
         # A batch cache keeps one offset per row; speculative rounds run one row.
         return int(offset.item()) if isinstance(offset, mx.array) else offset

@@ -125,7 +125,8 @@ def _float_matrix(module) -> mx.array:
 def target_embeddings(model):
     """(embedding matrix, LM-head matrix) of an mlx-lm target, float32."""
     inner = getattr(model, "language_model", model)
-    embed = getattr(getattr(inner, "model", None), "embed_tokens", None)
+    body = getattr(inner, "model", None) or getattr(inner, "backbone", None)  # Nemotron-H: backbone
+    embed = getattr(body, "embed_tokens", None) or getattr(body, "embeddings", None)
     if embed is None:
         raise TypeError(f"{type(model).__name__} has no model.embed_tokens; cannot copy the target's embeddings.")
     E = _float_matrix(embed)
@@ -182,6 +183,11 @@ def drafter_config(target_config: dict, family: str, num_target_layers: int, arg
         "markov_rank": args.markov_rank,
         "enable_confidence_head": args.markov_rank > 0,
     })
+    if family == "qwen3":
+        # Hybrid targets (LFM2, Nemotron-H) name their norm epsilon and MLP width otherwise.
+        config.setdefault("rms_norm_eps", text.get("norm_eps") or text.get("layer_norm_epsilon") or 1e-6)
+        if config.get("intermediate_size") is None and text.get("block_ff_dim") is not None:
+            config["intermediate_size"] = text["block_ff_dim"]
     if family == "gemma4":
         config["num_kv_shared_layers"] = 0
         config["target_model_type"] = target_config.get("model_type")

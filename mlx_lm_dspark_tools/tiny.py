@@ -416,6 +416,91 @@ def text_config_of(config):
     return config.get("text_config", config)
 
 
+# ---------------------------------------------------------------- hybrid recurrent targets
+
+HYBRID_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "nemotron_h")
+
+
+def hybrid_config(model_type, *, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+                  head_dim=16, intermediate_size=128, tie_word_embeddings=False):
+    """A flat config of one of mlx-lm's hybrid recurrent models (attention
+    every fourth layer for the Qwen families, at layers 2 and 5 for LFM2,
+    the Mamba/attention/MLP pattern ``M*M-`` repeated for Nemotron-H).
+
+    The Qwen3 attention fields (``rms_norm_eps``, ``head_dim``, ...) are
+    present in every flavour: the drafter of a hybrid target is a Qwen3-style
+    network of the target's width.  LFM2's embedding is always tied."""
+    config = {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": intermediate_size,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": tie_word_embeddings,
+        "attention_bias": False,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+    }
+    if model_type in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
+        config.update({
+            "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+            "rope_theta": 100000.0, "partial_rotary_factor": 0.25,
+        })
+        if model_type == "qwen3_5":
+            config["rope_parameters"] = {"type": "default", "rope_theta": 100000.0, "partial_rotary_factor": 0.25}
+        else:
+            config.update({"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                           "shared_expert_intermediate_size": 64, "moe_intermediate_size": 32,
+                           "mlp_only_layers": [], "norm_topk_prob": True})
+            if model_type == "qwen3_5_moe":
+                config["rope_parameters"] = {"type": "default", "rope_theta": 100000.0,
+                                             "partial_rotary_factor": 0.25}
+    elif model_type == "lfm2":
+        attention = {2, 5}
+        config.update({
+            "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3, "block_dim": hidden_size,
+            "block_ff_dim": intermediate_size, "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0,
+            "block_auto_adjust_ff_dim": False, "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,  # LFM2 always reads out through its embedding
+            "layer_types": ["full_attention" if i in attention else "conv" for i in range(num_layers)],
+        })
+    elif model_type == "nemotron_h":
+        pattern = ("M*M-" * num_layers)[:num_layers]
+        config.update({
+            "hybrid_override_pattern": list(pattern), "mamba_num_heads": 4, "mamba_head_dim": 16,
+            "mamba_proj_bias": False, "ssm_state_size": 16, "conv_kernel": 4, "n_groups": 1, "mlp_bias": False,
+            "layer_norm_epsilon": 1e-5, "use_bias": False, "use_conv_bias": True, "rope_theta": 10000.0,
+        })
+    else:
+        raise ValueError(f"unknown hybrid model_type {model_type!r} (one of {HYBRID_MODEL_TYPES})")
+    return config
+
+
+def make_hybrid_target(model_type, *, seed=0, bits=None, group_size=64, overrides=None, **kw):
+    """A random (optionally quantized) hybrid recurrent mlx-lm model in memory,
+    with its config (``overrides``: config fields set after ``hybrid_config``)."""
+    import importlib
+
+    config = {**hybrid_config(model_type, **kw), **(overrides or {})}
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    text_model = getattr(model, "language_model", model)
+    _randomize(model, seed, config["hidden_size"], gain=QWEN3_GAIN)
+    _silence_eos(model, text_model, config["tie_word_embeddings"])
+    return _maybe_quantize(model, config, bits, group_size)
+
+
+def save_hybrid_target(path, model_type, **kw) -> dict:
+    """Write a random hybrid recurrent target (config, weights, tokenizer); return its config."""
+    return save_target(path, *make_hybrid_target(model_type, **kw))
+
+
 # ---------------------------------------------------------------- drafters
 
 DRAFTER_LAYOUTS = ("deepspec", "dflash_config", "zlab")
@@ -423,7 +508,7 @@ DRAFTER_LAYOUTS = ("deepspec", "dflash_config", "zlab")
 
 def _family_of(target_config):
     """Which drafter layer variant a target needs."""
-    return "qwen3" if text_config_of(target_config)["model_type"] == "qwen3" else "gemma4"
+    return "gemma4" if text_config_of(target_config)["model_type"].startswith("gemma4") else "qwen3"
 
 
 def _drafter_config(target_config, *, layout, markov_rank, block_size, target_layer_ids, num_drafter_layers,
@@ -595,6 +680,8 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
             weights[name] = _random_value(name, shapes[name], hidden_size=H)
     if target_weights is not None and layout != "zlab":
         embed = _target_matrix(target_weights, "embed_tokens.weight", H)
+        if embed is None:  # Nemotron-H: backbone.embeddings
+            embed = _target_matrix(target_weights, ".embeddings.weight", H)
         head = _target_matrix(target_weights, "lm_head.weight", H)
         weights["embed_tokens.weight"] = embed
         weights["lm_head.weight"] = embed if head is None else head
@@ -629,6 +716,8 @@ def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
         config = save_qwen3_target(target_dir, bits=bits, **kw)
     elif family in GEMMA4_MODEL_TYPES:
         config = save_gemma4_target(target_dir, model_type=family, bits=bits, **kw)
+    elif family in HYBRID_MODEL_TYPES:
+        config = save_hybrid_target(target_dir, family, bits=bits, **kw)
     else:
         raise ValueError(f"unknown family {family!r}")
     target_weights = mx.load(str(target_dir / "model.safetensors"))
