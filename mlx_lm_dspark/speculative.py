@@ -563,6 +563,10 @@ class Rounds:
             lengths.at(self.at.anchor)
         if n <= 0 or (lengths is not None and not lengths.should_draft()):
             return None
+        if lengths is not None and lengths.cost.sequential:
+            n = lengths.proposal_length(n)  # each draft costs a drafter forward: ask only for those verified
+            if n == 0:
+                return None
         with mx.stream(self.stream):
             self.context.flush()
             choose = self.acceptor.drafter_sampling(self.history, self.anchor)
