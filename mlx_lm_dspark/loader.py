@@ -24,6 +24,7 @@ load_defaults = {
     "group_size": None,
     "block_size": None,
     "confidence_threshold": None,
+    "lookup": None,  # a lookup specification (``lookup.parse_spec``): its rounds may propose lookup drafts
 }
 
 
@@ -64,6 +65,43 @@ def read_config(model_path: Union[str, Path]) -> Optional[dict]:
             "re-download or re-convert it."
         )
     return config
+
+
+def names_lookup(path_or_repo) -> bool:
+    """Whether a --draft-model value names the lookup proposer (``ngram``,
+    ``ngram:n=4,k=8``) rather than a checkpoint: a local path of that name wins."""
+    from .lookup import is_spec
+
+    return is_spec(str(path_or_repo)) and not Path(str(path_or_repo)).exists()
+
+
+def _lookup_settings(spec: str):
+    from .lookup import LookupSpecError, parse_spec
+
+    try:
+        return parse_spec(spec)
+    except LookupSpecError as e:
+        raise DrafterOptionError(f"{spec!r}: {e}") from None
+
+
+def load_lookup(spec: str = "ngram"):
+    """The lookup proposer a specification names (``ngram``, ``ngram:n=4,min=2,k=8``)."""
+    from .lookup import LookupDrafter
+
+    return LookupDrafter(_lookup_settings(spec))
+
+
+def with_lookup(drafter, spec: Optional[str] = "ngram"):
+    """``drafter`` whose rounds may propose lookup drafts instead (``lookup.WithLookup``);
+    ``spec`` None: the drafter as it is."""
+    if spec is None:
+        return drafter
+    from .lookup import LookupSettings, WithLookup
+
+    settings = _lookup_settings(spec)
+    if "k=" not in spec.replace(" ", ""):
+        settings = LookupSettings(n=settings.n, min_n=settings.min_n, k=max(1, drafter.max_drafts))
+    return WithLookup(drafter, settings)
 
 
 def has_tokenizer(model_path: Union[str, Path]) -> bool:
@@ -167,9 +205,11 @@ def build_drafter(
     group_size: Optional[int] = None,
     block_size: Optional[int] = None,
     confidence_threshold: Optional[float] = None,
+    lookup: Optional[str] = None,
     lazy: bool = False,
 ):
-    """Build and load the drafter stored at ``model_path`` (config already read)."""
+    """Build and load the drafter stored at ``model_path`` (config already read);
+    ``lookup``: a lookup specification whose proposals its rounds may take instead."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -220,7 +260,7 @@ def build_drafter(
         model.block_size = block_size
     if confidence_threshold is not None:
         model.confidence_threshold = confidence_threshold
-    return model
+    return with_lookup(model, lookup)
 
 
 def load_drafter(
@@ -231,16 +271,23 @@ def load_drafter(
     block_size: Optional[int] = None,
     confidence_threshold: Optional[float] = None,
     revision: Optional[str] = None,
+    lookup: Optional[str] = None,
 ):
-    """Load a DSpark/DFlash drafter from a local path or a Hugging Face repo.
+    """Load a DSpark/DFlash drafter from a local path or a Hugging Face repo,
+    or the lookup proposer (``"ngram"``, ``"ngram:n=4,min=2,k=8"``: no checkpoint).
 
     ``bits`` quantizes the drafter on load: by default a float drafter to
     4 bits and a quantized one as stored; a number (1-6 or 8) re-quantizes
     a drafter stored at other settings; ``None`` keeps the stored precision.
     ``block_size`` (<= the trained block) and ``confidence_threshold`` are
-    run-time policy stored on the drafter.
+    run-time policy stored on the drafter.  ``lookup`` (a specification
+    like ``"ngram"``): rounds may propose lookup drafts instead of the
+    drafter's where the costs expect more tokens per second from them.
     """
     from mlx_lm.utils import _download
+
+    if names_lookup(path_or_repo):
+        return load_lookup(str(path_or_repo))
 
     path = _download(str(path_or_repo), revision=revision)
     config = read_config(path)
@@ -258,6 +305,7 @@ def load_drafter(
         group_size=group_size,
         block_size=block_size,
         confidence_threshold=confidence_threshold,
+        lookup=lookup,
     )
 
 

@@ -83,17 +83,24 @@ def accept_pq(p: mx.array, q: mx.array, drafts: mx.array):
     ``drafts``: [n].  Draft k is kept with probability min(1, p(d_k)/q(d_k))
     while all before it were kept; the token after the kept drafts is drawn
     from normalize(max(0, p - q)) at the first rejection, or from p after a
-    fully accepted block.  Returns (number accepted, that next token [1]).
+    fully accepted block.  ``q`` None: deterministic drafts (a point mass
+    on each, as lookup proposes), kept with probability p(d_k), the residual
+    normalize(max(0, p - onehot(d_k))).  Returns (number accepted, that next
+    token [1]).
     """
     n = drafts.size
     if n == 0:
         return mx.array(0), sample(p[:1])
     rows = mx.arange(n)
-    log_ratio = p[rows, drafts] - q[rows, drafts]
+    log_ratio = p[rows, drafts] - (q[rows, drafts] if q is not None else 0.0)
     u = mx.random.uniform(shape=(n,))
     kept = (mx.log(u) < log_ratio).astype(mx.int32)
     accepted = mx.cumprod(kept).sum()
-    residual = mx.maximum(mx.exp(p[:n]) - mx.exp(q), 0.0)
+    if q is None:
+        point = mx.arange(p.shape[-1])[None] == drafts[:, None]
+        residual = mx.where(point, 0.0, mx.exp(p[:n]))
+    else:
+        residual = mx.maximum(mx.exp(p[:n]) - mx.exp(q), 0.0)
     # p == q exactly leaves no residual mass; that row is then never used
     # (rejection has probability 0), but keep it a valid distribution.
     residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, mx.exp(p[:n]))

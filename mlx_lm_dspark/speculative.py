@@ -30,7 +30,7 @@ from .cost import CostModel, load_or_measure, save
 from .protocol import DrafterProtocol
 from .session import Session, session_for
 from .sampling import GREEDY, PQ, accept_pq, distribution, greedy_sampler, rule_for, sample, settings_of
-from .target import TargetAdapter, cache_length, check_rollback, rollback
+from .target import TargetAdapter, cache_length, check_rollback, rollback, single_step_masks
 
 DEFAULT_PREFILL_STEP_SIZE = 2048  # mlx-lm's generate_step default
 # Plain decoding's default (mlx-lm 0.32: 5000, 0.31: 0), so both quantize alike.
@@ -207,8 +207,7 @@ def speculative_generate_step(
     position = cache_length(target_cache)
     _trim_drafter(draft_cache, draft_cache[0].offset - position)
 
-    def quantize_cache():
-        maybe_quantize_kv_cache(target_cache, quantized_kv_start, kv_group_size, kv_bits)
+    kv = KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
 
     history = TokenHistory(logits_processors)
     with mx.stream(stream):
@@ -221,7 +220,7 @@ def speculative_generate_step(
             n = min(prefill_step_size, total - done - 1)
             chunk = prompt[done : done + n]
             _, features = target(chunk[None], target_cache)
-            quantize_cache()
+            kv.apply(target_cache)
             drafter.add_context(draft_cache, features, position, chunk)
             history.extend(chunk)
             mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
@@ -230,7 +229,7 @@ def speculative_generate_step(
             mx.clear_cache()
         last = prompt[done:]
         logits, features = target(last[None], target_cache)
-        quantize_cache()
+        kv.apply(target_cache)
         drafter.add_context(draft_cache, features, position, last)
         logits = history.process(logits[0], last)
         position += 1
@@ -242,7 +241,7 @@ def speculative_generate_step(
         yield from decode(
             target, drafter, target_cache, draft_cache, anchor, logprobs[0], position,
             stream=stream, num_draft_tokens=num_draft_tokens, max_tokens=max_tokens, sampler=sampler,
-            logits_processors=logits_processors, history=history.tokens, after_forward=quantize_cache,
+            logits_processors=logits_processors, history=history.tokens, kv=kv,
         )
     finally:
         if prompt_cache is not None:
@@ -254,6 +253,34 @@ def speculative_generate_step(
 
 
 # ---------------------------------------------------------------- the round loop's pieces
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """mlx-lm's KV-cache quantization (``kv_bits``, ``kv_group_size``,
+    ``quantized_kv_start``), done where plain decoding does it.
+
+    ``generate_step`` converts the cache after a forward that leaves it
+    holding at least ``start`` positions, so every position from ``start``
+    on is computed through the quantized cache and every one before through
+    the float cache.  The round loop converts only on committed positions
+    (after rollback) and ends a verify block before ``start`` when it would
+    cross it."""
+
+    bits: Optional[int] = None
+    group_size: int = 64
+    start: int = 0
+
+    def apply(self, cache: list) -> None:
+        """Convert ``cache`` if it now holds ``start`` committed positions or more."""
+        maybe_quantize_kv_cache(cache, self.start, self.group_size, self.bits)
+
+    def widest_verify(self, anchor: int, n: int) -> int:
+        """How many of ``n`` drafts a verify from position ``anchor`` can
+        take without computing positions on both sides of ``start``."""
+        if self.bits is None or anchor >= self.start:
+            return n
+        return min(n, self.start - anchor - 1)
 
 
 class TokenHistory:
@@ -475,6 +502,7 @@ class Proposal:
     drafts: mx.array  # [n]
     confidence: Optional[mx.array]  # [n] per-draft acceptance estimates, or None
     q: Optional[mx.array]  # [n, V] the distributions the drafts were sampled from, or None
+    sized: bool = False  # the proposer chose its length: the automatic cap neither cuts nor learns from it
 
 
 @dataclass(slots=True)
@@ -487,6 +515,7 @@ class Block:
     proposed: int  # drafts the automatic cap chose from (after the confidence threshold)
     confidence: Optional[mx.array]  # the whole proposal's
     scores: Optional[list]  # confidences read before the verify, or None
+    sized: bool = False  # see ``Proposal.sized``
 
 
 @dataclass(slots=True)
@@ -509,7 +538,7 @@ class Rounds:
     def __init__(self, target: TargetAdapter, drafter, target_cache: list, draft_cache: list, anchor: mx.array,
                  position: int, *, stream, num_draft_tokens: Optional[int], max_tokens: int,
                  sampler: Optional[Callable], logits_processors: Optional[List[Callable]],
-                 history: Optional[mx.array], after_forward: Callable[[], None]):
+                 history: Optional[mx.array], kv: KVQuantization = KVQuantization()):
         max_drafts = drafter.max_drafts
         if num_draft_tokens is None:
             self.cap = max_drafts
@@ -518,7 +547,7 @@ class Rounds:
         else:
             self.cap = min(int(num_draft_tokens), max_drafts)
         self.target, self.drafter, self.target_cache = target, drafter, target_cache
-        self.stream, self.max_tokens, self.after_forward = stream, max_tokens, after_forward
+        self.stream, self.max_tokens, self.kv = stream, max_tokens, kv
         self.threshold = drafter.confidence_threshold
         self.acceptor = Acceptor(sampler or greedy_sampler)
         auto = num_draft_tokens is None and max_drafts > 0 and getattr(drafter, "auto_draft_length", True)
@@ -531,6 +560,9 @@ class Rounds:
         self.stats = SpeculativeStats(rule=self.acceptor.rule, cap=None if auto else self.cap,
                                       time_scale=self.lengths.time_scale if auto else None)
         session.record(self.stats)
+        plan_with = getattr(drafter, "plan_with", None)
+        if plan_with is not None:  # a drafter that sizes some proposals itself (``lookup.WithLookup``)
+            plan_with(self.lengths)
         self.clock = RoundClock(self.stats, self.lengths.observe if auto and learn else None)
         self.history = TokenHistory(logits_processors, history)
         self.context = DrafterContext(drafter, draft_cache, self.clock)
@@ -545,8 +577,8 @@ class Rounds:
     def forward(self, tokens: mx.array):
         """Target forward over ``tokens`` after the cached positions (lazy)."""
         began, queued = time.perf_counter(), early.seconds()
-        logits, features = self.target(tokens[None], self.target_cache, start_early=True)
-        self.after_forward()
+        with single_step_masks(self.target_cache, tokens.size):
+            logits, features = self.target(tokens[None], self.target_cache, start_early=True)
         self.clock.built(began, queued)
         return logits[0], features
 
@@ -573,10 +605,14 @@ class Rounds:
             began, queued = time.perf_counter(), early.seconds()
             drafts, confidence, q = self.drafter.propose(self.context.cache, self.anchor, self.at.anchor, n, choose)
             self.clock.built(began, queued)
+        if drafts.shape[0] < n:  # a proposer may find fewer (a lookup without a long match): none, no round
+            if drafts.shape[0] == 0:
+                return None
+            n = drafts.shape[0]
         began = time.perf_counter()
         mx.async_eval(*(x for x in (drafts, confidence, q) if x is not None))
         self.clock.waited(began)
-        return Proposal(n, drafts, confidence, q)
+        return Proposal(n, drafts, confidence, q, getattr(self.drafter, "sized", False))
 
     def cut(self, proposal: Proposal) -> Block:
         """The drafts to verify: the proposal up to its first confidence below
@@ -589,7 +625,7 @@ class Rounds:
                 n = below.index(True) if True in below else n
                 drafts, q = drafts[:n], (q[:n] if q is not None else None)
             proposed = n
-            lengths = self.lengths
+            lengths = None if proposal.sized else self.lengths
             if lengths is not None and n > 0:
                 # The proposal was queued last round; reading its confidences
                 # waits for it (skipped while typical ones choose as well:
@@ -604,9 +640,13 @@ class Rounds:
                 if chosen < n:
                     n = chosen
                     drafts, q = drafts[:n], (q[:n] if q is not None else None)
+            kv_limit = self.kv.widest_verify(self.at.anchor, n)
+            if kv_limit < n:
+                n = kv_limit
+                drafts, q = drafts[:n], (q[:n] if q is not None else None)
         if n == 0:
             drafts = q = None
-        return Block(n, drafts, q, proposed, confidence, scores)
+        return Block(n, drafts, q, proposed, confidence, scores, proposal.sized)
 
     def verify(self, block: Block) -> Verified:
         """The target's forward over [anchor, drafts] and, on device, how many
@@ -633,6 +673,7 @@ class Rounds:
         rejected = block.n - a
         rollback(self.target_cache, rejected)
         self.at.cached -= rejected
+        self.kv.apply(self.target_cache)
         # Only the now-committed positions (anchor + accepted) enter the
         # drafter context; their projection is queued with the next proposal.
         with mx.stream(self.stream):
@@ -644,7 +685,7 @@ class Rounds:
         if block.n == 0:
             stats.declined.append(stats.rounds - 1)
         self.clock.drafted(block.n)
-        if self.lengths is not None and block.proposed > 0:
+        if self.lengths is not None and block.proposed > 0 and not block.sized:
             scores = block.scores
             if verified.judged is not None:
                 scores = verified.judged.tolist()[: block.proposed]  # evaluated: no slicing op
@@ -672,6 +713,7 @@ class Rounds:
         token, start = self.anchor, self.at.anchor
         with mx.stream(self.stream):
             logits, features = self.forward(token)
+            self.kv.apply(self.target_cache)
             self.at.cached += 1
             logits = self.history.process(logits, token)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -725,6 +767,7 @@ class Rounds:
                 _trim_drafter(cache, excess)
             elif excess == -1:
                 _, features = self.forward(self.anchor)
+                self.kv.apply(self.target_cache)
                 self.drafter.add_context(cache, features, end - 1, self.anchor)
             mx.eval([c.state for c in self.target_cache] + [c.state for c in cache])
 
@@ -744,20 +787,21 @@ def decode(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable]] = None,
     history: Optional[mx.array] = None,
-    after_forward: Callable[[], None] = lambda: None,
+    kv: KVQuantization = KVQuantization(),
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """The round loop after a prefill, shared by every host.
 
     ``target_cache`` and the drafter context hold ``position`` positions;
     ``anchor`` [1] is the token sampled after them (with ``logprobs``, its
     distribution) and is yielded first.  ``history`` is the token history the
-    logits processors have seen so far.  On close the caches hold exactly the
-    positions of everything yielded.
+    logits processors have seen so far; ``kv`` the KV-cache quantization
+    plain decoding would do.  On close the caches hold exactly the positions
+    of everything yielded.
     """
     rounds = Rounds(
         target, drafter, target_cache, draft_cache, anchor, position, stream=stream,
         num_draft_tokens=num_draft_tokens, max_tokens=max_tokens, sampler=sampler,
-        logits_processors=logits_processors, history=history, after_forward=after_forward,
+        logits_processors=logits_processors, history=history, kv=kv,
     )
     at, clock = rounds.at, rounds.clock
     try:

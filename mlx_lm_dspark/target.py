@@ -8,6 +8,7 @@ weights and the host's layer loop are untouched, so a host model that changes
 its internals keeps working as long as it still calls its layers.
 """
 
+import contextlib
 import threading
 from typing import List, Optional
 
@@ -178,7 +179,8 @@ class TargetAdapter:
 
 
 def validate_pair(drafter, target: TargetAdapter) -> None:
-    """Refuse a drafter trained for another target, naming the field."""
+    """Refuse a drafter trained for another target, naming the field (a
+    drafter field that is None, as lookup's, matches any target)."""
     args = drafter.args
     problems = []
     if target.family is None:
@@ -186,11 +188,11 @@ def validate_pair(drafter, target: TargetAdapter) -> None:
             f"target family: {type(target.model).__name__} is not a supported target "
             f"(supported: {sorted(set(FAMILY_OF_MODEL_TYPE.values()))})"
         )
-    elif args.family != target.family:
+    elif args.family is not None and args.family != target.family:
         problems.append(f"family: drafter is for {args.family}, target is {target.family}")
-    if target.vocab_size is not None and args.vocab_size != target.vocab_size:
+    if None not in (target.vocab_size, args.vocab_size) and args.vocab_size != target.vocab_size:
         problems.append(f"vocab_size: drafter {args.vocab_size}, target {target.vocab_size}")
-    if target.hidden_size is not None and args.hidden_size != target.hidden_size:
+    if None not in (target.hidden_size, args.hidden_size) and args.hidden_size != target.hidden_size:
         problems.append(f"hidden_size: drafter {args.hidden_size}, target {target.hidden_size}")
     if args.num_target_layers is not None and args.num_target_layers != target.num_layers:
         problems.append(
@@ -270,6 +272,54 @@ def rollback(cache, n: int) -> None:
             _rollback_rotating(c, n)
         elif c.trim(n) != n:
             raise RuntimeError(f"{type(c).__name__} trimmed fewer than {n} tokens.")
+
+
+def _single_step_mask(c, n: int) -> mx.array:
+    """The [n, L] mask that gives each of ``n`` new positions of a
+    ``RotatingKVCache`` with ``keep`` > 0 exactly the keys a single-token step
+    there would see: the first ``keep`` positions and the latest
+    ``max_size - keep`` up to itself.  (mlx-lm's multi-token mask is a plain
+    window of ``max_size``, which drops the kept positions for all but the
+    first query once the cache wraps.)  Columns follow the buffer a
+    multi-token update leaves: temporal order, at most ``max_size - 1`` old
+    entries (the kept ones first), then the new ones."""
+    offset, size, keep = c.offset, c.max_size, c.keep
+    if c.keys is None:
+        held = 0
+    elif c._idx == c.keys.shape[2] or c._idx < offset:
+        held = c.keys.shape[2]
+    else:
+        held = c._idx
+    held = min(held, size - 1)
+    column = mx.arange(held + n)
+    position = mx.where(column < keep, column, column + (offset - held))[None]
+    query = (offset + mx.arange(n))[:, None]
+    return (position <= query) & ((position < keep) | (position > query - (size - keep)))
+
+
+@contextlib.contextmanager
+def single_step_masks(cache, n: int):
+    """While a forward of ``n`` tokens is built (a verify): each rotating
+    cache with ``keep`` > 0 that the block wraps masks attention the way
+    single-token steps attend, so verified logits equal plain decoding's."""
+    patched = []
+    if n > 1:
+        for c in _leaf_caches(cache):
+            if _is_rotating(c) and not _is_a(c, "BatchRotatingKVCache") and c.keep > 0 and c.offset + n > c.max_size:
+                host_mask, mask = c.make_mask, _single_step_mask(c, n)
+
+                def make_mask(N, *args, window_size=None, _host=host_mask, _mask=mask, _size=c.max_size, **kwargs):
+                    if N != _mask.shape[0] or window_size not in (None, _size):
+                        return _host(N, *args, window_size=window_size, **kwargs)
+                    return _mask
+
+                c.make_mask = make_mask
+                patched.append(c)
+    try:
+        yield
+    finally:
+        for c in patched:
+            del c.make_mask
 
 
 def cache_length(cache) -> int:

@@ -188,6 +188,25 @@ def test_ordinary_draft_model_still_uses_mlx_lm_step(pair, tmp_path):
         assert [r.token for r in spec] == plain
 
 
+@pytest.mark.parametrize("max_kv_size", [6, 9, 16, 64])
+def test_max_kv_size_with_a_drafter_decodes_like_plain(pair, max_kv_size):
+    """mlx-lm drops ``max_kv_size`` for draft models; with ours the rotating
+    cache plain decoding builds is used, before and after it wraps."""
+    from mlx_lm_dspark.target import text_args
+    from mlx_lm_dspark_tools.oracle import OracleDrafter
+
+    target, _ = pair
+    model, tokenizer = mlx_lm.load(str(target))
+    prompt = tokenizer.encode(PROMPT)
+    kw = dict(max_tokens=40, max_kv_size=max_kv_size)
+    plain = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, **kw)]
+    drafter = OracleDrafter(text_args(model), list(prompt) + plain, block_size=6, right=lambda pos: pos % 5 != 0)
+    spec = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=drafter, **kw)]
+    assert spec == plain
+    text = mlx_lm.generate(model, tokenizer, prompt, draft_model=drafter, **kw)
+    assert text == mlx_lm.generate(model, tokenizer, prompt, **kw)
+
+
 FAKE_GENERATE = """
 def speculative_generate_step(prompt, model, draft_model, stream=None, *, num_draft_tokens=2,
                               max_tokens=256, sampler=None, logits_processors=None,
@@ -195,8 +214,11 @@ def speculative_generate_step(prompt, model, draft_model, stream=None, *, num_dr
                               kv_group_size=64, quantized_kv_start=5000):
     pass
 
-def stream_generate(model, tokenizer, prompt):
-    return speculative_generate_step(prompt, model, None)
+def stream_generate(model, tokenizer, prompt, max_tokens=256, draft_model=None, **kwargs):
+    return speculative_generate_step(prompt, model, draft_model)
+
+def make_prompt_cache(model, max_kv_size=None):
+    pass
 
 def setup_arg_parser():
     pass
@@ -245,6 +267,14 @@ def test_patches_fail_loudly_when_host_changes():
 
     with pytest.raises(patch_mlx_lm.HostMismatchError, match="stream_generate"):
         patch_mlx_lm.patch_generate(_fake_generate_module(stream_generate=stream_generate))
+
+    def without_options(model, tokenizer, prompt, draft_model=None):
+        return speculative_generate_step(prompt, model, draft_model)  # noqa: F821 (never called)
+
+    with pytest.raises(patch_mlx_lm.HostMismatchError, match="kwargs"):
+        patch_mlx_lm.patch_generate(_fake_generate_module(stream_generate=without_options))
+    with pytest.raises(patch_mlx_lm.HostMismatchError, match="make_prompt_cache"):
+        patch_mlx_lm.patch_generate(_fake_generate_module(make_prompt_cache=None))
 
     utils = types.ModuleType("mlx_lm.utils_fake")
     utils.load_model = lambda model_path, lazy=False, strict=True, model_config=None: None

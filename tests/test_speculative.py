@@ -255,6 +255,20 @@ def test_quantized_kv_cache_matches_plain(pairs):
     assert cache_length(combined[:-1]) == combined[-1].offset == len(PROMPT_LONG) + MAX
 
 
+@pytest.mark.parametrize("start", [len(PROMPT_LONG) + 1, len(PROMPT_LONG) + 3, len(PROMPT_LONG) + 9])
+@pytest.mark.parametrize("right", [lambda pos: True, lambda pos: False], ids=["all-right", "never-right"])
+def test_kv_quantization_starting_after_the_prefill_matches_plain(pairs, start, right):
+    """The cache converts on the same committed position as in plain
+    decoding, and no verify block computes positions on both sides of
+    ``quantized_kv_start`` (a whole-block drafter would cross it)."""
+    model, _, _ = pairs("qwen3", head_dim=32)
+    kw = dict(kv_bits=2, kv_group_size=32, quantized_kv_start=start)
+    expected = plain(model, PROMPT_LONG, 24, **kw)
+    drafter = OracleDrafter(text_args(model), list(PROMPT_LONG) + expected, block_size=8, right=right)
+    got = speculative(model, drafter, PROMPT_LONG, 24, **kw)
+    assert [t for t, _ in got] == expected
+
+
 @pytest.mark.parametrize("expected_file", ["expected", "expected_conf_threshold"])
 def test_reproduces_deepspec_e2e_run(fixtures_dir, expected_file):
     """DeepSeek's reference loop on the e2e_bigram pair: same ids, same rounds."""

@@ -12,6 +12,7 @@ from mlx_lm_dspark.target import (
     UnsupportedCacheError,
     check_rollback,
     rollback,
+    single_step_masks,
     validate_pair,
 )
 from mlx_lm_dspark_tools.tiny import build_pair
@@ -163,3 +164,43 @@ def test_rollback_plain_and_quantized():
         cache.update_and_fetch(mx.zeros((1, 1, 10, 32)), mx.zeros((1, 1, 10, 32)))
         rollback([cache], 4)
         assert cache.offset == 6
+
+
+@pytest.mark.parametrize("prefix,block", [(6, 5), (9, 3), (14, 6), (30, 8)])
+def test_verify_over_a_rotating_cache_with_keep_sees_what_single_steps_see(prefix, block):
+    """A rotating cache with keep > 0 (``make_prompt_cache(model,
+    max_kv_size=W)``): a block's logits under ``single_step_masks`` equal
+    single-token steps', before, across and after wrap-around, and a later
+    block after rollback still does (mlx-lm's own window mask drops the kept
+    positions for all but the first query)."""
+    from mlx_lm_dspark_tools.tiny import make_qwen3_target
+
+    model, _ = make_qwen3_target(num_layers=2, head_dim=32)
+    window, keep = 10, 4
+    tokens = mx.array([[(11 * i + 5) % 400 + 3 for i in range(prefix + 2 * block)]])
+
+    def cache():
+        c = [RotatingKVCache(window, keep) for _ in model.layers]
+        model(tokens[:, : prefix - 1], cache=c)
+        model(tokens[:, prefix - 1 : prefix], cache=c)
+        return c
+
+    def single_steps(c, start, n):
+        return mx.concatenate([model(tokens[:, p : p + 1], cache=c) for p in range(start, start + n)], axis=1)
+
+    plain = cache()
+    want = single_steps(plain, prefix, 2 * block)
+    ours = cache()
+    with single_step_masks(ours, block + 2):
+        first = model(tokens[:, prefix : prefix + block + 2], cache=ours)
+    rollback(ours, 2)
+    with single_step_masks(ours, block):
+        second = model(tokens[:, prefix + block : prefix + 2 * block], cache=ours)
+    got = mx.concatenate([first[:, :block], second], axis=1)
+    assert mx.allclose(got, want, atol=1e-5), mx.abs(got - want).max()
+    assert not hasattr(ours[0], "make_mask") or "make_mask" not in vars(ours[0])  # the host's again
+
+    if prefix + block + 2 > window:  # the host's mask differs once a block wraps
+        stock = cache()
+        assert not mx.allclose(model(tokens[:, prefix : prefix + block + 2], cache=stock)[:, :block],
+                               want[:, :block], atol=1e-3)

@@ -5,7 +5,9 @@
 - ``mlx_lm.sample_utils``: samplers from ``make_sampler`` carry their
   settings, so the p/q acceptance rule can compute their distribution;
 - ``mlx_lm.generate``: ``speculative_generate_step`` dispatches to our round
-  loop for our drafters; ``setup_arg_parser`` gains the drafter options;
+  loop for our drafters; ``stream_generate`` keeps ``max_kv_size`` for them
+  (mlx-lm drops it for draft models: it builds the rotating prompt cache
+  plain decoding would); ``setup_arg_parser`` gains the drafter options;
   ``generate(verbose=True)`` also prints the acceptance statistics and
   checks the pair before printing anything; ``main`` prints a user's mistake
   (bad checkpoint, option or pair) as one line, without a traceback.
@@ -78,10 +80,20 @@ def patch_utils(utils) -> None:
     load_tokenizer = _expect_params(
         utils, "load_tokenizer", ["model_path", "tokenizer_config_extra", "eos_token_ids"]
     )
+    download = _expect_params(utils, "_download", ["path_or_hf_repo", "revision"])
     _expect_calls(utils, "load", ["_download", "load_model", "load_tokenizer"])
+
+    @functools.wraps(download)
+    def download_unless_lookup(path_or_hf_repo, *args, **kwargs):
+        if loader.names_lookup(path_or_hf_repo):
+            return Path(path_or_hf_repo)  # nothing to fetch: ``load_model`` builds it
+        return download(path_or_hf_repo, *args, **kwargs)
 
     @functools.wraps(load_model)
     def load_model_or_drafter(model_path, lazy=False, *args, **kwargs):
+        if loader.names_lookup(model_path):
+            _refuse_private_generate_copy()
+            return loader.load_lookup(str(model_path)), {}
         config = loader.read_config(model_path)
         if config is not None and loader.is_drafter_config(config):
             _refuse_private_generate_copy()
@@ -91,6 +103,8 @@ def patch_utils(utils) -> None:
 
     @functools.wraps(load_tokenizer)
     def load_tokenizer_or_stand_in(model_path, *args, **kwargs):
+        if loader.names_lookup(model_path):
+            return loader.DrafterTokenizer(0)
         config = loader.read_config(model_path)
         if (
             config is not None
@@ -100,6 +114,7 @@ def patch_utils(utils) -> None:
             return loader.DrafterTokenizer(config.get("vocab_size", 0))
         return load_tokenizer(model_path, *args, **kwargs)
 
+    utils._download = download_unless_lookup
     utils.load_model = load_model_or_drafter
     utils.load_tokenizer = load_tokenizer_or_stand_in
 
@@ -195,6 +210,18 @@ _non_negative_int = _in_range(int, 0, float("inf"), "an integer >= 0")
 _probability = _in_range(float, 0.0, 1.0, "a value in [0, 1]")
 
 
+def _lookup_settings(value: str) -> str:
+    """A --draft-lookup value, checked: the lookup specification it makes."""
+    from ..lookup import LookupSpecError, RESERVED, parse_spec
+
+    spec = f"{RESERVED}:{value}" if value.strip() else RESERVED
+    try:
+        parse_spec(spec)
+    except LookupSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 class _DrafterDefault(argparse.Action):
     """Store the option and make it the default for drafters loaded next."""
 
@@ -209,6 +236,7 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
         group_size=None,
         block_size=None,
         confidence_threshold=None,
+        lookup=None,
     )
     for action in parser._actions:
         if "--num-draft-tokens" in action.option_strings:
@@ -253,6 +281,22 @@ def add_drafter_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Cut each proposal at the first slot whose confidence is below this value (DSpark only).",
     )
+    group.add_argument(
+        "--draft-lookup",
+        dest="draft_lookup",
+        nargs="?",
+        const="",
+        type=_lookup_settings,
+        action=_DrafterDefault,
+        default=None,
+        metavar="SETTINGS",
+        help=(
+            "With a DSpark/DFlash drafter, let each round propose the continuation of an earlier "
+            "occurrence of the last tokens instead, when the measured costs expect more tokens/s from it. "
+            "SETTINGS as for --draft-model ngram:SETTINGS (e.g. n=4,min=2,k=8). "
+            "(--draft-model ngram alone: lookup without a drafter.)"
+        ),
+    )
 
 
 def patch_generate(generate_module) -> None:
@@ -270,6 +314,14 @@ def patch_generate(generate_module) -> None:
         _fail,
     )
     _expect_calls(generate_module, "stream_generate", ["speculative_generate_step"])
+    stock_stream = _expect_params(generate_module, "stream_generate", ["model", "draft_model"])
+    stream_signature = inspect.signature(stock_stream)
+    stream_options = next((p.name for p in stream_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    if stream_options is None:
+        _fail(f"{generate_module.__name__}.stream_generate", "it no longer takes **kwargs for generate_step")
+    make_prompt_cache = getattr(generate_module, "make_prompt_cache", None)
+    if not callable(make_prompt_cache):
+        _fail(f"{generate_module.__name__}.make_prompt_cache", "the function is no longer imported there")
     setup_arg_parser = _expect_params(generate_module, "setup_arg_parser", [])
     stock_generate = _expect_params(generate_module, "generate", ["model", "tokenizer", "prompt", "verbose"])
     _expect_calls(generate_module, "main", ["setup_arg_parser", "load", "generate"])
@@ -283,6 +335,17 @@ def patch_generate(generate_module) -> None:
         if kwargs.get("num_draft_tokens", 0) is None:
             kwargs["num_draft_tokens"] = LEGACY_NUM_DRAFT_TOKENS
         return stock_step(prompt, model, draft_model, *args, **kwargs)
+
+    @functools.wraps(stock_stream)
+    def stream_generate(*args, **kwargs):
+        bound = stream_signature.bind(*args, **kwargs)
+        options = bound.arguments.get(stream_options, {})
+        if (is_drafter(bound.arguments.get("draft_model")) and options.get("max_kv_size") is not None
+                and options.get("prompt_cache") is None):
+            # generate_step's own cache for max_kv_size, made here because
+            # stream_generate drops the option on the way to a draft model.
+            options["prompt_cache"] = make_prompt_cache(bound.arguments["model"], max_kv_size=options.pop("max_kv_size"))
+        return stock_stream(*bound.args, **bound.kwargs)
 
     @functools.wraps(setup_arg_parser)
     def setup_arg_parser_with_drafter():
@@ -302,6 +365,7 @@ def patch_generate(generate_module) -> None:
         return text
 
     generate_module.speculative_generate_step = speculative_generate_step
+    generate_module.stream_generate = stream_generate
     generate_module.setup_arg_parser = setup_arg_parser_with_drafter
     generate_module.generate = generate
     generate_module.main = _one_line_errors(main, "mlx_lm.generate")
