@@ -148,7 +148,7 @@ class RoundTimeScale:
         if kind == 2 or (last is not None and last != kind):
             return
         i = kind
-        modelled = now.verify_ms[drafts] + (now.draft_ms if proposed else 0.0)
+        modelled = now.verify_ms[drafts] + (now.draft_ms_for(drafts) if proposed else 0.0)
         # A round seen as nearly free (its work overlapped the caller) or a
         # one-off stall is not the machine's new speed: clamped around what
         # is expected (beyond the measured contexts, around what was learned
@@ -330,6 +330,7 @@ class DraftLength:
         self.schedule = ProbeSchedule(cost, n)
         self.reads = ConfidenceReads(n)
         self.time_scale = self.clock.scale  # (undrafted, drafted) rounds' time over the cost model's
+        self.offered = None  # drafts a proposal decided before drafting could have had (``proposal_length``)
 
     calibrated = _delegated("schedule", "calibrated", "Whether the calibration rounds were verified.")
     drafting = _delegated("schedule", "drafting", "Whether the last proposal was worth verifying.")
@@ -411,13 +412,31 @@ class DraftLength:
         """Each slot's confidence averaged over recent proposals."""
         return self.reads.typical()
 
+    def proposal_length(self, limit: int) -> int:
+        """How many drafts (of at most ``limit``) to ask of a drafter whose
+        proposal costs one forward per draft (the cost model is
+        ``sequential``), decided before it drafts: the cap ``choose`` would
+        pick from the running rates, all of them when a probe is due.  0
+        declines the round without running the drafter."""
+        limit = min(limit, self.max_drafts)
+        self.offered = limit
+        if self.schedule.due():
+            return limit
+        cap = self.now.best_cap(self.estimates.rates(), limit=limit, scale=self.time_scale)
+        if cap == 0:
+            self.offered = None
+            self.schedule.choose(0, limit)  # a declined proposal, as ``choose`` would have declined it
+        return cap
+
     def choose(self, proposed: int, confidence: Optional[List[float]] = None) -> int:
         """How many of the ``proposed`` drafts to verify this round."""
         limit = min(proposed, self.max_drafts)
         estimates = self.estimates.acceptance(confidence)
         cap = self.now.best_cap(estimates, limit=limit, scale=self.time_scale)
         self.reads.chosen = (confidence, estimates, cap)  # ``judge`` judges the choice
-        return self.schedule.choose(cap, limit)
+        # A proposal cut short before drafting is judged against what it could have had.
+        offered, self.offered = self.offered, None
+        return min(self.schedule.choose(cap, max(limit, offered or 0)), limit)
 
     def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
         """Record a round that verified ``verified`` drafts and kept the first

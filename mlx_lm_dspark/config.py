@@ -6,7 +6,13 @@ Three on-disk layouts carry the same network:
 - community conversions: the drafter fields nested under ``dflash_config``;
 - z-lab DFlash: ``DFlashDraftModel``, fields under ``dflash_config``, no
   embeddings / LM head in the weights (borrowed from the target) and a shifted
-  block alignment (slot i predicts its own position).
+  block alignment (slot i predicts its own position);
+- vLLM speculators: ``speculators_model_type`` "dspark" / "dflash" / "eagle3",
+  the network's settings under ``transformer_layer_config``, taps as
+  ``aux_hidden_state_layer_ids`` (the input of layer i, i.e. our tap i-1) and
+  possibly a reduced draft vocabulary (``draft_vocab_size``; the weights then
+  carry ``d2t``, each draft row's offset to its target token id).
+  ``speculators_args`` rewrites such a config into the DeepSpec layout.
 """
 
 import math
@@ -37,6 +43,23 @@ _DRAFTER_FIELDS = (
 )
 
 
+SPECULATORS_TYPES = ("dspark", "dflash", "eagle3")  # speculators_model_type values we run
+SPECULATORS_FAMILIES = {"qwen3": "qwen3"}  # transformer_layer_config model_type -> family
+# DeepSpec's Markov heads (``markov_head_type``) and the weights each adds
+# beside markov_w1 / markov_w2.
+MARKOV_HEAD_TYPES = {"vanilla": (), "gated": ("gate_proj",), "rnn": ("joint_proj",)}
+# Qwen3Config's defaults: speculators saves transformer_layer_config as a
+# diff against them (``to_diff_dict``), so a field equal to its default is absent.
+QWEN3_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "attention_bias": False, "tie_word_embeddings": False,
+}
+# Settings of speculators' EAGLE3 that change the network in ways DeepSpec's does not.
+_SPECULATORS_EAGLE3_UNSUPPORTED = ("norm_before_fc", "fc_norm", "norm_output")
+
+
 class DrafterConfigError(ValueError):
     """A drafter checkpoint whose config.json (or weights) cannot describe a
     working drafter; the message names the field, its value and what it
@@ -54,10 +77,25 @@ def _architectures(config: dict) -> tuple:
     return tuple(a for a in arch if isinstance(a, str))
 
 
-def layout_of(config: dict) -> Optional[str]:
-    """Which drafter layout a config.json is in, or None for any other model."""
+def speculators_type(config: dict) -> Optional[str]:
+    """A speculators checkpoint's ``speculators_model_type`` ("" when its
+    config has the speculators fields but not that one), else None."""
     if not isinstance(config, dict):
         return None
+    if "speculators_model_type" in config or isinstance(config.get("speculators_config"), dict):
+        value = config.get("speculators_model_type")
+        return value if isinstance(value, str) else ""
+    return None
+
+
+def layout_of(config: dict) -> Optional[str]:
+    """Which DSpark/DFlash drafter layout a config.json is in, or None for any
+    other model (EAGLE3 drafters included: ``is_eagle3_config``)."""
+    if not isinstance(config, dict):
+        return None
+    kind = speculators_type(config)
+    if kind is not None:
+        return "speculators" if kind in ("dspark", "dflash") else None
     archs = _architectures(config)
     if any(a in ZLAB_ARCHITECTURES for a in archs):
         return "zlab"
@@ -71,11 +109,149 @@ def layout_of(config: dict) -> Optional[str]:
 
 
 def is_eagle3_config(config: dict) -> bool:
+    if speculators_type(config) is not None:
+        return speculators_type(config) == "eagle3"
     return any(a in EAGLE3_ARCHITECTURES for a in _architectures(config))
 
 
+_DRAFTER_ARCHITECTURE_ENDINGS = ("DSparkModel", "DFlashModel", "Eagle3Model", "DraftModel", "Speculator")
+_DRAFTER_ONLY_FIELDS = ("target_layer_ids", "ttt_length", "markov_rank", "aux_hidden_state_layer_ids",
+                        "eagle_aux_hidden_state_layer_ids", "dflash_config")
+
+
+def looks_like_drafter(config: dict) -> bool:
+    """Whether a config.json is some drafter's, recognised or not: a drafter
+    architecture name, the speculators fields, or fields only drafters have."""
+    if not isinstance(config, dict):
+        return False
+    if speculators_type(config) is not None:
+        return True
+    if any(a.endswith(_DRAFTER_ARCHITECTURE_ENDINGS) for a in _architectures(config)):
+        return True
+    return any(k in config for k in _DRAFTER_ONLY_FIELDS)
+
+
 def is_drafter_config(config: dict) -> bool:
-    return layout_of(config) is not None or is_eagle3_config(config)
+    """Whether config.json is a drafter's; one that no kind runs is still a
+    drafter (loading it then says what is recognised, not mlx-lm's KeyError)."""
+    return layout_of(config) is not None or is_eagle3_config(config) or looks_like_drafter(config)
+
+
+def recognised() -> str:
+    """What this package runs, for errors about a drafter it does not."""
+    return (
+        f"architectures {sorted(DEEPSPEC_ARCHITECTURES) + sorted(EAGLE3_ARCHITECTURES) + sorted(ZLAB_ARCHITECTURES)}"
+        f" (DeepSpec / z-lab layouts, or DeepSpec's fields nested under dflash_config), and vLLM speculators "
+        f"checkpoints with speculators_model_type {list(SPECULATORS_TYPES)} over a "
+        f"{sorted(SPECULATORS_FAMILIES)} transformer_layer_config"
+    )
+
+
+def unrecognised_drafter(config: dict, source=None) -> str:
+    """The one-line error for a drafter config no kind recognises."""
+    where = f" at {source}" if source else ""
+    kind = speculators_type(config)
+    if kind is not None:
+        what = f"a speculators checkpoint of type {kind!r}" if kind else "a speculators checkpoint without speculators_model_type"
+    else:
+        archs = list(_architectures(config))
+        what = f"a drafter with architectures {archs}" if archs else "a drafter config without a known architecture"
+    return f"The checkpoint{where} is {what}, which mlx-lm-dspark does not run; it recognises {recognised()}."
+
+
+def _tap_of_speculators(layer_ids, source) -> list:
+    """speculators' aux layer id i is the hidden state entering layer i (the
+    output of layer i-1); 0 would be the embeddings, which no drafter here reads."""
+    if not isinstance(layer_ids, list) or not all(_is_int(i) for i in layer_ids) or not layer_ids:
+        raise DrafterConfigError(
+            f"aux_hidden_state_layer_ids is {layer_ids!r}, expected a non-empty list of layer indices: "
+            f"{_malformed(source)}."
+        )
+    if min(layer_ids) < 1:
+        raise DrafterConfigError(
+            f"aux_hidden_state_layer_ids {layer_ids} taps the embeddings (layer id 0); only the outputs of "
+            f"decoder layers can be tapped: {_malformed(source)}."
+        )
+    return [i - 1 for i in layer_ids]
+
+
+def _speculative_tokens(config: dict) -> Optional[int]:
+    """The default proposal method's ``speculative_tokens``."""
+    spec = config.get("speculators_config") or {}
+    methods = spec.get("proposal_methods") or []
+    default = spec.get("default_proposal_method")
+    for method in methods:
+        if isinstance(method, dict) and (default is None or method.get("proposal_type") == default):
+            return method.get("speculative_tokens")
+    return None
+
+
+def speculators_args(config: dict, source=None) -> dict:
+    """A speculators config rewritten in the DeepSpec layout (the network's
+    fields at the top level, taps as our layer-output indices), with
+    ``draft_vocab_size`` when the draft vocabulary is reduced."""
+    kind = speculators_type(config)
+    if kind not in SPECULATORS_TYPES:
+        raise DrafterConfigError(unrecognised_drafter(config, source))
+    layer = config.get("transformer_layer_config")
+    if not isinstance(layer, dict):
+        raise DrafterConfigError(
+            f"transformer_layer_config is {layer!r}, expected a JSON object: {_malformed(source)}."
+        )
+    model_type = layer.get("model_type", "qwen3")
+    family = SPECULATORS_FAMILIES.get(model_type)
+    if family is None:
+        raise DrafterConfigError(
+            f"speculators {kind} drafter over a {model_type!r} transformer_layer_config: mlx-lm-dspark runs "
+            f"speculators drafters over {sorted(SPECULATORS_FAMILIES)} layers (at {source or 'this checkpoint'})."
+        )
+    args = {**QWEN3_DEFAULTS, **{k: v for k, v in layer.items() if v is not None}}
+    args["model_type"] = model_type
+    if "rope_parameters" in layer and "rope_theta" not in layer:
+        args.pop("rope_theta")
+    draft_vocab = config.get("draft_vocab_size")
+    if draft_vocab is not None and draft_vocab != args["vocab_size"]:
+        if not (_is_int(draft_vocab) and 1 <= draft_vocab < args["vocab_size"]):
+            raise DrafterConfigError(
+                f"draft_vocab_size is {draft_vocab!r}, expected an integer from 1 to the target vocabulary "
+                f"({args['vocab_size']}): {_malformed(source)}."
+            )
+        args["draft_vocab_size"] = draft_vocab
+    if config.get("target_hidden_size") not in (None, args["hidden_size"]):
+        raise DrafterConfigError(
+            f"target_hidden_size {config['target_hidden_size']} differs from the drafter's hidden_size "
+            f"{args['hidden_size']}: mlx-lm-dspark runs drafters as wide as their target (at {source or 'this checkpoint'})."
+        )
+    if kind == "eagle3":
+        on = [k for k in _SPECULATORS_EAGLE3_UNSUPPORTED if config.get(k)]
+        if on:
+            raise DrafterConfigError(
+                f"speculators EAGLE3 drafter with {', '.join(on)} on: mlx-lm-dspark runs EAGLE3 drafters "
+                f"without {', '.join(_SPECULATORS_EAGLE3_UNSUPPORTED)} (at {source or 'this checkpoint'})."
+            )
+        taps = config.get("eagle_aux_hidden_state_layer_ids") or config.get("aux_hidden_state_layer_ids")
+        args.update({
+            "architectures": ["Qwen3Eagle3Model"],
+            "target_layer_ids": _tap_of_speculators(taps, source),
+            "ttt_length": _speculative_tokens(config),
+            "norm_before_residual": bool(config.get("norm_before_residual", False)),
+        })
+        return args
+    args.update({
+        "architectures": ["Qwen3DSparkModel"],
+        "target_layer_ids": _tap_of_speculators(config.get("aux_hidden_state_layer_ids"), source),
+        "block_size": config.get("block_size"),
+        "mask_token_id": config.get("mask_token_id"),
+        # sample_from_anchor false: the anchor's slot is spent, slot i predicts its own position (z-lab's alignment)
+        "shifted_alignment": not config.get("sample_from_anchor", kind == "dspark"),
+    })
+    if kind == "dspark":
+        for key, default in (("markov_rank", 256), ("markov_head_type", "vanilla"),
+                             ("enable_confidence_head", True), ("confidence_head_with_markov", True)):
+            args[key] = config.get(key, default)
+    else:
+        args.update({"markov_rank": 0, "enable_confidence_head": False, "confidence_head_with_markov": False})
+    return args
 
 
 def _family(config: dict, source=None) -> str:
@@ -224,6 +400,8 @@ def drafter_args(config: dict, source=None) -> dict:
     layout = layout_of(config)
     if layout is None:
         raise ValueError("Not a DSpark/DFlash drafter config.")
+    if layout == "speculators":
+        config = speculators_args(config, source)
     nested = config.get("dflash_config")
     if nested is not None and not isinstance(nested, dict):
         raise DrafterConfigError(f"dflash_config is {nested!r}, expected a JSON object: {_malformed(source)}.")
@@ -248,8 +426,17 @@ def drafter_args(config: dict, source=None) -> dict:
         for key in ("enable_confidence_head", "confidence_head_with_markov"):
             if args.get(key) is None:
                 args[key] = False
-        args["shifted_alignment"] = False
+        args["shifted_alignment"] = bool(args.get("shifted_alignment")) if layout == "speculators" else False
         args["has_embeddings"] = True
+    markov_type = args.get("markov_head_type")
+    if args["markov_rank"] > 0:
+        markov_type = "vanilla" if markov_type is None else markov_type
+        if markov_type not in MARKOV_HEAD_TYPES:
+            raise DrafterConfigError(
+                f"markov_head_type is {markov_type!r}: mlx-lm-dspark runs DeepSpec's Markov heads "
+                f"{list(MARKOV_HEAD_TYPES)}; {_malformed(source)}."
+            )
+        args["markov_head_type"] = markov_type
 
     check_drafter_args(args, source)
     if "head_dim" not in args or args["head_dim"] is None:

@@ -6,6 +6,9 @@ on the machine, the target's size and precision, and the drafter.  The cost
 model holds the target's forward time for every verify width 1..block+1 and
 the drafter's time per round, measured in a few seconds on first use and
 kept in the user's cache directory, keyed by everything that changes them.
+A drafter that drafts one token per forward (EAGLE3) also has its cost per
+drafted token measured: its proposal costs less the fewer drafts it makes,
+so the cap is best decided before it drafts.
 """
 
 import hashlib
@@ -25,7 +28,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 
-FORMAT = 8  # bump when what is measured changes
+FORMAT = 10  # bump when what is measured changes
 MEASURED_SPAN = 256  # the cost model is measured with its context and this many more positions cached
 
 
@@ -38,10 +41,25 @@ class CostModel:
     # round costs more as the context grows).
     verify_ms_per_position: Optional[List[float]] = None
     draft_ms_per_position: float = 0.0
+    # What each draft fewer than a full block saves of ``draft_ms``: 0 for a
+    # drafter that drafts its block at once (DSpark/DFlash), one drafter
+    # forward for one that drafts token by token (EAGLE3).
+    draft_ms_per_draft: float = 0.0
 
     @property
     def max_drafts(self) -> int:
         return len(self.verify_ms) - 1
+
+    @property
+    def sequential(self) -> bool:
+        """Whether a proposal's cost grows with each drafted token."""
+        return self.draft_ms_per_draft > 0
+
+    def draft_ms_for(self, drafts: int) -> float:
+        """A proposal of ``drafts`` drafts (at most ``max_drafts``)."""
+        if not self.draft_ms_per_draft:
+            return self.draft_ms
+        return max(self.draft_ms - self.draft_ms_per_draft * (self.max_drafts - drafts), 0.0)
 
     def at(self, context: int) -> "CostModel":
         """The costs with ``context`` positions in the caches."""
@@ -52,6 +70,7 @@ class CostModel:
             verify_ms=[v + g * d for v, g in zip(self.verify_ms, self.verify_ms_per_position)],
             draft_ms=self.draft_ms + self.draft_ms_per_position * d,
             context=context,
+            draft_ms_per_draft=self.draft_ms_per_draft,
         )
 
     def round_ms(self, drafts: int, scale=(1.0, 1.0)) -> float:
@@ -63,7 +82,7 @@ class CostModel:
         could look cheaper than a plain step, and a loop that drafts every
         round would never correct the plain steps' scale."""
         if drafts:
-            return self.draft_ms * scale[1] + max(self.verify_ms[drafts] * scale[1], self.verify_ms[0] * scale[0])
+            return self.draft_ms_for(drafts) * scale[1] + max(self.verify_ms[drafts] * scale[1], self.verify_ms[0] * scale[0])
         return self.verify_ms[0] * scale[0]
 
     def expected_tokens(self, accept: List[float], drafts: int) -> float:
@@ -90,6 +109,8 @@ class CostModel:
         for k in range(1, limit + 1):  # one pass: E[accepted | k] grows term by term (``round_ms`` inlined)
             alive *= accept[k - 1]
             total += alive
+            if self.draft_ms_per_draft:
+                draft = self.draft_ms_for(k) * drafted
             check = verify[k] * drafted
             rate = total / max(draft + (check if check > plain else plain), 1e-6)
             if rate > best_rate:
@@ -215,7 +236,8 @@ def non_decreasing(values: List[float]) -> List[float]:
 
 
 class Sampler:
-    """Times the target at every verify width and one drafter round, with
+    """Times the target at every verify width and one drafter round (and,
+    for a drafter drafting token by token, a one-draft round too), with
     ``context`` and ``context + longer`` positions cached (the growth with
     context is linear: attention reads every cached position).  Each
     ``take`` times every piece once (interleaved, so a slow phase of the
@@ -225,6 +247,8 @@ class Sampler:
 
     def __init__(self, target, drafter, context: int = 32, longer: int = MEASURED_SPAN):
         self.target, self.drafter = target, drafter
+        # A drafter whose proposal runs one forward per draft says so.
+        self.sequential = bool(getattr(drafter, "sequential_drafts", False)) and drafter.max_drafts > 1
         self.context, self.longer = context, longer
         # Own keys: measuring must not move the global RNG (seeded runs stay
         # reproducible whether or not the costs were cached).
@@ -301,10 +325,10 @@ class Sampler:
         _, new_features = verify(2)
         anchor_pair = mx.array([1, 1], dtype=mx.uint32)  # the tokens of the two committed positions
 
-        def draft_round():
+        def draft_round(drafts):
             start = time.perf_counter()
             drafter.add_context(draft_cache, new_features, length, anchor_pair)
-            proposal = drafter.propose(draft_cache, anchor, length + 1, drafter.max_drafts)
+            proposal = drafter.propose(draft_cache, anchor, length + new_features.shape[1], drafts)
             mx.eval([x for x in proposal if x is not None])
             elapsed = time.perf_counter() - start
             for c in draft_cache:
@@ -312,7 +336,11 @@ class Sampler:
             return elapsed
 
         widths = range(2, drafter.max_drafts + 2)
-        return [plain_steps] + [lambda w=w: verify(w)[0] for w in widths] + [draft_round]
+        timers = [plain_steps] + [lambda w=w: verify(w)[0] for w in widths]
+        timers.append(lambda: draft_round(drafter.max_drafts))
+        if self.sequential:  # and a one-draft proposal: the line through both is the cost per draft
+            timers.append(lambda: draft_round(1))
+        return timers
 
     def take(self) -> float:
         """One more repetition of every piece; returns the seconds it took."""
@@ -328,13 +356,19 @@ class Sampler:
         (``towards_line``), wider verifies never cheaper, more context never
         cheaper."""
         costs, errors = relative_costs(self.samples), relative_errors(self.samples)
-        short, long = [c[:1] + non_decreasing(towards_line(c[1:-1], e[1:-1])) + c[-1:]
+        sequential = getattr(self, "sequential", False)
+        widths = len(self.samples[0]) - (2 if sequential else 1)  # pieces: plain, verifies, drafter round(s)
+        short, long = [c[:1] + non_decreasing(towards_line(c[1:widths], e[1:widths])) + c[widths:]
                        for c, e in zip(costs, errors)]
         growth = [max(0.0, (b - a) / self.longer) for a, b in zip(short, long)]
-        growth = growth[:1] + non_decreasing(growth[1:-1]) + growth[-1:]  # more queries read more
+        growth = growth[:1] + non_decreasing(growth[1:widths]) + growth[widths:]  # more queries read more
+        per_draft = 0.0
+        if sequential:  # short[widths + 1]: a one-draft proposal
+            per_draft = max(0.0, (short[widths] - short[widths + 1]) / (widths - 2))
         return CostModel(
-            verify_ms=short[:-1], draft_ms=short[-1], context=self.context,
-            verify_ms_per_position=growth[:-1], draft_ms_per_position=growth[-1],
+            verify_ms=short[:widths], draft_ms=short[widths], context=self.context,
+            verify_ms_per_position=growth[:widths], draft_ms_per_position=growth[widths],
+            draft_ms_per_draft=per_draft,
         )
 
 
@@ -398,6 +432,8 @@ def _damage(data, widths: int) -> Optional[str]:
         return f"verify_ms_per_position is not a list of {widths} non-negative numbers"
     if not _finite(data.get("draft_ms_per_position", 0.0), 0.0):
         return "draft_ms_per_position is not a non-negative number"
+    if not _finite(data.get("draft_ms_per_draft", 0.0), 0.0):
+        return "draft_ms_per_draft is not a non-negative number"
     return None
 
 

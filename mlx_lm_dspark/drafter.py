@@ -19,6 +19,8 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import early
+from .config import MARKOV_HEAD_TYPES
+from .vocab import DraftVocabulary, sanitize
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -61,10 +63,16 @@ class ModelArgs(BaseModelArgs):
     attention_k_eq_v: bool = False
     final_logit_softcapping: Optional[float] = None
     rope_parameters: Optional[dict] = None
+    markov_head_type: str = "vanilla"
+    draft_vocab_size: Optional[int] = None  # a reduced draft vocabulary (speculators' d2t), else the target's
 
     def __post_init__(self):
         if self.family not in ("qwen3", "gemma4"):
             raise ValueError(f"Unknown drafter family {self.family!r} (expected qwen3 or gemma4).")
+        if self.markov_head_type not in MARKOV_HEAD_TYPES:
+            raise ValueError(
+                f"Unsupported markov_head_type {self.markov_head_type!r} (DeepSpec's are {list(MARKOV_HEAD_TYPES)})."
+            )
         if self.layer_types is None:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         if len(self.layer_types) < self.num_hidden_layers:
@@ -213,12 +221,49 @@ class DecoderLayer(nn.Module):
 
 
 class MarkovHead(nn.Module):
-    """Low-rank bigram correction chaining the block: w2(w1(previous token))."""
+    """DeepSpec's correction chaining the block on the previous token:
+    ``w2(latent)`` with ``latent`` = ``w1(previous)`` ("vanilla"), that
+    embedding gated by the slot's hidden state ("gated"), or the output of a
+    GRU-like state carried along the block ("rnn")."""
 
-    def __init__(self, vocab_size: int, rank: int):
+    def __init__(self, vocab_size: int, rank: int, hidden_size: int, head_type: str = "vanilla",
+                 out_size: Optional[int] = None):
         super().__init__()
+        self.head_type, self.rank = head_type, rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w2 = nn.Linear(rank, out_size or vocab_size, bias=False)
+        if head_type == "gated":
+            self.gate_proj = nn.Linear(hidden_size + rank, rank)
+        elif head_type == "rnn":
+            self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
+
+    def step(self, embedding: mx.array, hidden: mx.array, state: Optional[mx.array]):
+        """(bias, next state) of slots with previous-token ``embedding``
+        [..., r] and final-normed ``hidden`` [..., H]; ``state`` [..., r]
+        (rnn only; None: the block's first slot)."""
+        if self.head_type == "vanilla":
+            return self.markov_w2(embedding), None
+        hidden = hidden.astype(embedding.dtype)
+        if self.head_type == "gated":
+            gate = mx.sigmoid(self.gate_proj(mx.concatenate([hidden, embedding], axis=-1)))
+            return self.markov_w2(gate * embedding), None
+        if state is None:
+            state = mx.zeros_like(embedding)
+        gate, candidate, output = mx.split(
+            self.joint_proj(mx.concatenate([state, embedding, hidden], axis=-1)), 3, axis=-1)
+        gate = mx.sigmoid(gate)
+        state = gate * state + (1.0 - gate) * mx.tanh(candidate)
+        return self.markov_w2(mx.tanh(output)), state
+
+    def block(self, embedding: mx.array, hidden: mx.array) -> mx.array:
+        """Biases of whole blocks (slots on axis -2), previous tokens known."""
+        if self.head_type != "rnn":
+            return self.step(embedding, hidden, None)[0]
+        state, biases = None, []
+        for k in range(embedding.shape[-2]):
+            bias, state = self.step(embedding[..., k, :], hidden[..., k, :], state)
+            biases.append(bias)
+        return mx.stack(biases, axis=-2)
 
 
 class ConfidenceHead(nn.Module):
@@ -237,15 +282,17 @@ class Drafter(nn.Module):
         super().__init__()
         self.args = args
         H, V = args.hidden_size, args.vocab_size
+        V_draft = args.draft_vocab_size or V
         if args.has_embeddings:
             self.embed_tokens = nn.Embedding(V, H)
-            self.lm_head = nn.Linear(H, V, bias=False)
+            self.lm_head = nn.Linear(H, V_draft, bias=False)
+        self.vocab = DraftVocabulary(V_draft, V) if V_draft != V else None
         self.fc = nn.Linear(len(args.target_layer_ids) * H, H, bias=False)
         self.hidden_norm = nn.RMSNorm(H, eps=args.rms_norm_eps)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(H, eps=args.rms_norm_eps)
         if args.markov_rank > 0:
-            self.markov_head = MarkovHead(V, args.markov_rank)
+            self.markov_head = MarkovHead(V, args.markov_rank, H, args.markov_head_type, V_draft)
         if args.enable_confidence_head:
             with_markov = args.confidence_head_with_markov and args.markov_rank > 0
             self.confidence_head = ConfidenceHead(H + (args.markov_rank if with_markov else 0))
@@ -277,6 +324,12 @@ class Drafter(nn.Module):
     def target_layer_ids(self) -> List[int]:
         return list(self.args.target_layer_ids)
 
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoint names -> module names (a reduced vocabulary's d2t/t2d)."""
+        if self.vocab is None:
+            return {k: v for k, v in weights.items() if k not in ("d2t", "t2d")}
+        return sanitize(weights)
+
     # Embeddings ------------------------------------------------------------
 
     def borrow_embeddings(self, embed, head) -> None:
@@ -307,7 +360,12 @@ class Drafter(nn.Module):
         cap = self.args.final_logit_softcapping
         if self.args.family == "gemma4" and cap:
             logits = mx.tanh(logits / cap) * cap
-        return logits
+        return self.full_vocabulary(logits)
+
+    def full_vocabulary(self, draft_logits: mx.array) -> mx.array:
+        """Logits over the draft vocabulary as logits over the target's
+        (-inf outside a reduced draft vocabulary)."""
+        return draft_logits if self.vocab is None else self.vocab.expand(draft_logits)
 
     # Context ---------------------------------------------------------------
 
@@ -333,16 +391,25 @@ class Drafter(nn.Module):
         drafts: z-lab's shifted alignment spends the anchor's row."""
         return slice(1, 1 + num_drafts) if self.args.shifted_alignment else slice(0, num_drafts)
 
-    def markov_correction(self, logits: mx.array, previous: mx.array):
+    def markov_correction(self, logits: mx.array, previous: mx.array, hidden: Optional[mx.array] = None):
         """(corrected logits, Markov embedding of ``previous``): ``logits``
-        [..., V] of slots plus the Markov head's bigram correction for the
-        tokens ``previous`` [...] before them.  Without a Markov head,
-        (``logits``, None)."""
+        [..., B, V] of whole blocks plus the Markov head's correction for the
+        tokens ``previous`` [..., B] before their slots, whose final-normed
+        states are ``hidden`` [..., B, H] (read by the gated and rnn heads).
+        Without a Markov head, (``logits``, None)."""
         if self.args.markov_rank <= 0:
             return logits, None
         head = self.markov_head
         embedding = head.markov_w1(previous)
-        return logits + head.markov_w2(embedding), embedding
+        return logits + self.full_vocabulary(head.block(embedding, hidden)), embedding
+
+    def markov_step(self, logits: mx.array, previous: mx.array, hidden: mx.array, state):
+        """``markov_correction`` of one slot while drafting: (corrected
+        logits, embedding, the rnn head's state for the next slot)."""
+        head = self.markov_head
+        embedding = head.markov_w1(previous)
+        bias, state = head.step(embedding, hidden, state)
+        return logits + self.full_vocabulary(bias), embedding, state
 
     def confidence_logits(self, hidden: mx.array, embedding: Optional[mx.array]) -> Optional[mx.array]:
         """Pre-sigmoid confidence [...] of slots with final-normed ``hidden``
@@ -362,7 +429,7 @@ class Drafter(nn.Module):
         ``logits``, final-normed ``hidden`` and the tokens ``previous``
         before them, all known (teacher forcing).  ``draft_block`` applies
         the same two heads while it drafts the previous tokens itself."""
-        corrected, embedding = self.markov_correction(logits, previous)
+        corrected, embedding = self.markov_correction(logits, previous, hidden)
         return corrected, self.confidence_logits(hidden, embedding)
 
     # Block -----------------------------------------------------------------
@@ -419,9 +486,11 @@ class Drafter(nn.Module):
             q_rows = []
         else:
             rows, chosen, q_rows, embs = [], [], [], []
+            state = None
             for k in range(num_drafts):
-                row, emb = self.markov_correction(slot_logits[k : k + 1], prev)
-                if emb is not None:
+                row = slot_logits[k : k + 1]
+                if markov:
+                    row, emb, state = self.markov_step(row, prev, slot_hidden[k : k + 1], state)
                     embs.append(emb)
                 if choose is None:
                     token = mx.argmax(row, axis=-1).astype(mx.uint32)

@@ -27,14 +27,18 @@ from mlx_lm.models.base import BaseModelArgs, create_causal_mask, scaled_dot_pro
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .config import EAGLE3_ARCHITECTURES, FAMILY_OF_MODEL_TYPE
+from .config import EAGLE3_ARCHITECTURES, FAMILY_OF_MODEL_TYPE, speculators_args, speculators_type
 from .drafter import GEMMA4_ROPE, MLP, RMSNormNoScale
+from .vocab import DraftVocabulary, sanitize
 
 _REQUIRED = ("target_layer_ids", "ttt_length")
 
 
 def eagle3_args(config: dict) -> dict:
-    """The dict ``ModelArgs.from_dict`` takes, from an EAGLE3 config.json."""
+    """The dict ``ModelArgs.from_dict`` takes, from an EAGLE3 config.json
+    (DeepSpec's layout, or vLLM speculators' rewritten into it)."""
+    if speculators_type(config) is not None:
+        config = speculators_args(config)
     args = dict(config)
     family = next((EAGLE3_ARCHITECTURES[a] for a in config.get("architectures") or () if a in EAGLE3_ARCHITECTURES),
                   FAMILY_OF_MODEL_TYPE.get(config.get("model_type")))
@@ -99,6 +103,9 @@ class ModelArgs(BaseModelArgs):
     attention_k_eq_v: bool = False
     final_logit_softcapping: Optional[float] = None
     rope_parameters: Optional[dict] = None  # the full-attention entry
+    # vLLM speculators variants
+    draft_vocab_size: Optional[int] = None  # a reduced draft vocabulary (d2t), else the target's
+    norm_before_residual: bool = False  # the layer's residual is the normed hidden
 
     def __post_init__(self):
         if self.family not in ("qwen3", "gemma4"):
@@ -183,6 +190,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gemma = args.family == "gemma4"
+        self.norm_before_residual = args.norm_before_residual
         H, eps = args.hidden_size, args.rms_norm_eps
         self.hidden_norm = nn.RMSNorm(H, eps=eps)
         self.input_layernorm = nn.RMSNorm(H, eps=eps)
@@ -205,6 +213,8 @@ class DecoderLayer(nn.Module):
         """The layer with ``attend(attention input)`` as its attention
         (training attends all unrolled steps at once through the same layer)."""
         attn = attend(self.attention_input(h, e))
+        if self.norm_before_residual:
+            h = self.hidden_norm(h)
         if not self.gemma:
             h = h + attn
             return h + self.mlp(self.post_attention_layernorm(h))
@@ -227,7 +237,14 @@ class Eagle3Cache:
         self.kv = KVCache()
         self.fused: List[mx.array] = []  # [1, L, H] chunks, in position order
         self.positions = 0
+        self.origin = 0  # the first position held (a context started past a reused prompt cache)
         self.hidden: Optional[mx.array] = None
+
+    def start_at(self, start: int) -> None:
+        """An empty context whose first row will be at ``start``: the target
+        cache already holds positions the drafter never saw (fewer drafts are
+        kept, never a wrong token)."""
+        self.origin = self.positions = start
 
     @property
     def offset(self) -> int:
@@ -236,7 +253,7 @@ class Eagle3Cache:
 
     @property
     def pending(self) -> bool:
-        return self.kv.offset < self.positions
+        return self.kv.offset < self.positions - self.origin
 
     def last_fused(self) -> mx.array:
         return self.fused[-1][:, -1:]
@@ -251,7 +268,7 @@ class Eagle3Cache:
 
     def trim(self, n: int) -> int:
         """Forget the last n positions; the new last row waits for its token again."""
-        n = min(max(int(n), 0), self.positions)
+        n = min(max(int(n), 0), self.positions - self.origin)
         if n == 0:
             return 0
         self.positions -= n
@@ -264,7 +281,7 @@ class Eagle3Cache:
             else:
                 self.fused[-1] = chunk[:, : chunk.shape[1] - drop]
                 drop = 0
-        self.kv.trim(self.kv.offset - max(self.positions - 1, 0))
+        self.kv.trim(self.kv.offset - max(self.positions - self.origin - 1, 0))
         self.hidden = None
         return n
 
@@ -285,9 +302,12 @@ class Eagle3Drafter(nn.Module):
         self.fc = nn.Linear(len(args.target_layer_ids) * H, H, bias=False)
         self.layers = [DecoderLayer(args)]
         self.norm = nn.RMSNorm(H, eps=args.rms_norm_eps)
-        self.lm_head = nn.Linear(H, V, bias=False)
+        V_draft = args.draft_vocab_size or V
+        self.lm_head = nn.Linear(H, V_draft, bias=False)
+        self.vocab = DraftVocabulary(V_draft, V) if V_draft != V else None
         self._block_size = args.ttt_length
         self.confidence_threshold = None  # EAGLE3 has no confidence head
+        self.sequential_drafts = True  # one forward per draft: the cost model times it per draft
 
     # Run-time policy -------------------------------------------------------
 
@@ -326,7 +346,13 @@ class Eagle3Drafter(nn.Module):
         cap = self.args.final_logit_softcapping
         if self.args.family == "gemma4" and cap:
             logits = mx.tanh(logits / cap) * cap
-        return logits
+        return logits if self.vocab is None else self.vocab.expand(logits)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoint names -> module names (a reduced vocabulary's d2t/t2d)."""
+        if self.vocab is None:
+            return {k: v for k, v in weights.items() if k not in ("d2t", "t2d")}
+        return sanitize(weights)
 
     def fuse(self, features: mx.array) -> mx.array:
         """Tapped target features [1, L, taps*H] -> the drafter's hidden [1, L, H]."""
@@ -389,6 +415,8 @@ class Eagle3Drafter(nn.Module):
         L = features.shape[1]
         if tokens.size != L:
             raise ValueError(f"add_context got {L} feature rows but {tokens.size} tokens.")
+        if state.positions == 0 and start > 0:
+            state.start_at(start)
         if start != state.offset:
             raise ValueError(f"add_context at position {start}, but the drafter holds {state.offset} positions.")
         fused = self.fuse(features)

@@ -9,7 +9,7 @@ follows ``protocol.DrafterProtocol``).
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import drafter_args, is_eagle3_config, layout_of
+from .config import drafter_args, is_eagle3_config, layout_of, speculators_args
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class DrafterKind:
 
 
 def _markov_rank(config: dict) -> int:
+    if layout_of(config) == "speculators":
+        return int(speculators_args(config).get("markov_rank") or 0)
     nested = config.get("dflash_config") or {}
     return int(nested.get("markov_rank", config.get("markov_rank", 0)) or 0)
 
@@ -32,7 +34,7 @@ def _build(config: dict):
 
 def _is_dspark(config: dict) -> bool:
     layout = layout_of(config)
-    return layout in ("deepspec", "dflash_config") and _markov_rank(config) > 0
+    return layout in ("deepspec", "dflash_config", "speculators") and _markov_rank(config) > 0
 
 
 def _is_dflash(config: dict) -> bool:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from .config import DrafterConfigError, drafter_args, is_drafter_config, layout_of
+from .config import DrafterConfigError, drafter_args, is_drafter_config, layout_of, unrecognised_drafter
 from .registry import kind_for
 
 DEFAULT_BITS = 4  # what a drafter stored in float is quantized to on load
@@ -218,10 +218,7 @@ def build_drafter(
         drafter_args(config, source=model_path)
     kind = kind_for(config)
     if kind is None:
-        raise DrafterOptionError(
-            f"{model_path} is not a DSpark/DFlash drafter checkpoint (its config.json has no "
-            "Qwen3DSparkModel/Gemma4DSparkModel/DFlashDraftModel architecture and no drafter fields)."
-        )
+        raise DrafterConfigError(unrecognised_drafter(config, model_path))
     try:
         model = kind.build(config)
     except DrafterConfigError:
@@ -231,6 +228,8 @@ def build_drafter(
     _check_policy(model, block_size, confidence_threshold)
 
     weights = _read_weights(model_path)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
     stored = _stored_quantization(config, model_path)
     if stored:
         nn.quantize(
@@ -246,6 +245,10 @@ def build_drafter(
             f"The weights in {model_path} do not match a {kind.name} drafter built from its "
             f"config.json: {e}"
         ) from None
+    vocab = getattr(model, "vocab", None)
+    problem = vocab.problem() if vocab is not None else None
+    if problem:
+        raise DrafterConfigError(f"The draft vocabulary mapping in {model_path} is damaged: {problem}.")
     _quantize(model, stored, bits, group_size)
     model.eval()
     if not lazy:

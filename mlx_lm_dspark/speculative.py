@@ -617,6 +617,10 @@ class Rounds:
         # A proposer sizing its own proposals asks the cap itself whether its drafter should run.
         if n <= 0 or (lengths is not None and not self.sizes_itself and not lengths.should_draft()):
             return None
+        if lengths is not None and lengths.cost.sequential:
+            n = lengths.proposal_length(n)  # each draft costs a drafter forward: ask only for those verified
+            if n == 0:
+                return None
         with mx.stream(self.stream):
             self.context.flush()
             choose = self.acceptor.drafter_sampling(self.history, self.anchor)

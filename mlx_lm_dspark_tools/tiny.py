@@ -725,6 +725,163 @@ def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
     return target_dir, drafter_dir
 
 
+# ---------------------------------------------------------------- EAGLE3 drafters and speculators layouts
+
+
+def _eagle3_config(target_config, *, ttt_length, target_layer_ids):
+    """DeepSpec's EAGLE3 config: the target's text config with the drafter fields."""
+    family = _family_of(target_config)
+    text = text_config_of(target_config)
+    config = {k: v for k, v in text.items() if k not in ("quantization", "quantization_config")}
+    config.update({
+        "architectures": ["Qwen3Eagle3Model" if family == "qwen3" else "Gemma4Eagle3Model"],
+        "model_type": "qwen3" if family == "qwen3" else "gemma4_text",
+        "num_hidden_layers": 1,
+        "draft_num_hidden_layers": 1,
+        "layer_types": ["full_attention"],
+        "num_target_layers": text["num_hidden_layers"],
+        "target_layer_ids": list(target_layer_ids),
+        "ttt_length": ttt_length,
+        "step_loss_decay": 0.8,
+        "tie_word_embeddings": False,
+    })
+    if family == "gemma4":
+        config.update({"num_kv_shared_layers": 0, "enable_moe_block": False, "hidden_size_per_layer_input": 0,
+                       "target_model_type": target_config["model_type"], "target_text_model_type": "gemma4_text"})
+    return dict(sorted(config.items()))
+
+
+def save_eagle3_drafter(path, target_config: dict, *, ttt_length=5, target_layer_ids=(1, 2, 4, 5, 6), seed=0,
+                        target_weights=None) -> dict:
+    """Write a random DeepSpec-layout EAGLE3 drafter for ``target_config``;
+    return its config.  embed_tokens / lm_head are the target's when
+    ``target_weights`` is given (as DeepSpec's trainer copies them)."""
+    from mlx_lm_dspark.eagle3 import Eagle3Drafter, ModelArgs, eagle3_args
+
+    text = text_config_of(target_config)
+    if any(not 0 <= i < text["num_hidden_layers"] for i in target_layer_ids):
+        raise ValueError("target_layer_ids must index the target's layers")
+    config = _eagle3_config(target_config, ttt_length=ttt_length, target_layer_ids=target_layer_ids)
+    drafter = Eagle3Drafter(ModelArgs.from_dict(eagle3_args(config)))
+    H = config["hidden_size"]
+    mx.random.seed(seed)
+    weights = {name: _random_value(name, p.shape, hidden_size=H).astype(mx.float32)
+               for name, p in sorted(tree_flatten(drafter.parameters()))}
+    if target_weights is not None:
+        embed = _target_matrix(target_weights, "embed_tokens.weight", H)
+        head = _target_matrix(target_weights, "lm_head.weight", H)
+        weights["embed_tokens.weight"] = embed
+        weights["lm_head.weight"] = embed if head is None else head
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
+def build_eagle3_pair(tmp_path, family="qwen3", bits=None, ttt_length=5, target_layer_ids=(1, 2, 4, 5, 6),
+                      drafter_seed=0, **kw):
+    """Write a target and a random EAGLE3 drafter for it under ``tmp_path``
+    (``family`` as for ``build_pair``; the rest go to the target)."""
+    root = Path(tmp_path)
+    target_dir, drafter_dir = root / "target", root / "drafter"
+    if family == "qwen3":
+        config = save_qwen3_target(target_dir, bits=bits, **kw)
+    elif family in GEMMA4_MODEL_TYPES:
+        config = save_gemma4_target(target_dir, model_type=family, bits=bits, **kw)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    target_weights = mx.load(str(target_dir / "model.safetensors"))
+    save_eagle3_drafter(drafter_dir, config, ttt_length=ttt_length, target_layer_ids=target_layer_ids,
+                        seed=drafter_seed, target_weights=target_weights)
+    return target_dir, drafter_dir
+
+
+SPECULATORS_ARCHITECTURES = {"dspark": "DSparkSpeculator", "dflash": "DFlashSpeculator", "eagle3": "Eagle3Speculator"}
+
+
+def draft_vocabulary(vocab_size: int, draft_vocab_size: int, seed: int = 0) -> list:
+    """A sorted random subset of the target ids (a stand-in for speculators'
+    most-frequent-tokens choice)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(vocab_size, size=draft_vocab_size, replace=False))
+
+
+def to_speculators(drafter_dir, out_dir, *, draft_vocab_size=None, seed=0, sample_from_anchor=None,
+                   keep=None) -> dict:
+    """Rewrite a DeepSpec-layout drafter (DSpark, DFlash or EAGLE3, Qwen3) as
+    a vLLM speculators checkpoint; return its config.
+
+    Taps become ``aux_hidden_state_layer_ids`` (layer id = tap + 1: the
+    state entering that layer), the network's settings go under
+    ``transformer_layer_config`` (as a diff against Qwen3Config's defaults,
+    the way speculators saves it), and with ``draft_vocab_size`` the LM
+    head (and a DSpark Markov head's output) keep only the rows of a random
+    draft vocabulary (or ``keep``, sorted target ids), stored as ``d2t`` /
+    ``t2d``.  ``sample_from_anchor`` defaults to speculators' own (DSpark
+    true, DFlash false), which for DFlash changes the block alignment."""
+    from mlx_lm_dspark.config import QWEN3_DEFAULTS, is_eagle3_config
+
+    drafter_dir, out_dir = Path(drafter_dir), Path(out_dir)
+    config = json.loads((drafter_dir / "config.json").read_text())
+    weights = mx.load(str(drafter_dir / "model.safetensors"))
+    if config.get("model_type") != "qwen3":
+        raise ValueError("speculators checkpoints are built for Qwen3 drafters here")
+    eagle3 = is_eagle3_config(config)
+    kind = "eagle3" if eagle3 else ("dspark" if config.get("markov_rank") else "dflash")
+    drafter_fields = ("architectures", "block_size", "mask_token_id", "target_layer_ids", "num_target_layers",
+                      "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
+                      "ttt_length", "step_loss_decay", "draft_num_hidden_layers", "num_anchors",
+                      "target_model_name_or_path")
+    layer = {k: v for k, v in config.items() if k not in drafter_fields and QWEN3_DEFAULTS.get(k, object()) != v}
+    layer["model_type"] = "qwen3"
+    V = config["vocab_size"]
+    draft_size = draft_vocab_size or V
+    proposal = config["ttt_length"] if eagle3 else config["block_size"] - (0 if kind == "dspark" else 1)
+    out = {
+        "architectures": [SPECULATORS_ARCHITECTURES[kind]],
+        "speculators_model_type": kind,
+        "speculators_version": "0.3.0",
+        "draft_vocab_size": draft_size,
+        "transformer_layer_config": layer,
+        "speculators_config": {
+            "algorithm": kind,
+            "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": proposal,
+                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "verifier": {"name_or_path": "tiny/target", "architectures": ["Qwen3ForCausalLM"]},
+        },
+    }
+    taps = [i + 1 for i in config["target_layer_ids"]]
+    if eagle3:
+        out.update({"eagle_aux_hidden_state_layer_ids": taps, "norm_before_residual": False,
+                    "norm_before_fc": False, "fc_norm": False, "norm_output": False, "target_hidden_size": None})
+    else:
+        anchor = (kind == "dspark") if sample_from_anchor is None else sample_from_anchor
+        out.update({"aux_hidden_state_layer_ids": taps, "block_size": config["block_size"],
+                    "mask_token_id": config["mask_token_id"], "sample_from_anchor": anchor,
+                    "target_hidden_size": None})
+        if kind == "dspark":
+            out.update({k: config.get(k) for k in ("markov_rank", "markov_head_type", "enable_confidence_head",
+                                                   "confidence_head_with_markov")})
+    if draft_size != V:
+        ids = list(keep) if keep is not None else draft_vocabulary(V, draft_size, seed)
+        if len(ids) != draft_size:
+            raise ValueError("keep must list draft_vocab_size target ids")
+        rows = mx.array(ids)
+        for name in ("lm_head.weight", "markov_head.markov_w2.weight"):
+            if name in weights:
+                weights[name] = weights[name][rows]
+        weights["d2t"] = (rows - mx.arange(draft_size)).astype(mx.int64)
+        weights["t2d"] = mx.zeros((V,), mx.int32).at[rows].add(1).astype(mx.bool_)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
 # Shapes for benchmarks: "tiny" as in the tests, "qwen3-0.6b" Qwen3-0.6B's
 # shape (random weights, 32k vocabulary) with a released-style drafter.
 PRESETS = {

@@ -148,6 +148,13 @@ def write_copy_drafter(path, config, target_dir) -> dict:
     return out
 
 
+def write_eagle3_drafter(path, config, target_dir, *, seed=1) -> dict:
+    """A random DeepSpec-layout EAGLE3 drafter with the target's embedding and head."""
+    weights = mx.load(str(Path(target_dir) / "model.safetensors"))
+    return tiny.save_eagle3_drafter(path, config, ttt_length=5, target_layer_ids=TAPS, seed=seed,
+                                    target_weights=weights)
+
+
 def make_image(path, seed=0) -> str:
     from PIL import Image
 
@@ -160,7 +167,8 @@ def make_image(path, seed=0) -> str:
 def build_vlm_pair(root, kind="random"):
     """(target dir, drafter dir) under ``root``: ``random`` (a diverse target,
     a random drafter), ``copy`` (mixed acceptance, see the module docstring)
-    or ``k_eq_v`` (random, with Gemma-4's values-from-keys attention)."""
+    ``k_eq_v`` (random, with Gemma-4's values-from-keys attention) or
+    ``eagle3`` (the random target with a random EAGLE3 drafter)."""
     root = Path(root)
     target, drafter = root / f"target_{kind}", root / f"drafter_{kind}"
     if kind == "random":
@@ -172,6 +180,9 @@ def build_vlm_pair(root, kind="random"):
     elif kind == "copy":
         config = write_target(target, post_norm_scale=1.0)
         write_copy_drafter(drafter, config, target)
+    elif kind == "eagle3":
+        config = write_target(target)
+        write_eagle3_drafter(drafter, config, target)
     else:
-        raise ValueError(f"kind must be 'random', 'copy' or 'k_eq_v', got {kind!r}.")
+        raise ValueError(f"kind must be 'random', 'copy', 'k_eq_v' or 'eagle3', got {kind!r}.")
     return target, drafter

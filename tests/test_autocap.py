@@ -629,3 +629,61 @@ def test_beyond_the_measured_contexts_plain_steps_are_timed_where_used():
     assert _decode_at(steep, context, cpu, accept) >= 0.97 / cpu[0]
     gpu = [(10.0 + 0.003 * context) + 0.5 * k + (2.0 if k else 0.0) for k in range(8)]  # wide verifies nearly free
     assert _decode_at(steep, context, gpu, 0.9) >= 2.5 / gpu[0]
+
+
+SEQUENTIAL = CostModel(verify_ms=[10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5], draft_ms=8.0,
+                       draft_ms_per_draft=1.0)  # each draft is one drafter forward (EAGLE3)
+
+
+def test_a_sequential_drafter_is_asked_for_the_cap_before_it_drafts():
+    lengths = DraftLength(SEQUENTIAL, 7)
+    assert lengths.proposal_length(7) == 7  # calibration rounds: whole proposals
+    for _ in range(CALIBRATION_ROUNDS):
+        assert lengths.choose(7) == 7
+        lengths.update(7, 2)  # two kept, the third rejected, every round
+    cap = lengths.proposal_length(7)
+    assert 0 < cap < 7 and cap == SEQUENTIAL.best_cap(lengths.acceptance(), limit=7, scale=lengths.time_scale)
+    assert lengths.choose(cap) == cap  # the verify takes what was drafted
+    # Rounds drafting fewer than all still lead to a probe of the whole proposal.
+    probes = 0
+    for _ in range(lengths.min_probe_every * 2 + 2):
+        n = lengths.proposal_length(7)
+        chosen = lengths.choose(n)
+        probes += chosen == 7
+        lengths.update(chosen, min(2, chosen))
+    assert probes >= 1
+
+
+def test_a_sequential_drafter_that_never_pays_is_not_run():
+    lengths = DraftLength(SEQUENTIAL, 7)
+    for _ in range(CALIBRATION_ROUNDS):
+        lengths.choose(lengths.proposal_length(7))
+        lengths.update(7, 0)
+    assert lengths.proposal_length(7) == 0  # declined before drafting: no drafter forward spent
+    assert lengths.declined == 1 and not lengths.drafting
+
+
+def test_the_loop_asks_a_sequential_drafter_only_for_the_drafts_it_verifies(models, monkeypatch):
+    from mlx_lm_dspark.speculative import bind, cost_model
+
+    model, _ = models["qwen3"]
+    prompt = [(5 * i + 2) % 300 + 5 for i in range(17)]
+    expected = plain_tokens(model, prompt, 80)
+    drafter = OracleDrafter(text_args(model), prompt + plain_tokens(model, prompt, 100),
+                            right=lambda pos: pos % 4 != 0)
+    drafter.sequential_drafts = True
+    cost_model(drafter, bind(drafter, model), measured=SEQUENTIAL)
+    asked = []
+    propose = drafter.propose
+
+    def recording(cache, anchor, start, num_drafts, choose=None):
+        asked.append(num_drafts)
+        return propose(cache, anchor, start, num_drafts, choose)
+
+    monkeypatch.setattr(drafter, "propose", recording)
+    got = [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=80)]
+    assert got == expected
+    stats = last_stats(drafter)
+    assert any(0 < n < drafter.max_drafts for n in asked)  # proposals cut before drafting
+    drafted = [n for n in stats.proposal_lengths if n]
+    assert drafted == asked[: len(drafted)]  # every round verified all its proposal drafted

@@ -163,3 +163,33 @@ def test_damaged_or_missing_weights_are_named(tiny_pair, tmp_path, damage, messa
     with pytest.raises(DrafterConfigError, match=message) as caught:
         load_drafter(where, bits=None)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("config", [
+    {"architectures": ["LlamaEagle3Model"], "model_type": "llama", "target_layer_ids": [1, 2, 3]},
+    {"architectures": ["MedusaDraftModel"], "model_type": "qwen3"},
+    {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "ttt_length": 7},
+])
+def test_unknown_drafter_architectures_list_what_is_recognised(tmp_path, config):
+    import json
+
+    import mlx_lm
+
+    from mlx_lm_dspark.config import DrafterConfigError, is_drafter_config, looks_like_drafter
+
+    assert looks_like_drafter(config) and is_drafter_config(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DrafterConfigError) as caught:
+        mlx_lm.load(str(tmp_path))
+    text = str(caught.value)
+    assert "\n" not in text and "does not run" in text and "recognises" in text
+    for name in ("Qwen3DSparkModel", "Gemma4Eagle3Model", "DFlashDraftModel", "speculators_model_type"):
+        assert name in text
+
+
+def test_plain_models_are_not_taken_for_drafters():
+    from mlx_lm_dspark.config import looks_like_drafter
+
+    assert not looks_like_drafter({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"})
+    assert not looks_like_drafter({"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4"})

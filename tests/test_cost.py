@@ -312,3 +312,41 @@ def test_a_sampler_adds_repetitions_to_its_model(pair):
     assert len(first.verify_ms) == drafter.max_drafts + 1 and first.context == 32
     # The plain step is the median of its repetitions (the reference of the others).
     assert first.verify_ms[0] == pytest.approx(statistics.median(sampler.samples[0][0]))
+
+
+def test_a_sequential_drafters_proposal_costs_less_with_fewer_drafts():
+    """EAGLE3 drafts token by token: a proposal of k drafts costs k forwards,
+    so with costs per draft the best cap is lower than with a flat proposal
+    cost, and the one-pass search still agrees with ``round_ms``."""
+    verify = [10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5]
+    flat = cost.CostModel(verify_ms=verify, draft_ms=8.0)
+    per_draft = cost.CostModel(verify_ms=verify, draft_ms=8.0, draft_ms_per_draft=1.0)
+    assert per_draft.sequential and not flat.sequential
+    assert per_draft.draft_ms_for(7) == 8.0 and per_draft.draft_ms_for(1) == pytest.approx(2.0)
+    assert flat.draft_ms_for(1) == 8.0
+    assert per_draft.round_ms(2) == pytest.approx(3.0 + 11.0)
+    accept = [0.7] * 7
+    assert per_draft.best_cap(accept) < flat.best_cap(accept)
+    for model in (flat, per_draft):
+        for a in ([0.3] * 7, [0.7] * 7, [0.95] * 7):
+            rates = [model.tokens_per_ms(a, k) for k in range(8)]
+            assert model.best_cap(a) == rates.index(max(rates))
+    later = per_draft.at(500)
+    assert later.draft_ms_per_draft == 1.0
+
+
+def test_measures_the_cost_per_draft_of_a_drafter_that_drafts_token_by_token(tmp_path):
+    from mlx_lm_dspark_tools.tiny import build_eagle3_pair
+
+    target_dir, drafter_dir = build_eagle3_pair(tmp_path, "qwen3", num_layers=8, ttt_length=5)
+    model, _ = mlx_lm.load(str(target_dir))
+    drafter = load_drafter(drafter_dir, bits=None)
+    assert drafter.sequential_drafts
+    costs = cost.measure(bind(drafter, model), drafter, reps=3)
+    assert len(costs.verify_ms) == 6 and costs.draft_ms > 0
+    assert costs.sequential and 0 < costs.draft_ms_for(1) < costs.draft_ms
+
+
+def test_a_cached_cost_per_draft_is_checked():
+    assert cost._damage({**_good(4), "draft_ms_per_draft": 0.5}, 4) is None
+    assert "draft_ms_per_draft" in cost._damage({**_good(4), "draft_ms_per_draft": -1.0}, 4)

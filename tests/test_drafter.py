@@ -232,3 +232,97 @@ def test_config_validation(root):
     ):
         with pytest.raises(ValueError, match=match):
             ModelArgs.from_dict({**config, **overrides})
+
+
+# DeepSpec's other Markov heads ("gated", "rnn"): no fixtures were released
+# for them, so they are checked against DeepSpec's formulas written out here
+# in numpy (deepspec/modeling/dspark/markov_head.py).
+
+def _np_sigmoid(x):
+    import numpy as np
+
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _reference_bias(head_type, w, prev_emb, hidden):
+    """DeepSpec's bias rows for one block: prev_emb [B, r], hidden [B, H]."""
+    import numpy as np
+
+    w2 = w["markov_head.markov_w2.weight"]
+    if head_type == "gated":
+        gate = _np_sigmoid(np.concatenate([hidden, prev_emb], -1) @ w["markov_head.gate_proj.weight"].T
+                           + w["markov_head.gate_proj.bias"])
+        return (gate * prev_emb) @ w2.T
+    r = prev_emb.shape[-1]
+    state, rows = np.zeros(r), []
+    for k in range(prev_emb.shape[0]):
+        z = np.concatenate([state, prev_emb[k], hidden[k]])
+        g, c, o = np.split(z @ w["markov_head.joint_proj.weight"].T + w["markov_head.joint_proj.bias"], 3)
+        g = _np_sigmoid(g)
+        state = g * state + (1 - g) * np.tanh(c)
+        rows.append(np.tanh(o) @ w2.T)
+    return np.stack(rows)
+
+
+def _with_head(root, name, head_type, seed=0):
+    config = json.loads((root / name / "config.json").read_text())
+    H, r = config["hidden_size"], config["markov_rank"]
+    weights = weights_of(root, name)
+    mx.random.seed(seed)
+    if head_type == "gated":
+        weights["markov_head.gate_proj.weight"] = mx.random.normal((r, H + r)) * (H + r) ** -0.5
+        weights["markov_head.gate_proj.bias"] = 0.3 * mx.random.normal((r,))
+    else:
+        weights["markov_head.joint_proj.weight"] = mx.random.normal((3 * r, 2 * r + H)) * (2 * r + H) ** -0.5
+        weights["markov_head.joint_proj.bias"] = 0.3 * mx.random.normal((3 * r,))
+    return config, weights
+
+
+@pytest.mark.parametrize("head_type", ["gated", "rnn"])
+@pytest.mark.parametrize("name", ["qwen3_tiny_dspark", "gemma4_tiny_dspark"])
+def test_gated_and_rnn_markov_heads_follow_deepspec(root, name, head_type):
+    import numpy as np
+
+    _, weights = _with_head(root, name, head_type)
+    drafter = build(root, name, weights=weights, markov_head_type=head_type)
+    io = io_of(root, name)
+    cache = drafter.make_cache()
+    drafter.add_context(cache, io["round0.ctx_feat"], first(io["round0.ctx_pos"]))
+    anchor, start = io["round0.block_ids"][0, :1], first(io["round0.block_pos"])
+    out = drafter.draft_block(cache, anchor, start, drafter.max_drafts)
+    n = drafter.max_drafts
+    prev = mx.concatenate([anchor.astype(mx.uint32), out["tokens"][:-1]])
+    w = {k: np.array(v, dtype=np.float64) for k, v in weights.items() if k.startswith("markov_head")}
+    emb = w["markov_head.markov_w1.weight"][np.array(prev)]
+    hidden = np.array(out["hidden"][0, :n], dtype=np.float64)
+    want = np.array(out["base_logits"][0, :n], dtype=np.float64) + _reference_bias(head_type, w, emb, hidden)
+    err = np.abs(np.array(out["corrected_logits"], dtype=np.float64) - want).max()
+    assert err < 1e-4, err
+    assert out["tokens"].tolist() == np.argmax(want, axis=-1).tolist()
+    # Training's teacher-forced heads give the same rows for the same tokens.
+    corrected, _ = drafter.heads(out["base_logits"][:, :n], out["hidden"][:, :n], prev[None])
+    assert mx.allclose(corrected[0], out["corrected_logits"], atol=1e-5).item()
+
+
+def test_markov_head_types_from_config(root, tmp_path):
+    import shutil
+
+    from mlx_lm_dspark import load_drafter
+    from mlx_lm_dspark.config import DrafterConfigError
+
+    name = "qwen3_tiny_dspark"
+    config, weights = _with_head(root, name, "rnn")
+    out = tmp_path / "rnn"
+    out.mkdir()
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    (out / "config.json").write_text(json.dumps({**config, "markov_head_type": "rnn"}))
+    drafter = load_drafter(out, bits=None)
+    assert drafter.args.markov_head_type == "rnn" and hasattr(drafter.markov_head, "joint_proj")
+    missing = tmp_path / "gated"
+    shutil.copytree(root / name, missing)
+    (missing / "config.json").write_text(json.dumps({**config, "markov_head_type": "gated"}))
+    with pytest.raises(DrafterConfigError, match="gate_proj"):  # the weights the type needs are named
+        load_drafter(missing, bits=None)
+    (missing / "config.json").write_text(json.dumps({**config, "markov_head_type": "lstm"}))
+    with pytest.raises(DrafterConfigError, match="markov_head_type is 'lstm'.*'vanilla', 'gated', 'rnn'"):
+        load_drafter(missing, bits=None)

@@ -204,10 +204,19 @@ def test_add_context_needs_tokens_and_the_next_position():
         drafter.add_context(cache, feats, 0)
     with pytest.raises(ValueError, match="3 feature rows but 2 tokens"):
         drafter.add_context(cache, feats, 0, mx.array([1, 2]))
-    with pytest.raises(ValueError, match="position 4"):
-        drafter.add_context(cache, feats, 4, mx.array([1, 2, 3]))
     with pytest.raises(ValueError, match="at least one"):
         drafter.propose(cache, mx.array([1]), 0, 1)
+    drafter.add_context(cache, feats, 0, mx.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="position 4"):
+        drafter.add_context(cache, feats, 4, mx.array([1, 2, 3]))
+    # An empty context may start past positions it never saw (a reused
+    # target prompt cache): its rows keep their absolute positions.
+    late = drafter.make_cache()
+    drafter.add_context(late, feats, 4, mx.array([1, 2, 3]))
+    assert late[0].offset == 7 and late[0].kv.offset == 2
+    assert drafter.propose(late, mx.array([5]), 7, 3)[0].shape == (3,)
+    late[0].trim(10)  # never below where it started
+    assert late[0].offset == 4
 
 
 def test_block_size_policy():

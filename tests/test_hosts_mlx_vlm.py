@@ -35,7 +35,7 @@ MAX_TOKENS = 40  # well past the sliding window of 8: the rotating caches wrap
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
-    out = {kind: build_vlm_pair(root, kind) for kind in ("random", "copy", "k_eq_v")}
+    out = {kind: build_vlm_pair(root, kind) for kind in ("random", "copy", "k_eq_v", "eagle3")}
     out["image"] = make_image(root / "image.png")
     return out
 
@@ -94,6 +94,37 @@ def test_greedy_output_equals_plain_decoding(pairs, loaded, kind, prompt, block)
         assert max(stats.proposal_lengths) == block - 1  # --draft-block-size counts the anchor
         if kind == "copy":
             assert stats.accepted > 0 and stats.accepted < stats.drafted  # accepts and rejections
+
+
+@pytest.mark.parametrize("prompt", ["text", "long", "image"])
+def test_an_eagle3_drafter_runs_through_our_kind(pairs, loaded, prompt, monkeypatch):
+    """EAGLE3 pairs each prompt state with the token after it: the round loop
+    gets the prefilled token ids with the captured states (mlx-vlm passes
+    only the last one after a chunked prefill)."""
+    from mlx_lm_dspark.eagle3 import Eagle3Drafter
+    from mlx_vlm.speculative.drafters import load_drafter
+
+    model, processor = loaded("eagle3")
+    text, image = {"text": (TEXT, None), "long": (LONG, None), "image": (PICTURE, pairs["image"])}[prompt]
+    plain = generate_ids(model, processor, text, image)
+    drafter, host_kind = load_drafter(str(pairs["eagle3"][1]), kind=patch_mlx_vlm.KIND)
+    assert isinstance(drafter, Eagle3Drafter)
+    seen = []
+    add_context = drafter.add_context
+
+    def recording(cache, features, start, tokens=None):
+        seen.append((features.shape[1], None if tokens is None else tokens.tolist()))
+        return add_context(cache, features, start, tokens)
+
+    monkeypatch.setattr(drafter, "add_context", recording)
+    spec = generate_ids(model, processor, text, image, draft_model=drafter, draft_kind=host_kind,
+                        draft_block_size=4)
+    assert spec == plain
+    stats = last_stats(drafter)
+    assert stats.rounds > 0 and max(stats.proposal_lengths) == 3
+    prompt_rows, prompt_ids = seen[0]  # the prompt: every position, with its token id
+    assert prompt_ids is not None and len(prompt_ids) == prompt_rows > 1
+    assert all(isinstance(t, int) and 0 <= t < 512 for t in prompt_ids)
 
 
 def test_eos_inside_an_accepted_block_stops_like_plain(pairs, loaded):

@@ -29,6 +29,8 @@ import argparse
 import functools
 import json
 import logging
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List
@@ -225,12 +227,46 @@ def _num_drafts(draft_block_size):
     return int(draft_block_size) - 1
 
 
+class _PrefilledTokens(threading.local):
+    """The token ids of the prompt part mlx-vlm is about to prefill, as seen
+    where its ``SpeculativePrefill`` is made (``generate_step`` /
+    ``PromptProcessingBatch``, whose ``input_ids`` they are): the round loop
+    gets the captured states of those positions but, after a chunked
+    prefill, only the last token, and an EAGLE3 drafter pairs each state
+    with the token after it."""
+
+    ids = None
+
+
+_prefilled = _PrefilledTokens()
+
+
+def _capture_prompt_ids(caller_locals) -> None:
+    ids = caller_locals.get("input_ids")
+    if isinstance(ids, mx.array) and ids.ndim == 2 and ids.shape[0] == 1:
+        _prefilled.ids = ids[0]
+    elif isinstance(ids, (list, tuple)) and len(ids) == 1:
+        _prefilled.ids = mx.array(list(ids[0]))
+    else:
+        _prefilled.ids = None  # a batch, or none: drafters that read states alone still run
+
+
+def _prompt_tokens(length: int):
+    """The last ``length`` prefilled token ids, or None where they are not
+    known (the drafter then says it needs them, if it does)."""
+    ids, _prefilled.ids = _prefilled.ids, None
+    if ids is None or ids.size < length:
+        return None
+    return ids[ids.size - length:].astype(mx.uint32)
+
+
 def our_rounds(model, drafter, prompt_cache, features, first_token, logprobs, *, max_tokens,
-               sampler, greedy, num_draft_tokens):
+               sampler, greedy, num_draft_tokens, tokens=None):
     """Our round loop on a target mlx-vlm has prefilled: ``prompt_cache``
     holds the prompt, ``features`` [1, L, n_taps·H] are the tapped states of
-    its last L positions, ``first_token`` was sampled after them.  Yields
-    (token, logprobs) from ``first_token`` on."""
+    its last L positions (``tokens`` [L] the ids read there, when known),
+    ``first_token`` was sampled after them.  Yields (token, logprobs) from
+    ``first_token`` on."""
     from ..sampling import greedy_sampler
     from ..speculative import bind, decode
     from ..target import cache_length, check_rollback
@@ -241,7 +277,7 @@ def our_rounds(model, drafter, prompt_cache, features, first_token, logprobs, *,
     draft_cache = drafter.make_cache()
     # A reused prompt cache was prefilled only past its cached part: the drafter
     # sees the captured positions (fewer drafts kept, never a wrong token).
-    drafter.add_context(draft_cache, features, position - features.shape[1])
+    drafter.add_context(draft_cache, features, position - features.shape[1], tokens)
     anchor = mx.array(first_token).reshape(1).astype(mx.uint32)
     if logprobs.ndim > 1:
         logprobs = logprobs.reshape(-1)
@@ -316,6 +352,7 @@ def patch_ar(ar) -> None:
         def __init__(self, draft_kind, drafter, *args, **kwargs):
             if drafter is not None and _is_ours(drafter):
                 seen_by_mlx_vlm(drafter)
+                _capture_prompt_ids(sys._getframe(1).f_locals)
             super().__init__(draft_kind, drafter, *args, **kwargs)
 
     SpeculativePrefill.__module__, SpeculativePrefill.__qualname__ = prefill.__module__, prefill.__qualname__
@@ -333,7 +370,8 @@ def patch_ar(ar) -> None:
         features = _prompt_features(last_outputs.hidden_states, draft_model.target_layer_ids)
         yield from our_rounds(model, draft_model, prompt_cache, features, first_token, logprobs,
                               max_tokens=max_tokens, sampler=sampler, greedy=sampler_is_greedy,
-                              num_draft_tokens=_num_drafts(draft_block_size))
+                              num_draft_tokens=_num_drafts(draft_block_size),
+                              tokens=_prompt_tokens(features.shape[1]))
 
     @functools.wraps(server_rounds)
     def run_speculative_server_rounds(model, draft_model, prompt_cache, hidden, *, first_bonus, max_tokens,
@@ -353,7 +391,8 @@ def patch_ar(ar) -> None:
         features = _prompt_features(mx.split(hidden, len(set(taps)), axis=-1), taps)
         tokens = our_rounds(model, draft_model, prompt_cache, features, first_bonus, mx.zeros((1,)),
                             max_tokens=max_tokens, sampler=sampler, greedy=greedy_sampling,
-                            num_draft_tokens=_num_drafts(draft_block_size))
+                            num_draft_tokens=_num_drafts(draft_block_size),
+                            tokens=_prompt_tokens(features.shape[1]))
         try:
             next(tokens)
             for token, _ in tokens:
