@@ -47,6 +47,8 @@ COVERAGE = {
     "mlx_lm.utils": {
         "load_model": ("0002-load-registered-drafters.diff", {"mlx_lm/utils.py": ["load_model"]}),
         "load_tokenizer": ("0002-load-registered-drafters.diff", {"mlx_lm/utils.py": ["load_tokenizer"]}),
+        # a drafter-free --draft-model value (n-gram lookup) is not downloaded
+        "_download": ("0009-download-skips-fileless-drafters.diff", {"mlx_lm/utils.py": ["_download"]}),
     },
     "mlx_lm.sample_utils": {
         "make_sampler": ("0005-sampler-settings.diff", {"mlx_lm/sample_utils.py": ["make_sampler"]}),
@@ -60,6 +62,8 @@ COVERAGE = {
         "generate": ("0003-generate-draft-kinds.diff", {"mlx_lm/generate.py": ["generate"]}),
         # our user errors as one line: the host prints its kinds' errors with parser.error
         "main": ("0003-generate-draft-kinds.diff", {"mlx_lm/generate.py": ["main"]}),
+        # max_kv_size kept for registered kinds: the rotating cache generate_step builds
+        "stream_generate": ("0008-stream-generate-max-kv-size.diff", {"mlx_lm/generate.py": ["stream_generate"]}),
     },
     "mlx_lm.server": {
         # patch_server swaps the module's argparse to add the drafter options
@@ -431,7 +435,8 @@ def _first_relied_on_line(host: str):
 def test_apply_check_fails_on_an_altered_host(host, tmp_path):
     _require(host)
     diff, path, line_no = _first_relied_on_line(host)
-    existing = {old for d in _diffs(host) for old, _ in _touched_files(d) if old is not None}
+    created = {new for d in _diffs(host) for old, new in _touched_files(d) if old is None}
+    existing = {old for d in _diffs(host) for old, _ in _touched_files(d) if old is not None} - created
     root = _copy_host(host, tmp_path / "site-packages", only=sorted(existing))
     lines = (root / path).read_text().splitlines(keepends=True)
     lines[line_no - 1] = lines[line_no - 1].rstrip("\n") + "  # changed upstream\n"
