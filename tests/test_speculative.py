@@ -313,16 +313,3 @@ def test_mismatched_pair_is_refused_before_generating(pairs):
     drafter = load_drafter(gemma_drafter_dir, bits=None)
     with pytest.raises(DrafterMismatchError, match="family"):
         list(stream_generate(qwen3, tokenizer, "the cat", max_tokens=4, draft_model=drafter))
-
-
-def test_recurrent_target_cache_is_refused(pairs):
-    from mlx_lm.models.cache import ArraysCache
-
-    from mlx_lm_dspark.target import UnsupportedCacheError
-
-    model, _, drafter_dir = pairs("qwen3")
-    drafter = load_drafter(drafter_dir, bits=None)
-    cache = make_prompt_cache(model)
-    cache[3] = ArraysCache(2)
-    with pytest.raises(UnsupportedCacheError, match="ArraysCache"):
-        speculative(model, drafter, PROMPT_LONG, 4, prompt_cache=cache)
