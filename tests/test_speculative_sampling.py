@@ -278,6 +278,44 @@ def test_pq_rule_with_a_dspark_network_drafter(model):
     assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
 
 
+def random_eagle3_drafter(model, keep=None):
+    """An EAGLE3 drafter for the tiny target: random layer, the target's
+    embedding and head; ``keep`` (sorted target ids) reduces its draft
+    vocabulary to those (speculators' d2t), so q is zero elsewhere."""
+    from mlx_lm_dspark.eagle3 import Eagle3Drafter, ModelArgs as Eagle3Args
+
+    args = dict(family="qwen3", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6, vocab_size=VOCAB,
+                target_layer_ids=[0], ttt_length=BLOCK, num_target_layers=1,
+                draft_vocab_size=len(keep) if keep else None)
+    drafter = Eagle3Drafter(Eagle3Args.from_dict(args))
+    mx.random.seed(1)
+    params = [(k, mx.ones(v.shape) if "norm" in k else 0.3 * mx.random.normal(v.shape))
+              for k, v in tree_flatten(drafter.parameters()) if not k.startswith("vocab.")]
+    drafter.update(tree_unflatten(params))
+    drafter.embed_tokens.weight = model.model.embed_tokens.weight
+    head = model.lm_head.weight
+    if keep:
+        rows = mx.array(keep)
+        drafter.lm_head.weight = head[rows]
+        drafter.vocab.d2t = (rows - mx.arange(len(keep))).astype(mx.int64)
+        drafter.vocab.t2d = mx.zeros((VOCAB,), mx.int32).at[rows].add(1).astype(mx.bool_)
+    else:
+        drafter.lm_head.weight = head
+    drafter.kind = "eagle3"
+    return drafter
+
+
+@pytest.mark.parametrize("keep", [None, [0, 2, 3, 5, 7, 8, 9, 11]], ids=["full", "reduced-vocabulary"])
+def test_pq_rule_with_an_eagle3_network_drafter(model, keep):
+    """EAGLE3's sequential sampling (each draft feeds the next forward), and
+    with a reduced draft vocabulary q is zero outside it: exact either way."""
+    drafter = random_eagle3_drafter(model, keep)
+    sample = generate(model, drafter, make_sampler(temp=1.0), tokens=FEWER, seed=26)
+    assert last_stats(drafter).rule == "p/q" and sample.accepted > 0
+    assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
+
+
 def test_a_classic_bug_is_caught(model, monkeypatch):
     """Teeth on the real loop: drawing the replacement token from p instead
     of the residual max(0, p - q) (a common speculative-sampling bug) fails
