@@ -319,9 +319,9 @@ def patch_generate(generate_module) -> None:
     stream_options = next((p.name for p in stream_signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
     if stream_options is None:
         _fail(f"{generate_module.__name__}.stream_generate", "it no longer takes **kwargs for generate_step")
-    make_prompt_cache = getattr(generate_module, "make_prompt_cache", None)
-    if not callable(make_prompt_cache):
-        _fail(f"{generate_module.__name__}.make_prompt_cache", "the function is no longer imported there")
+    from mlx_lm.models import cache as cache_module
+
+    make_prompt_cache = _expect_params(cache_module, "make_prompt_cache", ["model", "max_kv_size"])
     setup_arg_parser = _expect_params(generate_module, "setup_arg_parser", [])
     stock_generate = _expect_params(generate_module, "generate", ["model", "tokenizer", "prompt", "verbose"])
     _expect_calls(generate_module, "main", ["setup_arg_parser", "load", "generate"])
