@@ -273,8 +273,15 @@ def test_patches_fail_loudly_when_host_changes():
 
     with pytest.raises(patch_mlx_lm.HostMismatchError, match="kwargs"):
         patch_mlx_lm.patch_generate(_fake_generate_module(stream_generate=without_options))
-    with pytest.raises(patch_mlx_lm.HostMismatchError, match="make_prompt_cache"):
-        patch_mlx_lm.patch_generate(_fake_generate_module(make_prompt_cache=None))
+    from mlx_lm.models import cache as cache_module
+
+    stock_make_prompt_cache = cache_module.make_prompt_cache
+    cache_module.make_prompt_cache = lambda model: None  # no max_kv_size any more
+    try:
+        with pytest.raises(patch_mlx_lm.HostMismatchError, match="make_prompt_cache"):
+            patch_mlx_lm.patch_generate(_fake_generate_module())
+    finally:
+        cache_module.make_prompt_cache = stock_make_prompt_cache
 
     utils = types.ModuleType("mlx_lm.utils_fake")
     utils.load_model = lambda model_path, lazy=False, strict=True, model_config=None: None
