@@ -340,29 +340,17 @@ def test_cli_draft_model_ngram_and_draft_lookup(tiny_pair):
 
 @pytest.mark.slow
 def test_server_with_draft_model_ngram_equals_plain_and_reuses_the_cache(tiny_pair):
-    from test_server import CHAT, Server, request, text_of
+    from test_server import CHAT, converse, request, server_pair, text_of
 
-    monkeypatch = pytest.MonkeyPatch()
-    target = str(tiny_pair[0])
-    common = ["--model", target, "--max-tokens", "24", "--temp", "0.0"]
-    spec = Server(common + ["--draft-model", "ngram:n=3,min=1"], monkeypatch)
-    plain = Server(common, monkeypatch)
-    monkeypatch.undo()
-    try:
-        messages = [{"role": "user", "content": "a cat sat on the mat and a cat sat on the mat"}]
-        for turn in range(3):
-            body = {"messages": messages, "max_tokens": 16, "temperature": 0.0}
-            got = spec.post(CHAT, body)[1]
-            want = plain.post(CHAT, body)[1]
-            reply = got["choices"][0]["message"]["content"]
-            assert reply == want["choices"][0]["message"]["content"], f"turn {turn}"
-            assert got["usage"]["speculative"]["rounds"] > 0
-            if turn:
-                assert got["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-            messages = messages + [{"role": "assistant", "content": reply},
-                                   {"role": "user", "content": f"and a cat sat on the mat {turn}"}]
+    common = ["--model", str(tiny_pair[0]), "--max-tokens", "24", "--temp", "0.0"]
+
+    def drafted_and_cached(turn, got):
+        assert got["usage"]["speculative"]["rounds"] > 0
+        if turn:
+            assert got["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+    with server_pair(common, ["--draft-model", "ngram:n=3,min=1"]) as (spec, plain):
+        converse(spec, plain, "a cat sat on the mat and a cat sat on the mat", 3, 16, "and a cat sat on the mat",
+                 check=drafted_and_cached)
         body = request(CHAT, "the quick brown fox jumps over the lazy dog")
         assert text_of(CHAT, body, spec.post(CHAT, body)[1]) == text_of(CHAT, body, plain.post(CHAT, body)[1])
-    finally:
-        spec.stop()
-        plain.stop()

@@ -329,30 +329,15 @@ def test_server_repeat_requests_and_a_conversation(family, tmp_path_factory):
     """mlx_lm.server with a drafter on a hybrid target: a repeated request
     (served from the prompt cache) and a continued conversation equal a
     server without drafter."""
-    import json
-
-    from test_server import CHAT, CHAT_TEMPLATE, Server
+    from test_server import converse, server_pair, with_chat_template
 
     target, drafter = build_pair(tmp_path_factory.mktemp(f"server-{family}"), family, vocab_size=128,
                                  num_layers=4, target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4)
-    config = target / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}))
-    monkeypatch = pytest.MonkeyPatch()
+    with_chat_template(target)
     common = ["--model", str(target), "--max-tokens", "16", "--temp", "0.0"]
-    spec = Server(common + ["--draft-model", str(drafter), "--draft-bits", "none"], monkeypatch)
-    plain = Server(common, monkeypatch)
-    monkeypatch.undo()
-    try:
-        messages = [{"role": "user", "content": "the river runs past the old mill"}]
-        for turn in range(2):
-            body = {"messages": messages, "max_tokens": 16, "temperature": 0.0}
-            got, again = spec.post(CHAT, body)[1], spec.post(CHAT, body)[1]
-            want = plain.post(CHAT, body)[1]["choices"][0]["message"]["content"]
-            reply = got["choices"][0]["message"]["content"]
-            assert reply == again["choices"][0]["message"]["content"] == want, f"turn {turn}"
-            assert got["usage"]["speculative"]["rounds"] > 0
-            messages = messages + [{"role": "assistant", "content": reply},
-                                   {"role": "user", "content": f"what next {turn}"}]
-    finally:
-        spec.stop()
-        plain.stop()
+
+    def drafted(turn, got):
+        assert got["usage"]["speculative"]["rounds"] > 0
+
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
+        converse(spec, plain, "the river runs past the old mill", 2, 16, "what next", repeat=True, check=drafted)

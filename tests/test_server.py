@@ -7,6 +7,7 @@ malformed requests; sampled answers are checked against the distribution
 plain decoding samples from.
 """
 
+import contextlib
 import http.client
 import importlib
 import json
@@ -90,28 +91,62 @@ def text_of(path, body, result) -> str:
     return "".join(parts)
 
 
+def with_chat_template(target) -> None:
+    """Give the tiny target's tokenizer the tests' chat template."""
+    config = target / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}))
+
+
+@contextlib.contextmanager
+def server_pair(common, draft_options):
+    """(with drafter, without drafter): servers on the same ``common``
+    options, the first also given ``draft_options``."""
+    monkeypatch = pytest.MonkeyPatch()
+    spec = Server(common + draft_options, monkeypatch)
+    plain = Server(common, monkeypatch)
+    monkeypatch.undo()
+    try:
+        yield spec, plain
+    finally:
+        spec.stop()
+        plain.stop()
+
+
+def converse(spec, plain, opening, turns, max_tokens, follow_up, repeat=False, check=None):
+    """A greedy conversation of ``turns`` chat requests from ``opening``:
+    every reply of ``spec`` equals ``plain``'s (with ``repeat`` the same
+    request is sent to ``spec`` twice, the second served from its cache);
+    ``check(turn, response)`` asserts more on each response of ``spec``."""
+    messages = [{"role": "user", "content": opening}]
+    for turn in range(turns):
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        got = spec.post(CHAT, body)[1]
+        reply = got["choices"][0]["message"]["content"]
+        if repeat:
+            assert spec.post(CHAT, body)[1]["choices"][0]["message"]["content"] == reply, f"turn {turn} again"
+        assert reply == plain.post(CHAT, body)[1]["choices"][0]["message"]["content"], f"turn {turn}"
+        if check is not None:
+            check(turn, got)
+        messages = messages + [{"role": "assistant", "content": reply},
+                               {"role": "user", "content": f"{follow_up} {turn}"}]
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     target, drafter = build_pair(tmp_path_factory.mktemp("server"), "qwen3", vocab_size=128, num_layers=4,
                                  hidden_size=32, head_dim=16, intermediate_size=64, target_layer_ids=(0, 2),
                                  num_drafter_layers=1, block_size=4)
-    config = target / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}))
+    with_chat_template(target)
     return target, drafter
 
 
 @pytest.fixture(scope="module")
 def servers(pair):
     """(with drafter, without drafter)."""
-    monkeypatch = pytest.MonkeyPatch()
     target, drafter = pair
     common = ["--model", str(target), "--max-tokens", "24", "--temp", "0.0"]
-    spec = Server(common + ["--draft-model", str(drafter), "--draft-bits", "none"], monkeypatch)
-    plain = Server(common, monkeypatch)
-    monkeypatch.undo()
-    yield spec, plain
-    spec.stop()
-    plain.stop()
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as both:
+        yield both
 
 
 CHAT = "/v1/chat/completions"
@@ -151,17 +186,11 @@ def test_same_request_twice_and_a_conversation(servers):
     assert text_of(CHAT, body, first) == text_of(CHAT, body, second) == want
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
-    messages = [{"role": "user", "content": "tell me about the river"}]
-    for turn in range(3):
-        body = {"messages": messages, "max_tokens": 16, "temperature": 0.0}
-        got = spec.post(CHAT, body)[1]
-        want = plain.post(CHAT, body)[1]
-        reply = got["choices"][0]["message"]["content"]
-        assert reply == want["choices"][0]["message"]["content"], f"turn {turn}"
+    def cached(turn, got):
         if turn:
             assert got["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-        messages = messages + [{"role": "assistant", "content": reply},
-                               {"role": "user", "content": f"and then what happened {turn}"}]
+
+    converse(spec, plain, "tell me about the river", 3, 16, "and then what happened", check=cached)
 
 
 def test_gemma4_sliding_window_target_repeat_and_conversation(tmp_path_factory):
@@ -172,26 +201,10 @@ def test_gemma4_sliding_window_target_repeat_and_conversation(tmp_path_factory):
                                  num_layers=4, sliding_window_pattern=2, num_kv_shared_layers=2,
                                  target_layer_ids=(0, 2),
                                  num_drafter_layers=1, block_size=4)
-    config = target / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE}))
-    monkeypatch = pytest.MonkeyPatch()
+    with_chat_template(target)
     common = ["--model", str(target), "--max-tokens", "20", "--temp", "0.0"]
-    spec = Server(common + ["--draft-model", str(drafter), "--draft-bits", "none"], monkeypatch)
-    plain = Server(common, monkeypatch)
-    monkeypatch.undo()
-    try:
-        messages = [{"role": "user", "content": "the river runs past the old mill"}]
-        for turn in range(3):
-            body = {"messages": messages, "max_tokens": 20, "temperature": 0.0}
-            got, again = spec.post(CHAT, body)[1], spec.post(CHAT, body)[1]
-            want = plain.post(CHAT, body)[1]["choices"][0]["message"]["content"]
-            reply = got["choices"][0]["message"]["content"]
-            assert reply == again["choices"][0]["message"]["content"] == want, f"turn {turn}"
-            messages = messages + [{"role": "assistant", "content": reply},
-                                   {"role": "user", "content": f"what next {turn}"}]
-    finally:
-        spec.stop()
-        plain.stop()
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
+        converse(spec, plain, "the river runs past the old mill", 3, 20, "what next", repeat=True)
 
 
 def test_num_draft_tokens_per_request(servers):
