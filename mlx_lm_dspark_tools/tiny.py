@@ -610,6 +610,26 @@ def _drafter_shapes(config, family, *, n_taps, markov_rank, confidence_head, wit
     return shapes
 
 
+def _target_embeddings(target_weights, hidden_size) -> dict:
+    """The drafter's embedding and LM head copied from its target (a tied
+    target lends its embedding as the head; Nemotron-H keeps its embedding
+    at ``backbone.embeddings``)."""
+    embed = _target_matrix(target_weights, "embed_tokens.weight", hidden_size)
+    if embed is None:
+        embed = _target_matrix(target_weights, ".embeddings.weight", hidden_size)
+    head = _target_matrix(target_weights, "lm_head.weight", hidden_size)
+    return {"embed_tokens.weight": embed, "lm_head.weight": embed if head is None else head}
+
+
+def _write_drafter(path, weights: dict, config: dict) -> dict:
+    """Write a drafter checkpoint (``model.safetensors`` + ``config.json``); returns ``config``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return config
+
+
 def _target_matrix(target_weights, suffix, hidden_size):
     """A target's float embedding / head matrix, dequantized when packed.
 
@@ -679,18 +699,8 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
         else:
             weights[name] = _random_value(name, shapes[name], hidden_size=H)
     if target_weights is not None and layout != "zlab":
-        embed = _target_matrix(target_weights, "embed_tokens.weight", H)
-        if embed is None:  # Nemotron-H: backbone.embeddings
-            embed = _target_matrix(target_weights, ".embeddings.weight", H)
-        head = _target_matrix(target_weights, "lm_head.weight", H)
-        weights["embed_tokens.weight"] = embed
-        weights["lm_head.weight"] = embed if head is None else head
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return config
+        weights.update(_target_embeddings(target_weights, H))
+    return _write_drafter(path, weights, config)
 
 
 # ---------------------------------------------------------------- pairs
@@ -768,15 +778,8 @@ def save_eagle3_drafter(path, target_config: dict, *, ttt_length=5, target_layer
     weights = {name: _random_value(name, p.shape, hidden_size=H).astype(mx.float32)
                for name, p in sorted(tree_flatten(drafter.parameters()))}
     if target_weights is not None:
-        embed = _target_matrix(target_weights, "embed_tokens.weight", H)
-        head = _target_matrix(target_weights, "lm_head.weight", H)
-        weights["embed_tokens.weight"] = embed
-        weights["lm_head.weight"] = embed if head is None else head
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return config
+        weights.update(_target_embeddings(target_weights, H))
+    return _write_drafter(path, weights, config)
 
 
 def build_eagle3_pair(tmp_path, family="qwen3", bits=None, ttt_length=5, target_layer_ids=(1, 2, 4, 5, 6),
