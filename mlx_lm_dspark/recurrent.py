@@ -31,15 +31,17 @@ def is_recurrent(c) -> bool:
     return isinstance(c, cache_lib.ArraysCache) or any(k.__name__ == "ArraysCache" for k in type(c).__mro__)
 
 
-def _state_of(c) -> tuple:
-    # ``c.state`` hands out the live list the mixer assigns into: copy it.
-    arrays, left_padding, lengths = c.state
-    return list(arrays), left_padding, lengths
+def state_of(c) -> tuple:
+    """A recurrent cache's state, to hand back to ``restore``."""
+    # The attributes, not ``c.state``: its shape differs across mlx-lm releases
+    # (0.31 hands out the arrays alone).  The list is the live one the mixer
+    # assigns into: copy it.
+    return list(c.cache), getattr(c, "left_padding", None), getattr(c, "lengths", None)
 
 
-def _restore(c, state: tuple) -> None:
-    arrays, left_padding, lengths = state
-    c.state = (list(arrays), left_padding, lengths)
+def restore(c, state: tuple) -> None:
+    arrays, c.left_padding, c.lengths = state
+    c.cache = list(arrays)
 
 
 def _cut(value, width: int, start: int, stop: int):
@@ -57,7 +59,7 @@ class Record:
         self.cache = weakref.ref(cache)
         self.width = width  # tokens of the forward
         self.kept = width  # tokens of it the state holds now
-        self.before = _state_of(cache)
+        self.before = state_of(cache)
         self.call = None  # (mixer, its original __call__, args, kwargs)
         self.steps = None  # Stepwise: the state after each position
 
@@ -69,7 +71,7 @@ class Record:
     def back_to(self, kept: int) -> None:
         """Make the cache hold the state after the forward's first ``kept`` tokens."""
         cache = self.cache()
-        _restore(cache, self.before)
+        restore(cache, self.before)
         if kept > 0:
             mixer, call, args, kwargs = self.call
             w = self.width
@@ -85,17 +87,17 @@ class StepwiseRecord(Record):
         cache, w = self.cache(), self.width
         if w == 1:
             out = call(mixer, *args, **kwargs)
-            self.steps = [_state_of(cache)]
+            self.steps = [state_of(cache)]
             return out
         outs, self.steps = [], []
         for t in range(w):
             outs.append(call(mixer, *(_cut(a, w, t, t + 1) for a in args),
                              **{k: _cut(v, w, t, t + 1) for k, v in kwargs.items()}))
-            self.steps.append(_state_of(cache))
+            self.steps.append(state_of(cache))
         return mx.concatenate(outs, axis=1)
 
     def back_to(self, kept: int) -> None:
-        _restore(self.cache(), self.steps[kept - 1] if kept > 0 else self.before)
+        restore(self.cache(), self.steps[kept - 1] if kept > 0 else self.before)
         self.kept = kept
 
 
@@ -179,7 +181,7 @@ class recording:
             return False
         for key, (i, c, record) in self.records.items():
             if unseen and key in unseen:
-                if any(a is not b for a, b in zip(c.state[0], record.before[0])):
+                if any(a is not b for a, b in zip(c.cache, record.before[0])):
                     raise self.unrecorded(i, c)
                 _records.pop(c, None)  # untouched by this forward: nothing to roll back
                 continue

@@ -40,7 +40,7 @@ def _reset(cache, snapshot, length):
     """Back to the prefilled context (KV entries trimmed, recurrent arrays restored)."""
     for c, state in zip(cache, snapshot):
         if recurrent.is_recurrent(c):
-            c.state = (list(state[0]), state[1], state[2])
+            recurrent.restore(c, state)
         else:
             c.trim(c.offset - length)
 
@@ -59,7 +59,7 @@ def measure(family, shape, width, kept, reps, context=64):
     prompt = mx.random.randint(3, vocab, (1, context), key=mx.random.key(0)).astype(mx.uint32)
     model(prompt, cache=cache)
     mx.eval([c.state for c in cache])
-    snapshot = [(list(c.state[0]), c.state[1], c.state[2]) if recurrent.is_recurrent(c) else None for c in cache]
+    snapshot = [recurrent.state_of(c) if recurrent.is_recurrent(c) else None for c in cache]
     block = mx.random.randint(3, vocab, (1, width), key=mx.random.key(1)).astype(mx.uint32)
     one = block[:, :1]
     mx.eval(block)
