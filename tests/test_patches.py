@@ -91,6 +91,10 @@ COVERAGE = {
             "0004-server-draft-kinds.diff",
             {"mlx_lm/server.py": ["APIHandler.completion_usage_response"]},
         ),
+        # a body that is not UTF-8 answered 400, like one that is not JSON
+        "do_POST": ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["APIHandler.do_POST"]}),
+        # a listen backlog that takes a burst of clients
+        "_run_http_server": ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["ThreadingHTTPServer"]}),
     },
     "mlx_vlm.speculative.drafters": {
         "load_drafter": (

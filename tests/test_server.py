@@ -352,6 +352,10 @@ def _fake_server(serve_single=None, validate=True):
 
     class APIHandler:
         def do_POST(self):
+            try:
+                self.body = json.loads(b"{}".decode())
+            except json.JSONDecodeError:
+                return
             self.num_draft_tokens = 1
             self.validate_model_parameters()
 
@@ -366,8 +370,12 @@ def _fake_server(serve_single=None, validate=True):
     if serve_single is not None:
         ResponseGenerator._serve_single = serve_single
 
+    def _run_http_server(host, port, response_generator, server_class=ThreadingHTTPServer, handler_class=None):
+        pass
+
     module.__dict__.update(GenerationContext=GenerationContext, ResponseGenerator=ResponseGenerator,
-                           APIHandler=APIHandler, ModelProvider=ModelProvider, argparse=argparse)
+                           APIHandler=APIHandler, ModelProvider=ModelProvider, argparse=argparse, json=json,
+                           _run_http_server=_run_http_server)
     exec("def main():\n    run(None, None, ModelProvider(argparse.ArgumentParser().parse_args()))", module.__dict__)
     return module
 
@@ -402,3 +410,44 @@ def test_acceptance_statistics_are_logged_per_request(servers, caplog):
     with caplog.at_level("INFO"):
         spec.post(TEXT, request(TEXT, "a log line please"))
     assert "Speculative: τ=" in caplog.text and "acceptance rule: greedy" in caplog.text
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"logit_bias": {"999999": 5.0}}, "logit_bias"),  # mlx-lm's processor would write out of bounds
+    ({"logit_bias": {"-3": 5.0}}, "logit_bias"),
+    ({"seed": -5}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"max_tokens": 2**63}, "max_tokens"),  # beyond the model's context: refused, not clamped
+])
+def test_out_of_range_values_get_a_400_naming_the_field(servers, bad, field):
+    spec, plain = servers
+    body = request(TEXT, "hello there")
+    status, payload = spec.post(TEXT, {**body, **bad})
+    assert status == 400 and field in json.loads(payload)["error"]
+    assert spec.healthy()
+    assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+
+
+def test_in_range_logit_bias_and_seed_still_served(servers):
+    spec, plain = servers
+    body = request(TEXT, "hello there", logit_bias={"7": 100.0}, seed=2**64 - 1)
+    got, want = spec.post(TEXT, body), plain.post(TEXT, body)
+    assert got[0] == want[0] == 200
+    assert text_of(TEXT, body, got[1]) == text_of(TEXT, body, want[1])
+
+
+def test_non_utf8_body_gets_a_400(servers):
+    spec, _ = servers
+    status, payload = spec.post(TEXT, None, raw=b'{"prompt": "\xff\xfe"}'.replace(b"\\xff\\xfe", b"\xff\xfe"))
+    assert status == 400 and "UTF-8" in payload
+    assert spec.healthy()
+
+
+def test_the_http_server_listens_with_a_long_backlog():
+    """socketserver's backlog of 5 resets part of a burst of 16 clients."""
+    import inspect
+
+    from mlx_lm_dspark.hosts.mlx_lm import LISTEN_BACKLOG
+
+    default = inspect.signature(server._run_http_server, follow_wrapped=False).parameters["server_class"].default
+    assert issubclass(default, ThreadingHTTPServer) and default.request_queue_size == LISTEN_BACKLOG >= 16

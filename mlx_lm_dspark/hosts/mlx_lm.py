@@ -17,7 +17,11 @@
   costs measured at start-up (``ModelProvider.__init__``), and ``main``
   prints a user's mistake as one line; each request's acceptance
   statistics are logged and returned in its ``usage`` as ``speculative``
-  (OpenAI clients ignore unknown fields).
+  (OpenAI clients ignore unknown fields); requests mlx-lm lets through but
+  cannot serve (``logit_bias`` ids outside the vocabulary, ``seed`` outside
+  [0, 2^64), ``max_tokens`` beyond the context, a body that is not UTF-8)
+  get a 400 naming the field, and the HTTP server listens with a backlog
+  that takes a burst of clients.
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
@@ -28,6 +32,7 @@ change what users' generations return.
 import argparse
 import functools
 import inspect
+import json
 import logging
 import sys
 import threading
@@ -478,7 +483,12 @@ def patch_server(server) -> None:
     validate = _expect_method(handler, "validate_model_parameters", [])
     generate_response = _expect_method(handler, "generate_response", ["prompt_token_count"])
     usage_response = _expect_method(handler, "completion_usage_response", ["prompt_token_count"])
-    _expect_calls(handler, "do_POST", ["num_draft_tokens", "validate_model_parameters"])
+    _expect_calls(handler, "do_POST", ["num_draft_tokens", "validate_model_parameters", "decode", "JSONDecodeError"])
+    do_post = _expect_method(handler, "do_POST", [])
+    run_http_server = _expect_params(server, "_run_http_server", ["host", "port", "response_generator", "server_class"])
+    stock_server_class = inspect.signature(run_http_server).parameters["server_class"].default
+    if not isinstance(stock_server_class, type) or not hasattr(stock_server_class, "request_queue_size"):
+        _fail(f"{server.__name__}._run_http_server", "its server_class default is no longer a socketserver class")
     provider = server.ModelProvider if isinstance(getattr(server, "ModelProvider", None), type) else None
     if provider is None:
         _fail("mlx_lm.server.ModelProvider", "the class no longer exists")
@@ -508,13 +518,25 @@ def patch_server(server) -> None:
     @functools.wraps(validate)
     def validate_model_parameters(self):
         if self.num_draft_tokens is not None:
-            return validate(self)
+            validate(self)
+            return _validate_limits(self)
         # Not given: the drafter's own cap (ordinary draft models: 3).
         self.num_draft_tokens = 0
         try:
-            return validate(self)
+            validate(self)
         finally:
             self.num_draft_tokens = None
+        _validate_limits(self)
+
+    @functools.wraps(do_post)
+    def do_post_refusing_undecodable(self):
+        try:
+            return do_post(self)
+        except UnicodeDecodeError as e:
+            # The body is read and decoded before any header is sent.
+            self._set_completion_headers(400)
+            self.end_headers()
+            self.wfile.write(json.dumps({"error": f"Request body is not UTF-8: {e}"}).encode())
 
     @functools.wraps(provider_init)
     def init_loading_drafter(self, cli_args, *args, **kwargs):
@@ -540,8 +562,65 @@ def patch_server(server) -> None:
     responder._serve_single = _serve_single
     responder.generate = generate_remembering_context
     handler.validate_model_parameters = validate_model_parameters
+    handler.do_POST = do_post_refusing_undecodable
+    server._run_http_server = _with_server_class(run_http_server, _backlogged(stock_server_class))
     handler.generate_response = generate_response_with_usage
     handler.completion_usage_response = usage_response_with_speculative
+
+
+LISTEN_BACKLOG = 128  # socketserver's default of 5 resets a burst of simultaneous clients
+SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit integer
+
+
+def _backlogged(server_class):
+    """``server_class`` listening with a backlog of ``LISTEN_BACKLOG``."""
+    return type(server_class.__name__, (server_class,), {"request_queue_size": LISTEN_BACKLOG})
+
+
+def _with_server_class(run_http_server, server_class):
+    @functools.wraps(run_http_server)
+    def run_with_backlog(host, port, response_generator, server_class=server_class, **kwargs):
+        return run_http_server(host, port, response_generator, server_class=server_class, **kwargs)
+
+    return run_with_backlog
+
+
+def _vocab_and_context(provider):
+    """(vocabulary size, context length) of the provider's loaded model;
+    None where unknown (not loaded yet, or the model does not say)."""
+    model = getattr(provider, "model", None)
+    if model is None:
+        return None, None
+    args = getattr(model, "args", None)
+    text = getattr(args, "text_config", None)
+    def field(name):
+        value = getattr(args, name, None)
+        if value is None and isinstance(text, dict):
+            value = text.get(name)
+        return value if isinstance(value, int) and value > 0 else None
+
+    vocab = field("vocab_size")
+    if vocab is None:
+        vocab = getattr(getattr(provider, "tokenizer", None), "vocab_size", None)
+    return vocab, field("max_position_embeddings")
+
+
+def _validate_limits(handler) -> None:
+    """What mlx-lm's validation lets through and generation cannot take:
+    ``logit_bias`` token ids outside the vocabulary (the logit-bias processor
+    writes out of bounds), a ``seed`` outside [0, 2^64) (mx.random.seed
+    raises in the generation thread) and a ``max_tokens`` beyond the
+    model's context. Raises ValueError, which the handler answers with 400."""
+    seed = handler.seed
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    vocab, context = _vocab_and_context(handler.response_generator.model_provider)
+    if handler.logit_bias and vocab is not None:
+        outside = sorted(t for t in handler.logit_bias if not 0 <= t < vocab)
+        if outside:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}): got {outside[:5]}")
+    if context is not None and handler.max_tokens > context:
+        raise ValueError(f"max_tokens must be at most {context} (the model's context), got {handler.max_tokens}")
 
 
 def _prepare_drafter(model, draft_model, cli_args) -> None:
