@@ -451,3 +451,15 @@ def test_the_http_server_listens_with_a_long_backlog():
 
     default = inspect.signature(server._run_http_server, follow_wrapped=False).parameters["server_class"].default
     assert issubclass(default, ThreadingHTTPServer) and default.request_queue_size == LISTEN_BACKLOG >= 16
+
+
+def test_a_drafter_that_does_not_match_the_target_gets_a_4xx(servers, tmp_path):
+    """The pair is checked before the request's response starts: the client
+    gets the reason, not a dropped connection."""
+    spec, plain = servers
+    _, other = build_pair(tmp_path, "qwen3", vocab_size=96, num_layers=4, hidden_size=48, head_dim=16,
+                          intermediate_size=64, target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4)
+    body = request(TEXT, "hello there")
+    status, payload = spec.post(TEXT, {**body, "draft_model": str(other)})
+    assert 400 <= status < 500 and "does not match the target" in json.loads(payload)["error"]
+    assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])

@@ -21,7 +21,9 @@
   cannot serve (``logit_bias`` ids outside the vocabulary, ``seed`` outside
   [0, 2^64), ``max_tokens`` beyond the context, a body that is not UTF-8)
   get a 400 naming the field, and the HTTP server listens with a backlog
-  that takes a burst of clients.
+  that takes a burst of clients. A request's drafter that does not match the target is
+  refused before its response starts (an error answer, not a dropped
+  connection).
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
@@ -506,6 +508,11 @@ def patch_server(server) -> None:
     @functools.wraps(serve_single)
     def _serve_single(self, request, *stream):
         queue, body, args = request
+        refusal = _pair_refusal(self.model_provider)
+        if refusal is not None:
+            # Before the request's context: the handler answers it as an error
+            # instead of dropping the connection after its 200 was queued.
+            return queue.put(refusal)
         reporting = _ReportingQueue(queue, server.GenerationContext, self.model_provider)
         return serve_single(self, (reporting, body, args), *stream)
 
@@ -621,6 +628,21 @@ def _validate_limits(handler) -> None:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}): got {outside[:5]}")
     if context is not None and handler.max_tokens > context:
         raise ValueError(f"max_tokens must be at most {context} (the model's context), got {handler.max_tokens}")
+
+
+def _pair_refusal(provider):
+    """The user error (a mismatched pair, say) that serving with the
+    provider's loaded pair would raise, or None; binds the pair."""
+    from ..speculative import bind, is_drafter
+
+    draft = getattr(provider, "draft_model", None)
+    if not is_drafter(draft):
+        return None
+    try:
+        bind(draft, provider.model)
+    except loader.user_errors() as e:
+        return e
+    return None
 
 
 def _prepare_drafter(model, draft_model, cli_args) -> None:
