@@ -418,6 +418,7 @@ def test_acceptance_statistics_are_logged_per_request(servers, caplog):
     ({"seed": -5}, "seed"),
     ({"seed": 2**70}, "seed"),
     ({"max_tokens": 2**63}, "max_tokens"),  # beyond the model's context: refused, not clamped
+    ({"prompt": ""}, "prompt"),  # no token to generate from; the plain server's generation thread died
 ])
 def test_out_of_range_values_get_a_400_naming_the_field(servers, bad, field):
     spec, plain = servers

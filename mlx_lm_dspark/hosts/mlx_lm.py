@@ -615,9 +615,12 @@ def _vocab_and_context(provider):
 def _validate_limits(handler) -> None:
     """What mlx-lm's validation lets through and generation cannot take:
     ``logit_bias`` token ids outside the vocabulary (the logit-bias processor
-    writes out of bounds), a ``seed`` outside [0, 2^64) (mx.random.seed
+    writes out of bounds), an empty ``prompt``, a ``seed`` outside [0, 2^64) (mx.random.seed
     raises in the generation thread) and a ``max_tokens`` beyond the
     model's context. Raises ValueError, which the handler answers with 400."""
+    if handler.body.get("prompt", None) in ("", []):
+        # An empty prompt kills mlx-lm's batch generation thread.
+        raise ValueError("prompt must not be empty")
     seed = handler.seed
     if seed is not None and not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2^64), got {seed}")
