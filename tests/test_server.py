@@ -464,3 +464,22 @@ def test_a_drafter_that_does_not_match_the_target_gets_a_4xx(servers, tmp_path):
     status, payload = spec.post(TEXT, {**body, "draft_model": str(other)})
     assert 400 <= status < 500 and "does not match the target" in json.loads(payload)["error"]
     assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_generation(servers, caplog):
+    """Requests with a drafter are served one at a time: a client that gives
+    up must not keep the next one waiting behind its whole answer."""
+    import re
+    import time
+
+    spec, plain = servers
+    long = request(TEXT, "a very long story", max_tokens=4000)
+    with caplog.at_level("INFO"):
+        conn = http.client.HTTPConnection("127.0.0.1", spec.port, timeout=120)
+        conn.request("POST", TEXT, body=json.dumps(long).encode(), headers={"Content-Type": "application/json"})
+        time.sleep(0.5)
+        conn.close()
+        body = request(TEXT, "hello there")
+        assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+    rounds = [int(r) for r in re.findall(r"Speculative: τ=[0-9.]+ over (\d+) rounds", caplog.text)]
+    assert len(rounds) == 2 and rounds[0] < 1000, rounds  # stopped, not 4000 tokens of ~1 per round

@@ -23,7 +23,8 @@
   get a 400 naming the field, and the HTTP server listens with a backlog
   that takes a burst of clients. A request's drafter that does not match the target is
   refused before its response starts (an error answer, not a dropped
-  connection).
+  connection), and a client that disconnects stops its generation,
+  streaming or not.
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
@@ -36,6 +37,8 @@ import functools
 import inspect
 import json
 import logging
+import select
+import socket
 import sys
 import threading
 import types
@@ -520,7 +523,7 @@ def patch_server(server) -> None:
     def generate_remembering_context(self, request, generation_args, progress_callback=None):
         context, tokens = generate(self, request, generation_args, progress_callback)
         _handler_request.context = context
-        return context, tokens
+        return context, _until_client_leaves(context, tokens, getattr(_handler_request, "connection", None))
 
     @functools.wraps(validate)
     def validate_model_parameters(self):
@@ -537,8 +540,12 @@ def patch_server(server) -> None:
 
     @functools.wraps(do_post)
     def do_post_refusing_undecodable(self):
+        _handler_request.connection = self.connection
         try:
             return do_post(self)
+        except _ClientLeft:
+            self.close_connection = True
+            logging.info("Client disconnected: generation stopped")
         except UnicodeDecodeError as e:
             # The body is read and decoded before any header is sent.
             self._set_completion_headers(400)
@@ -631,6 +638,32 @@ def _validate_limits(handler) -> None:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}): got {outside[:5]}")
     if context is not None and handler.max_tokens > context:
         raise ValueError(f"max_tokens must be at most {context} (the model's context), got {handler.max_tokens}")
+
+
+class _ClientLeft(ConnectionError):
+    """The client closed its connection while its request was generating."""
+
+
+def _client_gone(connection) -> bool:
+    """Whether the peer of ``connection`` has closed it (readable, and
+    nothing left to read)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def _until_client_leaves(context, responses, connection):
+    """``responses``, stopping the request's generation when its client
+    disconnects: a non-streaming client that gives up is otherwise noticed
+    only when its answer is written, after generating every token, while
+    requests with a drafter wait behind it."""
+    for response in responses:
+        if connection is not None and _client_gone(connection):
+            context.stop()
+            raise _ClientLeft()
+        yield response
 
 
 def _pair_refusal(provider):
