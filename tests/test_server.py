@@ -483,3 +483,51 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(servers, caplog
         assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
     rounds = [int(r) for r in re.findall(r"Speculative: τ=[0-9.]+ over (\d+) rounds", caplog.text)]
     assert len(rounds) == 2 and rounds[0] < 1000, rounds  # stopped, not 4000 tokens of ~1 per round
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_mid_stream_shuts_the_server_down(pair, signum):
+    """``mlx_lm.server --draft-model`` as users run it: a signal while it
+    streams a long answer ends the process within seconds."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    target, drafter = pair
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(target), "--draft-model",
+                                str(drafter), "--draft-bits", "none", "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                conn.request("POST", TEXT, body=json.dumps(request(TEXT, "a long story", max_tokens=4000,
+                                                                   stream=True)).encode(),
+                             headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+                time.sleep(0.5)
+        assert response.status == 200 and response.fp.readline()  # streaming
+        process.send_signal(getattr(signal, signum))
+        started = time.monotonic()
+        process.wait(timeout=15)
+        assert time.monotonic() - started < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

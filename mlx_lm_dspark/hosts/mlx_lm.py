@@ -24,7 +24,8 @@
   that takes a burst of clients. A request's drafter that does not match the target is
   refused before its response starts (an error answer, not a dropped
   connection), and a client that disconnects stops its generation,
-  streaming or not.
+  streaming or not; SIGINT and SIGTERM stop the generations in flight and
+  shut the server down.
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
@@ -38,10 +39,12 @@ import inspect
 import json
 import logging
 import select
+import signal
 import socket
 import sys
 import threading
 import types
+import weakref
 from pathlib import Path
 
 from .. import loader
@@ -523,6 +526,7 @@ def patch_server(server) -> None:
     def generate_remembering_context(self, request, generation_args, progress_callback=None):
         context, tokens = generate(self, request, generation_args, progress_callback)
         _handler_request.context = context
+        _live_contexts[id(context)] = context
         return context, _until_client_leaves(context, tokens, getattr(_handler_request, "connection", None))
 
     @functools.wraps(validate)
@@ -591,10 +595,28 @@ def _backlogged(server_class):
     return type(server_class.__name__, (server_class,), {"request_queue_size": LISTEN_BACKLOG})
 
 
+_live_contexts = weakref.WeakValueDictionary()  # id -> the generation contexts of requests being answered
+
+
+def _interrupt(signum, frame):
+    """SIGINT/SIGTERM: stop every request's generation, then interrupt
+    serve_forever as Ctrl-C does; mlx-lm's shutdown then waits for its
+    generation thread, which otherwise finishes the streams in flight."""
+    for context in list(_live_contexts.values()):
+        context.stop()
+    raise KeyboardInterrupt
+
+
 def _with_server_class(run_http_server, server_class):
     @functools.wraps(run_http_server)
     def run_with_backlog(host, port, response_generator, server_class=server_class, **kwargs):
-        return run_http_server(host, port, response_generator, server_class=server_class, **kwargs)
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            return run_http_server(host, port, response_generator, server_class=server_class, **kwargs)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     return run_with_backlog
 
