@@ -95,6 +95,11 @@ COVERAGE = {
         "do_POST": ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["APIHandler.do_POST"]}),
         # a listen backlog that takes a burst of clients
         "_run_http_server": ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["ThreadingHTTPServer"]}),
+        # an exact prompt-cache hit leaves the last token to feed
+        "fetch_nearest_cache": (
+            "0011-prompt-cache-exact-hit.diff",
+            {"mlx_lm/models/cache.py": ["LRUPromptCache.fetch_nearest_cache"]},
+        ),
     },
     "mlx_vlm.speculative.drafters": {
         "load_drafter": (

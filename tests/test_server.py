@@ -373,9 +373,13 @@ def _fake_server(serve_single=None, validate=True):
     def _run_http_server(host, port, response_generator, server_class=ThreadingHTTPServer, handler_class=None):
         pass
 
+    class LRUPromptCache:
+        def fetch_nearest_cache(self, model, tokens):
+            return None, tokens
+
     module.__dict__.update(GenerationContext=GenerationContext, ResponseGenerator=ResponseGenerator,
                            APIHandler=APIHandler, ModelProvider=ModelProvider, argparse=argparse, json=json,
-                           _run_http_server=_run_http_server)
+                           _run_http_server=_run_http_server, LRUPromptCache=LRUPromptCache)
     exec("def main():\n    run(None, None, ModelProvider(argparse.ArgumentParser().parse_args()))", module.__dict__)
     return module
 
@@ -531,3 +535,25 @@ def test_a_signal_mid_stream_shuts_the_server_down(pair, signum):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_prompt_the_cache_holds_exactly_gets_the_plain_answer(servers, pair):
+    """An earlier prompt + its answer, re-tokenized to exactly the cached
+    tokens: the remainder after the cache is empty (mlx-lm dropped the
+    connection, and the plain server's generation thread died)."""
+    from mlx_lm.utils import load
+
+    spec, plain = servers
+    _, tokenizer = load(str(pair[0]))
+    first = request(TEXT, "hello", max_tokens=8, logprobs=True)
+    answer = [t["id"] for t in spec.post(TEXT, first)[1]["choices"][0]["logprobs"]["content"]]
+    plain.post(TEXT, first)
+    ids = tokenizer.encode("hello") + answer
+    text = tokenizer.decode(ids)
+    assert tokenizer.encode(text) == ids  # the cache holds exactly this prompt
+    body = request(TEXT, text, max_tokens=8)
+    got, want = spec.post(TEXT, body), plain.post(TEXT, body)
+    assert got[0] == want[0] == 200
+    assert got[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids) - 1
+    assert text_of(TEXT, body, got[1]) == text_of(TEXT, body, want[1]) != ""
+    assert spec.healthy() and plain.healthy()

@@ -25,7 +25,9 @@
   refused before its response starts (an error answer, not a dropped
   connection), and a client that disconnects stops its generation,
   streaming or not; SIGINT and SIGTERM stop the generations in flight and
-  shut the server down.
+  shut the server down. A prompt the prompt cache holds exactly (an earlier prompt
+  and its answer) is served from it less its last token, which is fed again
+  (mlx-lm fed an empty remainder).
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
@@ -504,6 +506,26 @@ def patch_server(server) -> None:
     _expect_method(provider, "load_default", [])
     _expect_calls(responder, "_generate", ["load_default"])
     main = _expect_params(server, "main", [])
+    lru = getattr(server, "LRUPromptCache", None)
+    if not isinstance(lru, type):
+        _fail("mlx_lm.server.LRUPromptCache", "the class no longer exists")
+    fetch_nearest = _expect_method(lru, "fetch_nearest_cache", ["model", "tokens"])
+    from mlx_lm.models import cache as cache_module
+
+    can_trim = _expect_params(cache_module, "can_trim_prompt_cache", ["cache"])
+    trim = _expect_params(cache_module, "trim_prompt_cache", ["cache", "num_tokens"])
+
+    @functools.wraps(fetch_nearest)
+    def fetch_nearest_leaving_a_token(self, model, tokens):
+        cache, rest = fetch_nearest(self, model, tokens)
+        if cache is None or len(rest) or not len(tokens):
+            return cache, rest
+        # An exact hit leaves nothing to feed the model: re-feed the last
+        # token, as a longer cached entry trimmed to the prompt does.
+        if can_trim(cache):
+            trim(cache, 1)
+            return cache, list(tokens[-1:])
+        return None, tokens
 
     def with_drafter_arguments(parser):
         if not any("--draft-bits" in a.option_strings for a in parser._actions):
@@ -580,6 +602,7 @@ def patch_server(server) -> None:
     responder._serve_single = _serve_single
     responder.generate = generate_remembering_context
     handler.validate_model_parameters = validate_model_parameters
+    lru.fetch_nearest_cache = fetch_nearest_leaving_a_token
     handler.do_POST = do_post_refusing_undecodable
     server._run_http_server = _with_server_class(run_http_server, _backlogged(stock_server_class))
     handler.generate_response = generate_response_with_usage
