@@ -21,6 +21,14 @@ with ``--draft-model`` too, the real drafter still runs every round (its
 cost is kept, its tokens replaced).  ``--sweep-caps`` also runs every fixed
 cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
 
+``--compare-lookup [SPEC]`` runs lookup alone (``--draft-model SPEC``,
+default ``ngram``), the drafter alone and the drafter combined with lookup,
+each paired with plain decoding, and prints them side by side per category
+(the ``edit`` prompts repeat their context, where lookup pays).  Given
+several times it compares those lookup settings (each alone and, with a
+drafter, combined); without ``--draft-model`` it runs lookup alone.  Its
+JSON has ``config`` and ``variants``: name -> the results above.
+
 ``--json PATH`` writes everything; top-level keys:
 
 - ``config``: the options, versions and device;
@@ -182,9 +190,10 @@ def setup_arg_parser():
     parser.add_argument("--draft-bits", default="4", help="Quantize the drafter on load ('none': stored precision).")
     parser.add_argument("--draft-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
                         help="Combine the drafter with lookup proposals (a spec like ngram:n=4,k=7).")
-    parser.add_argument("--compare-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
+    parser.add_argument("--compare-lookup", nargs="?", const="ngram", action="append", default=None, metavar="SPEC",
                         help="Run lookup alone (--draft-model SPEC, default ngram), the drafter alone and both "
-                             "combined, each against plain decoding, and report them side by side.")
+                             "combined, each against plain decoding, and report them side by side (repeatable: "
+                             "several lookup settings; without --draft-model: lookup alone).")
     parser.add_argument("--oracle-acceptance", type=float, default=None,
                         help="Replace the drafter by an oracle right at each position with this probability.")
     parser.add_argument("--draft-block-size", type=int, default=None,
@@ -951,8 +960,9 @@ def run(argv=None) -> dict:
         parser.error("--num-draft-tokens must be >= 0")
     if args.max_kv_size is not None and args.max_kv_size < 1:
         parser.error("--max-kv-size must be at least 1")
-    if args.draft_model is None and args.oracle_acceptance is None:
-        parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter)")
+    if args.draft_model is None and args.oracle_acceptance is None and not args.compare_lookup:
+        parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter, or --compare-lookup "
+                     "for lookup alone)")
     if args.oracle_acceptance is not None and args.temp > 0:
         print("--oracle-acceptance drafts the plain run's tokens: with sampling the speculative run leaves "
               "them, so acceptance falls below F.", file=sys.stderr)
@@ -967,13 +977,16 @@ def run(argv=None) -> dict:
 
     mx.random.seed(args.seed)
     model, tokenizer = mlx_lm.load(args.model)
-    drafter = make_drafter(args, model)
+    drafter = make_drafter(args, model) if args.draft_model or args.oracle_acceptance is not None else None
     prompts = load_prompts(args)
     try:
-        configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
+        for spec in args.compare_lookup or ():
+            parse_lookup(spec)
+        if drafter is not None:
+            configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
     except ValueError as e:
         parser.error(str(e))
-    if getattr(args, "compare_lookup", None):
+    if args.compare_lookup:
         return compare_lookup(model, tokenizer, drafter, prompts, args)
     results = benchmark(model, tokenizer, drafter, prompts, args)
     results = {
@@ -1001,12 +1014,35 @@ def run(argv=None) -> dict:
 # ---------------------------------------------------------------- lookup side by side
 
 
-def lookup_variants(drafter, spec: str) -> Dict[str, object]:
-    """The proposers ``--compare-lookup`` runs: lookup alone, the drafter
-    alone, and the drafter combined with lookup."""
-    from mlx_lm_dspark.loader import load_lookup, with_lookup
+def parse_lookup(spec: str):
+    """The settings of a --compare-lookup value (``ValueError`` saying what is wrong)."""
+    from mlx_lm_dspark.lookup import parse_spec
 
-    return {"lookup": load_lookup(spec), "drafter": drafter, "combined": with_lookup(drafter, spec)}
+    settings = parse_spec(spec)
+    if settings is None:
+        raise ValueError(f"--compare-lookup {spec}: not a lookup specification (ngram, ngram:n=4,min=2,k=8).")
+    return settings
+
+
+def lookup_variants(drafter, specs) -> Dict[str, object]:
+    """The proposers ``--compare-lookup`` runs: lookup alone, the drafter
+    alone (when there is one), and the drafter combined with lookup; with
+    several ``specs``, each named by its settings."""
+    from mlx_lm_dspark.loader import load_lookup, with_lookup
+    from mlx_lm_dspark.lookup import spec_of
+
+    specs = [specs] if isinstance(specs, str) else list(specs)
+
+    def name(kind, variant):
+        return kind if len(specs) == 1 else f"{kind} {spec_of(variant.settings).partition(':')[2]}"
+
+    alone = [load_lookup(spec) for spec in specs]
+    variants = {name("lookup", v): v for v in alone}
+    if drafter is not None:
+        variants["drafter"] = drafter
+        combined = [with_lookup(drafter, spec) for spec in specs]
+        variants.update({name("combined", v): v for v in combined})
+    return variants
 
 
 def compare_lookup(model, tokenizer, drafter, prompts: List[Prompt], args) -> dict:
@@ -1029,7 +1065,8 @@ def format_lookup_report(results: dict) -> str:
     runs), over the drafter alone (the ratio of the two paired speed-ups),
     and acceptance by position."""
     variants = results["variants"]
-    header = (f"{'category':<10}{'proposer':<10}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
+    width = max(10, *(len(name) + 2 for name in variants))
+    header = (f"{'category':<10}{'proposer':<{width}}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
               f"{'speedup':>9}{'vs drafter':>11}  acceptance by position")
     lines = [header, "-" * len(header)]
     groups = list(next(iter(variants.values()))["by_category"]) + ["overall"]
@@ -1043,7 +1080,7 @@ def format_lookup_report(results: dict) -> str:
             s = of(name)
             p, q = s["plain"], s["speculative"]
             versus = q["speedup"] / base if q["speedup"] and base else None
-            lines.append(f"{group:<10}{name:<10}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
+            lines.append(f"{group:<10}{name:<{width}}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
                          f"{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}{_num(q['speedup'], '{:.2f}x'):>9}"
                          f"{_num(versus, '{:.2f}x'):>11}  {_acceptance_cells(q['acceptance_by_position'])}")
     return "\n".join(lines)
