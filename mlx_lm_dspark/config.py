@@ -23,13 +23,19 @@ EAGLE3_ARCHITECTURES = {"Qwen3Eagle3Model": "qwen3", "Gemma4Eagle3Model": "gemma
 ZLAB_ARCHITECTURES = {"DFlashDraftModel"}
 ZLAB_DEFAULT_BLOCK = 16
 
-# model_type of a drafter / target -> the family whose layer variant it uses
+# model_type of a drafter -> the family whose layer variant it uses
 FAMILY_OF_MODEL_TYPE = {
     "qwen3": "qwen3",
     "gemma4": "gemma4",
     "gemma4_text": "gemma4",
     "gemma4_unified": "gemma4",
 }
+
+
+def family_of_model_type(model_type) -> str:
+    """The drafter family of a *target* model_type: Gemma-4 targets have
+    Gemma-4-style drafters, every other target Qwen3-style ones."""
+    return FAMILY_OF_MODEL_TYPE.get(model_type, "qwen3")
 
 _DRAFTER_FIELDS = (
     "block_size",
@@ -303,8 +309,8 @@ def _string_list(v):
 def _taps(v):
     if not isinstance(v, list) or not v:
         return "a non-empty list of target layer indices"
-    if not all(_is_int(i) and i >= 0 for i in v):
-        return "a list of integer target layer indices >= 0"
+    if not all(_is_int(i) and i >= -1 for i in v):
+        return "a list of integer target layer indices >= 0 (or -1, the embedding output)"
     if len(set(v)) != len(v):
         return "a list of distinct target layer indices (each layer tapped once)"
     return None

@@ -682,7 +682,7 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
         mask_token_id = text["vocab_size"] - 12
     if not 0 <= mask_token_id < text["vocab_size"]:
         raise ValueError("mask_token_id must be a valid id of the target vocabulary")
-    if any(not 0 <= i < text["num_hidden_layers"] for i in target_layer_ids):
+    if any(not -1 <= i < text["num_hidden_layers"] for i in target_layer_ids):
         raise ValueError("target_layer_ids must index the target's layers")
 
     config = _drafter_config(target_config, layout=layout, markov_rank=markov_rank, block_size=block_size,
@@ -769,7 +769,7 @@ def save_eagle3_drafter(path, target_config: dict, *, ttt_length=5, target_layer
     from mlx_lm_dspark.eagle3 import Eagle3Drafter, ModelArgs, eagle3_args
 
     text = text_config_of(target_config)
-    if any(not 0 <= i < text["num_hidden_layers"] for i in target_layer_ids):
+    if any(not -1 <= i < text["num_hidden_layers"] for i in target_layer_ids):
         raise ValueError("target_layer_ids must index the target's layers")
     config = _eagle3_config(target_config, ttt_length=ttt_length, target_layer_ids=target_layer_ids)
     drafter = Eagle3Drafter(ModelArgs.from_dict(eagle3_args(config)))

@@ -298,14 +298,17 @@ def test_cli_bad_input(target_dir, tmp_path, capsys):
         capsys, ["--model", str(tmp_path / "nowhere"), "--data", str(text), "--quiet"])
 
 
-def test_unsupported_target_family(tmp_path):
-    from mlx_lm.models import llama
+def test_a_target_without_tappable_layers_is_refused(tmp_path):
+    import mlx.nn as nn
 
-    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2,
-                                        intermediate_size=64, num_attention_heads=2, rms_norm_eps=1e-5,
-                                        vocab_size=64, num_key_value_heads=2))
-    with pytest.raises(T.TrainingError, match="Use a Qwen3 or Gemma-4 model"):
-        T.train(model, [[1, 2, 3, 4]], small_args(), output=tmp_path)
+    class NoLayers(nn.Module):
+        args = {"model_type": "mystery", "vocab_size": 64, "hidden_size": 32}
+
+        def __call__(self, tokens, cache=None):
+            return tokens
+
+    with pytest.raises(T.TrainingError, match="exposes no `layers`"):
+        T.train(NoLayers(), [[1, 2, 3, 4]], small_args(), output=tmp_path)
 
 
 @pytest.mark.parametrize("family,bits", [("gemma4", None), ("qwen3", 4)])
