@@ -383,6 +383,29 @@ def _consistency_problems(args: dict) -> list:
     return problems
 
 
+def _zlab_settings(config: dict, nested: dict, source) -> dict:
+    """What z-lab's reference reads from ``dflash_config`` (else the top
+    level): ``is_causal`` (absent: sliding-window layers attend causally
+    inside the block, full ones bidirectionally), ``input_embedding_scale``
+    (the borrowed raw embedding's factor), ``output_multiplier`` and
+    ``final_logit_softcapping`` (applied to the borrowed head's logits)."""
+    def value(name):
+        return nested.get(name, config.get(name))
+
+    is_causal = value("is_causal")
+    if is_causal is not None and not isinstance(is_causal, bool):
+        raise DrafterConfigError(f"is_causal is {is_causal!r}, expected true or false: {_malformed(source)}.")
+    out = {"causal_layer_types": ["sliding_attention"] if is_causal is None
+           else ["full_attention", "sliding_attention"] if is_causal else []}
+    for name in ("input_embedding_scale", "output_multiplier", "final_logit_softcapping"):
+        v = value(name)
+        if v is not None:
+            if not (_is_number(v) and v > 0):
+                raise DrafterConfigError(f"{name} is {v!r}, expected a number > 0: {_malformed(source)}.")
+            out[name] = v
+    return out
+
+
 def check_drafter_args(args: dict, source=None) -> None:
     """Raise ``DrafterConfigError`` naming every field of the flattened
     drafter settings that is missing, of the wrong type, out of range or
@@ -420,6 +443,7 @@ def drafter_args(config: dict, source=None) -> dict:
     args["layout"] = layout
 
     if layout == "zlab":
+        args.update(_zlab_settings(config, nested, source))
         args.setdefault("block_size", ZLAB_DEFAULT_BLOCK)
         args["markov_rank"] = 0
         args["enable_confidence_head"] = False

@@ -260,14 +260,15 @@ def block_mask(anchors: mx.array, context_len: int, block_size: int) -> mx.array
     return mx.concatenate([ctx, own], axis=-1)[:, None]
 
 
-def _window_mask(mask, anchors, context_len, block_size, window):
-    """Restrict ``mask`` to keys fewer than ``window`` positions back."""
+def _layer_mask(mask, attention, anchors, context_len, block_size):
+    """Restrict ``mask`` to the keys ``attention`` sees (its window, its
+    causality inside the block: ``Attention.visible``)."""
     B = block_size
     q_pos = (mx.repeat(anchors, B, axis=1) + mx.tile(mx.arange(B), anchors.shape[1])[None])  # [N, AB]
     k_pos = mx.concatenate([mx.broadcast_to(mx.arange(context_len)[None], (anchors.shape[0], context_len)),
                             q_pos], axis=1)  # [N, L+AB]
-    near = (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    return mx.logical_and(mask, near[:, None])
+    visible = attention.visible(q_pos[:, :, None], k_pos[:, None, :])
+    return mask if visible is None else mx.logical_and(mask, visible[:, None])
 
 
 def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchors: mx.array) -> dict:
@@ -296,8 +297,7 @@ def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchor
     mask = block_mask(anchors, L, B)
     h = drafter.embed(ids.reshape(N, A * B))
     for layer, layer_ctx in zip(drafter.layers, ctx):
-        window = layer.self_attn.window
-        m = mask if window is None else _window_mask(mask, anchors, L, B, window)
+        m = _layer_mask(mask, layer.self_attn, anchors, L, B)
         h = layer.around(h, lambda x: _block_attention(layer.self_attn, x, *layer_ctx, offsets, m))
     hidden = drafter.norm(h).reshape(N, A, B, -1)
     logits = drafter.base_logits(hidden)

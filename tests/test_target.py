@@ -138,6 +138,20 @@ def test_a_model_whose_layers_cannot_be_tapped_is_refused_in_one_line(model, rea
     assert "\n" not in str(caught.value) and "Not a target mlx-lm-dspark can run" in str(caught.value)
 
 
+def test_a_zlab_drafter_serves_a_gemma4_target(tmp_path):
+    """z-lab's Gemma-4 drafters are Qwen3-style networks that borrow the
+    target's embedding and head: the family check lets them pass, while a
+    DeepSpec Qwen3 drafter (with its own embeddings) is still refused."""
+    target_dir, _ = build_pair(tmp_path / "g", family="gemma4")
+    _, zlab_dir = build_pair(tmp_path / "q", family="qwen3", layout="zlab", tie_word_embeddings=True)
+    _, deepspec_dir = build_pair(tmp_path / "d", family="qwen3")
+    model, _ = mlx_lm.load(str(target_dir))
+    zlab, deepspec = load_drafter(zlab_dir, bits=None), load_drafter(deepspec_dir, bits=None)
+    validate_pair(zlab, TargetAdapter(model, zlab.target_layer_ids))
+    with pytest.raises(DrafterMismatchError, match="family: drafter is for qwen3, target is gemma4"):
+        validate_pair(deepspec, TargetAdapter(model, deepspec.target_layer_ids))
+
+
 def test_a_drafter_for_another_model_is_told_every_difference(tmp_path):
     """Taps out of range do not hide the vocabulary and width: a drafter for
     another model is named as such, all differences in one line."""

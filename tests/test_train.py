@@ -73,13 +73,18 @@ def params(module):
 # ---------------------------------------------------------------- 1. parity
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma4"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma4", "qwen3-causal-sliding"])
 @pytest.mark.parametrize("rank", [8, 0])
 def test_training_forward_matches_inference(family, rank):
-    make = make_qwen3_target if family == "qwen3" else make_gemma4_target
+    make = make_gemma4_target if family == "gemma4" else make_qwen3_target
+    family, layers = family.split("-")[0], family.endswith("sliding")
     model, config = make(seed=1)  # Gemma-4: sliding, full and KV-shared layers
     args = small_args(markov_rank=rank, num_layers=2, block_size=5, target_layer_ids=[1, 3, 5])
-    drafter = T.build_drafter(T.drafter_config(config, family, len(model.layers), args, 500), model, seed=2)
+    config = T.drafter_config(config, family, len(model.layers), args, 500)
+    if layers:  # z-lab's drafter layers: sliding (window 9), causal inside the block
+        config.update(layer_types=["sliding_attention", "full_attention"], sliding_window=9,
+                      causal_layer_types=["sliding_attention"])
+    drafter = T.build_drafter(config, model, seed=2)
     if rank:  # a non-zero Markov head, so the correction is exercised
         w2 = drafter.markov_head.markov_w2
         w2.weight = 0.3 * mx.random.normal(w2.weight.shape, key=mx.random.key(3))
