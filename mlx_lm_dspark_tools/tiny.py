@@ -576,9 +576,9 @@ def _family_of(target_config):
 
 
 def _drafter_config(target_config, *, layout, markov_rank, block_size, target_layer_ids, num_drafter_layers,
-                    mask_token_id, confidence_head):
+                    mask_token_id, confidence_head, sliding_window=None):
     """The drafter config: the target's text config, extended per layout."""
-    family = _family_of(target_config)
+    family = "qwen3" if layout == "zlab" else _family_of(target_config)
     text = text_config_of(target_config)
     config = {k: v for k, v in text.items() if k not in ("quantization", "quantization_config")}
     config.update({
@@ -589,6 +589,9 @@ def _drafter_config(target_config, *, layout, markov_rank, block_size, target_la
         "tie_word_embeddings": False,
         "num_anchors": 4,
     })
+    if sliding_window is not None:  # z-lab Qwen3.6 style: sliding layers, the last one full
+        config["layer_types"] = ["sliding_attention"] * (num_drafter_layers - 1) + ["full_attention"]
+        config["sliding_window"] = sliding_window
     if family == "gemma4":
         config.update({"num_kv_shared_layers": 0, "target_model_type": target_config["model_type"],
                        "target_text_model_type": "gemma4_text"})
@@ -610,15 +613,23 @@ def _drafter_config(target_config, *, layout, markov_rank, block_size, target_la
     elif layout == "dflash_config":
         config["dflash_config"] = fields
     else:  # zlab: older transformers style, only taps and mask id nested
-        config.pop("rope_parameters", None)
+        rope = config.pop("rope_parameters", None) or {}
+        nested = {"target_layer_ids": list(target_layer_ids), "mask_token_id": mask_token_id}
+        if _family_of(target_config) == "gemma4":
+            # A Qwen3-style backbone reading Gemma-4's raw embedding: the scale
+            # Gemma applies goes in the config (the soft-cap is the target's,
+            # copied with its text config).
+            nested["input_embedding_scale"] = text["hidden_size"] ** 0.5
+            for key in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v"):
+                config.pop(key, None)
         config.update({
             "architectures": ["DFlashDraftModel"],
             "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
-            "rope_theta": text.get("rope_theta") or text["rope_parameters"]["rope_theta"],
+            "rope_theta": text.get("rope_theta") or rope.get("rope_theta") or 1000000.0,
             "rope_scaling": None,
             "block_size": block_size,
             "num_target_layers": text["num_hidden_layers"],
-            "dflash_config": {"target_layer_ids": list(target_layer_ids), "mask_token_id": mask_token_id},
+            "dflash_config": nested,
         })
         config.pop("num_anchors")
     return dict(sorted(config.items()))
@@ -717,8 +728,13 @@ def _target_matrix(target_weights, suffix, hidden_size):
 
 def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16, block_size=None,
                  target_layer_ids=(1, 3, 5), num_drafter_layers=2, mask_token_id=None, confidence_head=None,
-                 seed=0, target_weights=None) -> dict:
+                 seed=0, target_weights=None, sliding_window=None) -> dict:
     """Write a random drafter for ``target_config`` in ``layout``; return its config.
+
+    With ``sliding_window`` every drafter layer but the last is a
+    sliding-window layer (z-lab's Qwen3.6 drafters; in the zlab layout they
+    attend causally inside the block).  The zlab layout is a Qwen3-style
+    network for any target, Gemma-4's included.
 
     ``block_size`` defaults to 7 (16 for "zlab"); ``mask_token_id`` to
     vocab_size - 12 (500 for vocab 512, as in the fixtures);
@@ -732,11 +748,9 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
     """
     if layout not in DRAFTER_LAYOUTS:
         raise ValueError(f"layout must be one of {DRAFTER_LAYOUTS}")
-    family = _family_of(target_config)
+    family = "qwen3" if layout == "zlab" else _family_of(target_config)
     text = text_config_of(target_config)
     if layout == "zlab":
-        if family != "qwen3":
-            raise ValueError("the zlab layout is only built for Qwen3 targets here")
         markov_rank, confidence_head = 0, False
     if confidence_head is None:
         confidence_head = markov_rank > 0
@@ -751,7 +765,8 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
 
     config = _drafter_config(target_config, layout=layout, markov_rank=markov_rank, block_size=block_size,
                              target_layer_ids=target_layer_ids, num_drafter_layers=num_drafter_layers,
-                             mask_token_id=mask_token_id, confidence_head=confidence_head)
+                             mask_token_id=mask_token_id, confidence_head=confidence_head,
+                             sliding_window=sliding_window)
     shapes = _drafter_shapes(config, family, n_taps=len(target_layer_ids), markov_rank=markov_rank,
                              confidence_head=confidence_head, with_embeddings=layout != "zlab")
     H = config["hidden_size"]
@@ -770,7 +785,7 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
 # ---------------------------------------------------------------- pairs
 
 _DRAFTER_KEYS = ("markov_rank", "block_size", "target_layer_ids", "num_drafter_layers", "mask_token_id",
-                 "confidence_head", "drafter_seed")
+                 "confidence_head", "drafter_seed", "drafter_sliding_window")
 
 
 def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
@@ -779,7 +794,8 @@ def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
     ``family`` is "qwen3", a Gemma-4 model_type ("gemma4", "gemma4_text",
     "gemma4_unified"; ``num_experts=4`` gives its MoE variant), one of
     ``DECODER_MODEL_TYPES`` or one of ``HYBRID_MODEL_TYPES``.  Keyword arguments named like save_drafter's go to the
-    drafter (``drafter_seed`` becomes its ``seed``); the rest go to the
+    drafter (``drafter_seed`` becomes its ``seed``, ``drafter_sliding_window``
+    its ``sliding_window``); the rest go to the
     target.  The drafter copies the target's embedding and head.
     """
     root = Path(tmp_path)
@@ -787,6 +803,8 @@ def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
     drafter_kw = {k: kw.pop(k) for k in _DRAFTER_KEYS if k in kw}
     if "drafter_seed" in drafter_kw:
         drafter_kw["seed"] = drafter_kw.pop("drafter_seed")
+    if "drafter_sliding_window" in drafter_kw:
+        drafter_kw["sliding_window"] = drafter_kw.pop("drafter_sliding_window")
     if family == "qwen3":
         config = save_qwen3_target(target_dir, bits=bits, **kw)
     elif family in GEMMA4_MODEL_TYPES:

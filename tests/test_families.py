@@ -46,6 +46,8 @@ def pairs(tmp_path_factory):
     def get(family, layout="deepspec"):
         if (family, layout) not in built:
             kind, kw = BUILDS[family]
+            if layout == "zlab":  # z-lab's Qwen3.6 style: causal sliding layers beside a full one
+                kw = {**kw, "drafter_sliding_window": 4, "num_drafter_layers": 3}
             target_dir, drafter_dir = build_pair(tmp_path_factory.mktemp(f"{family}-{layout}"), family=kind,
                                                  layout=layout, **kw)
             model, tokenizer = mlx_lm.load(str(target_dir))
@@ -110,14 +112,19 @@ def test_random_drafter_exact(pairs, family, prompt):
     assert stats.rounds > 0 and stats.accepted + stats.rounds + 1 == MAX
 
 
-@slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [p if p.values[0] in ("gpt_oss", "gemma4_moe") else
+                                    pytest.param(*p.values, marks=[*p.marks, slow]) for p in FAMILIES])
 def test_zlab_drafter_borrowing_the_targets_embeddings_exact(pairs, family):
     """z-lab's layout: no embeddings of its own, causal sliding-window layers
     beside full ones (a Qwen3-style backbone for Gemma-4 targets too)."""
     model, drafter_dir, _ = pairs(family, "zlab")
     drafter = load_drafter(drafter_dir, bits=None)
+    assert drafter.args.family == "qwen3" and not drafter.args.has_embeddings
+    assert [layer.self_attn.causal for layer in drafter.layers] == [True, True, False]
+    if family.startswith("gemma4"):  # Gemma's embedding scale and soft-cap, from the target
+        assert (drafter.args.input_embedding_scale, drafter.args.final_logit_softcapping) == (8.0, 30.0)
     assert speculative(model, drafter, PROMPT_LONG, MAX) == plain_tokens(model, PROMPT_LONG, MAX)
+    assert last_stats(drafter).rounds > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
