@@ -9,7 +9,7 @@ Three on-disk layouts carry the same network:
   block alignment (slot i predicts its own position);
 - vLLM speculators: ``speculators_model_type`` "dspark" / "dflash" / "eagle3",
   the network's settings under ``transformer_layer_config``, taps as
-  ``aux_hidden_state_layer_ids`` (the input of layer i, i.e. our tap i-1) and
+  ``aux_hidden_state_layer_ids`` (the input of layer i, i.e. our tap i-1; 0 is tap -1) and
   possibly a reduced draft vocabulary (``draft_vocab_size``; the weights then
   carry ``d2t``, each draft row's offset to its target token id).
   ``speculators_args`` rewrites such a config into the DeepSpec layout.
@@ -167,16 +167,16 @@ def unrecognised_drafter(config: dict, source=None) -> str:
 
 def _tap_of_speculators(layer_ids, source) -> list:
     """speculators' aux layer id i is the hidden state entering layer i (the
-    output of layer i-1); 0 would be the embeddings, which no drafter here reads."""
+    output of layer i-1); 0, the embeddings entering layer 0, is our tap -1."""
     if not isinstance(layer_ids, list) or not all(_is_int(i) for i in layer_ids) or not layer_ids:
         raise DrafterConfigError(
             f"aux_hidden_state_layer_ids is {layer_ids!r}, expected a non-empty list of layer indices: "
             f"{_malformed(source)}."
         )
-    if min(layer_ids) < 1:
+    if min(layer_ids) < 0:
         raise DrafterConfigError(
-            f"aux_hidden_state_layer_ids {layer_ids} taps the embeddings (layer id 0); only the outputs of "
-            f"decoder layers can be tapped: {_malformed(source)}."
+            f"aux_hidden_state_layer_ids {layer_ids} has a negative layer id (expected ids >= 0, 0 being the "
+            f"embeddings): {_malformed(source)}."
         )
     return [i - 1 for i in layer_ids]
 
