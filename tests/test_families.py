@@ -215,3 +215,51 @@ def test_sampling_is_distributed_like_plain_sampling(family):
     sample = generate(model, drafter, make_sampler(temp=1.0), tokens=2000, seed=11)
     assert last_stats(drafter).rule == "p/q" and 0 < sample.accepted < sample.drafted
     assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
+
+
+# ---------------------------------------------------------------- training and the server
+
+
+@slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_a_drafter_end_to_end(family, tmp_path):
+    """mlx_lm_dspark.train on each family: a drafter of the target's own
+    variant that reloads and decodes exactly."""
+    import json
+
+    import numpy as np
+
+    from mlx_lm_dspark import train as T
+
+    model = (make_gemma4_target(num_experts=4) if family == "gemma4_moe" else make_decoder_target(family))[0]
+    corpus = np.random.default_rng(0).integers(3, 500, (12, 16)).tolist()
+    args = T.TrainingArgs(markov_rank=8, num_layers=1, target_layer_ids=None, block_size=4, iters=2,
+                          batch_size=2, anchors_per_seq=4, seq_length=32, learning_rate=3e-3, eval_every=2,
+                          eval_sequences=2, eval_tokens=6, save_every=0, progress=False)
+    out = T.train(model, corpus, args, output=tmp_path)
+    history = json.loads((out / "trainer_state.json").read_text())["history"]
+    assert all(np.isfinite(h.get("loss", h.get("val_loss"))) for h in history)
+    drafter = load_drafter(out, bits=None)
+    assert drafter.args.family == ("gemma4" if family == "gemma4_moe" else "qwen3")
+    assert speculative(model, drafter, PROMPT_LONG, 12) == plain_tokens(model, PROMPT_LONG, 12)
+
+
+@slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_server_repeat_requests_and_a_conversation(family, tmp_path_factory):
+    """mlx_lm.server with a drafter on each family: a repeated request and
+    a continued conversation equal a server without drafter."""
+    from test_server import converse, server_pair, with_chat_template
+
+    kind, kw = BUILDS[family]
+    target, drafter = build_pair(tmp_path_factory.mktemp(f"server-{family}"), kind, vocab_size=128, num_layers=4,
+                                 target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4,
+                                 **({"num_kv_shared_layers": 0} if kind == "gemma4" else {}), **kw)
+    with_chat_template(target)
+    common = ["--model", str(target), "--max-tokens", "16", "--temp", "0.0"]
+
+    def drafted(turn, got):
+        assert got["usage"]["speculative"]["rounds"] > 0
+
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
+        converse(spec, plain, "the river runs past the old mill", 2, 16, "what next", repeat=True, check=drafted)
