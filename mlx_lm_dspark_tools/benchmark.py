@@ -196,6 +196,13 @@ def setup_arg_parser():
     parser.add_argument("--drafter-contexts", type=parse_caps, default=None,
                         help="Also time one drafter round with these many positions cached (e.g. 64,4096), "
                              "against attention's own reads at those lengths.")
+    kv = parser.add_argument_group("KV cache (mlx-lm's options, the same for the plain and the speculative runs)")
+    kv.add_argument("--max-kv-size", type=int, default=None,
+                    help="A rotating KV cache of this many positions (mlx-lm's --max-kv-size).")
+    kv.add_argument("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits.")
+    kv.add_argument("--kv-group-size", type=int, default=64, help="Group size of the KV cache's quantization.")
+    kv.add_argument("--quantized-kv-start", type=int, default=0,
+                    help="Quantize the KV cache once it holds this many positions.")
     parser.add_argument("--cached-cost", action="store_true",
                         help="Reuse the cached cost model instead of measuring it again before the runs.")
     parser.add_argument("--json", default=None, help="Write all results to this JSON file.")
@@ -321,18 +328,33 @@ def timed(generator, eos_ids) -> Run:
                cpu_s=ended[0] - began[0], switches=ended[1] - began[1])
 
 
-def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids) -> Run:
+def cache_options(args, model) -> dict:
+    """The KV-cache keywords of one run (a fresh rotating prompt cache for
+    ``--max-kv-size``), given alike to plain and speculative decoding."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    options = {}
+    if getattr(args, "max_kv_size", None) is not None:
+        options["prompt_cache"] = make_prompt_cache(model, max_kv_size=args.max_kv_size)
+    if getattr(args, "kv_bits", None) is not None:
+        options.update(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                       quantized_kv_start=args.quantized_kv_start)
+    return options
+
+
+def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids, **cache_options) -> Run:
     from mlx_lm.generate import generate_step
 
-    gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler)
+    gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler, **cache_options)
     run = timed(gen, eos_ids)
     run.prompt_tokens = len(prompt)
     return run
 
 
-def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids) -> Run:
+def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids,
+                    **cache_options) -> Run:
     gen = speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens,
-                                    sampler=sampler, num_draft_tokens=cap)
+                                    sampler=sampler, num_draft_tokens=cap, **cache_options)
     run = timed(gen, eos_ids)
     run.prompt_tokens = len(prompt)
     stats = last_stats(drafter)
@@ -701,10 +723,12 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
 
     # Warm up both paths once.
     first = prompts[0].tokens
-    warm = run_plain(model, first, min(WARMUP_TOKENS, args.max_tokens), sampler, eos_ids)
+    warm = run_plain(model, first, min(WARMUP_TOKENS, args.max_tokens), sampler, eos_ids,
+                     **cache_options(args, model))
     if oracle:
         drafter.set_continuation(first + warm.tokens)
-    run_speculative(model, drafter, first, min(WARMUP_TOKENS, args.max_tokens), sampler, caps[0], eos_ids)
+    run_speculative(model, drafter, first, min(WARMUP_TOKENS, args.max_tokens), sampler, caps[0], eos_ids,
+                    **cache_options(args, model))
 
     runs = {p.name: ([], {key(c): [] for c in caps}) for p in prompts}
     total = len(prompts) * args.trials * 2 * len(caps)
@@ -716,13 +740,15 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
                 # of the machine does not always land on the same one.
                 shift = trial % len(caps)
                 for cap in caps[shift:] + caps[:shift]:
-                    plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids)
+                    plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids,
+                                      **cache_options(args, model))
                     plain.prompt, plain.trial = p.name, trial
                     plain_runs.append(plain)
                     bar.update()
                     if oracle:
                         drafter.set_continuation(p.tokens + plain.tokens, trial)
-                    spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids)
+                    spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids,
+                                           **cache_options(args, model))
                     spec.prompt, spec.plain, spec.trial = p.name, plain, trial
                     if greedy:
                         check_same(plain, spec, tokenizer, f"prompt {p.name!r} (cap {key(cap)}, trial {trial + 1})")
@@ -787,6 +813,12 @@ def format_report(results: dict) -> str:
         lines.append(f"target {config.get('model')}, drafter {drafter}, {config.get('max_tokens')} tokens, "
                      f"{config.get('trials')} trial(s), temp {config.get('temp')}, "
                      f"cap {config.get('num_draft_tokens') or 'auto'}, device {config.get('device')}")
+        kv = [f"rotating, max_kv_size {config['max_kv_size']}"] if config.get("max_kv_size") is not None else []
+        if config.get("kv_bits") is not None:
+            kv.append(f"{config['kv_bits']}-bit (group {config.get('kv_group_size')}) "
+                      f"from position {config.get('quantized_kv_start')}")
+        if kv:
+            lines.append("KV cache: " + ", ".join(kv))
     cost = results["cost_model"]
     spread = results.get("cost_repetitions")
     lines.append(f"cost model{f' ({spread} repetitions before and between the runs)' if spread else ''} "
@@ -917,6 +949,8 @@ def run(argv=None) -> dict:
         parser.error("--trials and --max-tokens must be at least 1")
     if args.num_draft_tokens is not None and args.num_draft_tokens < 0:
         parser.error("--num-draft-tokens must be >= 0")
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        parser.error("--max-kv-size must be at least 1")
     if args.draft_model is None and args.oracle_acceptance is None:
         parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter)")
     if args.oracle_acceptance is not None and args.temp > 0:

@@ -51,8 +51,9 @@ MX_MODES = ("mxfp4", "mxfp8")
 GEMMA4_WINDOWS = (2, 3, 4, 6, 8, 16)
 DRAFTER_KINDS = ("oracle", "dspark", "dflash", "dspark-dflash_config", "zlab")
 ACCEPTANCES = (0.0, 0.3, 0.6, 0.85, 1.0)
-KV_BITS = (2, 4, 8)
+KV_BITS = (2, 3, 4, 6, 8)
 ROTATING_KEEP = 4  # what make_prompt_cache(model, max_kv_size=W) keeps
+ROTATING_KEEPS = (ROTATING_KEEP, ROTATING_KEEP, 0, 1, 7)  # a user's own RotatingKVCache(keep=...)
 VOCAB_SIZE = 512
 FIRST_ORDINARY_ID = 3  # ids below are <pad>, <eos>, <unk>
 
@@ -106,10 +107,11 @@ class Case:
     kv_group_size: int
     quantized_kv_start: Optional[int]
     prompt_cache: Optional[str]  # None (stream_generate makes one), "target", "combined"
-    rotating: Optional[int]  # prompt cache made with make_prompt_cache(model, max_kv_size=W)
+    rotating: Optional[int]  # prompt cache of RotatingKVCache(max_size=W, keep=rotating_keep)
     max_kv_size: Optional[int]  # passed to stream_generate
     second_prompt: Optional[Tuple[int, ...]]  # a second turn on the same cache
     second_max_tokens: Optional[int]
+    rotating_keep: int = ROTATING_KEEP
     overrides: Tuple[str, ...] = ()  # "field=value" set after drawing (``--set``)
 
     @classmethod
@@ -149,6 +151,7 @@ class Case:
         # sliding layers, or any cache made with a max_kv_size), so kv_bits
         # goes with Qwen3's plain caches only; Gemma-4 ignores max_kv_size.
         kv_bits, kv_group_size, kv_start, rotating, max_kv_size = None, 64, None, None, None
+        rotating_keep = ROTATING_KEEP
         reach = len(prompt) + max_tokens
         mode = _weighted(rng, {"kv_bits": 0.25, "rotating": 0.1, "max_kv_size": 0.08, "plain": 0.57})
         if mode == "kv_bits" and family == "qwen3":
@@ -162,7 +165,8 @@ class Case:
             else:
                 kv_start = rng.randint(len(prompt) + 1, reach + 1)
         elif mode == "rotating" and family == "qwen3":
-            rotating = rng.randint(ROTATING_KEEP + 1, max(ROTATING_KEEP + 2, 2 * reach))
+            rotating_keep = rng.choice(ROTATING_KEEPS)
+            rotating = rng.randint(rotating_keep + 1, max(rotating_keep + 2, 2 * reach))
         elif mode == "max_kv_size":
             max_kv_size = rng.randint(ROTATING_KEEP + 1, max(ROTATING_KEEP + 2, 2 * reach))
 
@@ -180,7 +184,8 @@ class Case:
                    block=block, cap=cap, prompt=prompt, max_tokens=max_tokens, eos_pick=eos_pick,
                    close_after=close_after, kv_bits=kv_bits, kv_group_size=kv_group_size,
                    quantized_kv_start=kv_start, prompt_cache=prompt_cache, rotating=rotating,
-                   max_kv_size=max_kv_size, second_prompt=second_prompt, second_max_tokens=second_max_tokens)
+                   max_kv_size=max_kv_size, second_prompt=second_prompt, second_max_tokens=second_max_tokens,
+                   rotating_keep=rotating_keep)
 
     def with_overrides(self, overrides) -> "Case":
         """The case with fields set from "field=value" strings (values in
@@ -247,7 +252,7 @@ class Case:
         if self.kv_bits is not None:
             parts.append(f"kv_bits {self.kv_bits} group {self.kv_group_size} start {self.quantized_kv_start}")
         if self.rotating is not None:
-            parts.append(f"rotating cache {self.rotating} (keep {ROTATING_KEEP})")
+            parts.append(f"rotating cache {self.rotating} (keep {self.rotating_keep})")
         if self.max_kv_size is not None:
             parts.append(f"max_kv_size {self.max_kv_size}")
         if self.prompt_cache is not None:
@@ -319,6 +324,7 @@ def dimensions(case: Case) -> Dict[str, str]:
         "kv quantization": kv,
         "kv_bits": str(case.kv_bits or "-"),
         "rotating prompt cache": wraps(case.rotating),
+        "rotating keep": "-" if case.rotating is None else str(case.rotating_keep),
         "max_kv_size": wraps(case.max_kv_size),
         "prompt_cache": str(case.prompt_cache),
         "turns": turns,
@@ -492,7 +498,7 @@ class Session:
 
 # Case fields that decide plain decoding (the drafter, block and cap do not).
 PLAIN_FIELDS = ("prompt", "max_tokens", "close_after", "kv_bits", "kv_group_size", "quantized_kv_start",
-                "prompt_cache", "rotating", "max_kv_size", "second_prompt", "second_max_tokens")
+                "prompt_cache", "rotating", "rotating_keep", "max_kv_size", "second_prompt", "second_max_tokens")
 
 
 # ---------------------------------------------------------------- running
@@ -508,11 +514,14 @@ def _top2_margin(logprobs) -> float:
 
 
 def _make_cache(case: Case, model, drafter):
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
     if case.prompt_cache is None:
         return None
-    cache = make_prompt_cache(model, max_kv_size=case.rotating)
+    if case.rotating is not None and case.rotating_keep != ROTATING_KEEP:
+        cache = [RotatingKVCache(max_size=case.rotating, keep=case.rotating_keep) for _ in model.layers]
+    else:
+        cache = make_prompt_cache(model, max_kv_size=case.rotating)
     if case.prompt_cache == "combined" and drafter is not None:
         cache += drafter.make_cache()
     return cache

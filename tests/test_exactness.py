@@ -26,7 +26,7 @@ PENDING_REASON = ""
 EXPECTED_REFUSALS = {}
 
 FAST = 40
-LONG = 960  # CI's share (1,000 cases in all); `python -m mlx_lm_dspark_tools.exactness --seeds 0:2100` runs more
+LONG = 1960  # CI's share (2,000 cases in all); `python -m mlx_lm_dspark_tools.exactness --seeds 0:N` runs more
 
 
 def checked_seeds(skip: int, count: int):

@@ -92,6 +92,44 @@ def test_greedy_mismatch_fails_loudly(pair, monkeypatch):
     assert "plain:" in str(err.value) and "speculative:" in str(err.value)
 
 
+@pytest.fixture(scope="module")
+def pair_hd32(tmp_path_factory):
+    """A pair whose head dimension KV quantization's group sizes divide."""
+    target, drafter = build_pair(tmp_path_factory.mktemp("bench32"), family="qwen3", head_dim=32)
+    return str(target), str(drafter)
+
+
+@pytest.mark.parametrize("options", [("--max-kv-size", "12"),
+                                     ("--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "20")])
+def test_kv_cache_options_reach_both_sides(pair_hd32, options, monkeypatch, capsys):
+    """A rotating cache that wraps / KV quantization starting mid-run: both
+    runs get the options (greedy outputs still checked equal)."""
+    pair = pair_hd32
+    generate = sys.modules["mlx_lm.generate"]  # the module (mlx_lm.generate is also the function)
+    seen = {"plain": [], "speculative": []}
+    plain, spec = generate.generate_step, bench.speculative_generate_step
+
+    def watched(side, fn):
+        def call(*args, **kwargs):
+            seen[side].append(kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(generate, "generate_step", watched("plain", plain))
+    monkeypatch.setattr(bench, "speculative_generate_step", watched("speculative", spec))
+    results = run(pair, *options, "--num-draft-tokens", "3", tokens=16)
+    assert results["greedy_checked"] is True
+    for side, calls in seen.items():
+        assert calls, side
+        for kwargs in calls:
+            if "--max-kv-size" in options:
+                caches = kwargs["prompt_cache"]
+                assert all(c.max_size == 12 for c in caches[: len(caches) if side == "plain" else 1]), side
+            else:
+                assert (kwargs["kv_bits"], kwargs["kv_group_size"], kwargs["quantized_kv_start"]) == (4, 32, 20), side
+    assert "KV cache: " in capsys.readouterr().out
+
+
 def test_prompt_files_are_read(tmp_path):
     path = tmp_path / "evals.jsonl"
     lines = [{"turns": ["first question", "a follow-up"]}, {"turns": ["second"]}, {"turns": ["third"]}]
