@@ -33,9 +33,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from .config import FAMILY_OF_MODEL_TYPE, drafter_args
+from .config import drafter_args
 from .drafter import Drafter, ModelArgs
-from .target import DrafterMismatchError, TargetAdapter, family_of, text_args, validate_pair
+from .target import DrafterMismatchError, TargetAdapter, family_of, text_args, untappable, validate_pair
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -135,15 +135,13 @@ def target_embeddings(model):
 
 
 def target_family(model) -> str:
-    family = family_of(model)
-    if family is None:
-        model_type = getattr(model, "model_type", None) or text_args(model).get("model_type")
+    problem = untappable(model)
+    if problem is not None:
         raise TrainingError(
-            f"Cannot train a drafter for a {model_type!r} target ({type(model).__name__}): DSpark drafters "
-            f"exist for {sorted(set(FAMILY_OF_MODEL_TYPE.values()))} targets (model_type one of "
-            f"{sorted(FAMILY_OF_MODEL_TYPE)}). Use a Qwen3 or Gemma-4 model."
+            f"Cannot train a drafter for {type(model).__name__}: {problem}; drafters read the hidden "
+            "states of a decoder's `model.layers`."
         )
-    return family
+    return family_of(model)
 
 
 def _json_ready(d: dict) -> dict:
@@ -167,7 +165,7 @@ def drafter_config(target_config: dict, family: str, num_target_layers: int, arg
     if "vocab_size" not in config and "vocab_size" in target_config:
         config["vocab_size"] = target_config["vocab_size"]
     layer_ids = list(args.target_layer_ids or default_layer_ids(num_target_layers))
-    bad = [i for i in layer_ids if not 0 <= i < num_target_layers]
+    bad = [i for i in layer_ids if not -1 <= i < num_target_layers]
     if bad:
         raise TrainingError(f"--target-layer-ids {layer_ids}: {bad} out of range for a {num_target_layers}-layer target.")
     config.update({
@@ -262,14 +260,15 @@ def block_mask(anchors: mx.array, context_len: int, block_size: int) -> mx.array
     return mx.concatenate([ctx, own], axis=-1)[:, None]
 
 
-def _window_mask(mask, anchors, context_len, block_size, window):
-    """Restrict ``mask`` to keys fewer than ``window`` positions back."""
+def _layer_mask(mask, attention, anchors, context_len, block_size):
+    """Restrict ``mask`` to the keys ``attention`` sees (its window, its
+    causality inside the block: ``Attention.visible``)."""
     B = block_size
     q_pos = (mx.repeat(anchors, B, axis=1) + mx.tile(mx.arange(B), anchors.shape[1])[None])  # [N, AB]
     k_pos = mx.concatenate([mx.broadcast_to(mx.arange(context_len)[None], (anchors.shape[0], context_len)),
                             q_pos], axis=1)  # [N, L+AB]
-    near = (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    return mx.logical_and(mask, near[:, None])
+    visible = attention.visible(q_pos[:, :, None], k_pos[:, None, :])
+    return mask if visible is None else mx.logical_and(mask, visible[:, None])
 
 
 def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchors: mx.array) -> dict:
@@ -298,8 +297,7 @@ def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchor
     mask = block_mask(anchors, L, B)
     h = drafter.embed(ids.reshape(N, A * B))
     for layer, layer_ctx in zip(drafter.layers, ctx):
-        window = layer.self_attn.window
-        m = mask if window is None else _window_mask(mask, anchors, L, B, window)
+        m = _layer_mask(mask, layer.self_attn, anchors, L, B)
         h = layer.around(h, lambda x: _block_attention(layer.self_attn, x, *layer_ctx, offsets, m))
     hidden = drafter.norm(h).reshape(N, A, B, -1)
     logits = drafter.base_logits(hidden)

@@ -73,13 +73,18 @@ def params(module):
 # ---------------------------------------------------------------- 1. parity
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma4"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma4", "qwen3-causal-sliding"])
 @pytest.mark.parametrize("rank", [8, 0])
 def test_training_forward_matches_inference(family, rank):
-    make = make_qwen3_target if family == "qwen3" else make_gemma4_target
+    make = make_gemma4_target if family == "gemma4" else make_qwen3_target
+    family, layers = family.split("-")[0], family.endswith("sliding")
     model, config = make(seed=1)  # Gemma-4: sliding, full and KV-shared layers
     args = small_args(markov_rank=rank, num_layers=2, block_size=5, target_layer_ids=[1, 3, 5])
-    drafter = T.build_drafter(T.drafter_config(config, family, len(model.layers), args, 500), model, seed=2)
+    config = T.drafter_config(config, family, len(model.layers), args, 500)
+    if layers:  # z-lab's drafter layers: sliding (window 9), causal inside the block
+        config.update(layer_types=["sliding_attention", "full_attention"], sliding_window=9,
+                      causal_layer_types=["sliding_attention"])
+    drafter = T.build_drafter(config, model, seed=2)
     if rank:  # a non-zero Markov head, so the correction is exercised
         w2 = drafter.markov_head.markov_w2
         w2.weight = 0.3 * mx.random.normal(w2.weight.shape, key=mx.random.key(3))
@@ -298,14 +303,17 @@ def test_cli_bad_input(target_dir, tmp_path, capsys):
         capsys, ["--model", str(tmp_path / "nowhere"), "--data", str(text), "--quiet"])
 
 
-def test_unsupported_target_family(tmp_path):
-    from mlx_lm.models import llama
+def test_a_target_without_tappable_layers_is_refused(tmp_path):
+    import mlx.nn as nn
 
-    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2,
-                                        intermediate_size=64, num_attention_heads=2, rms_norm_eps=1e-5,
-                                        vocab_size=64, num_key_value_heads=2))
-    with pytest.raises(T.TrainingError, match="Use a Qwen3 or Gemma-4 model"):
-        T.train(model, [[1, 2, 3, 4]], small_args(), output=tmp_path)
+    class NoLayers(nn.Module):
+        args = {"model_type": "mystery", "vocab_size": 64, "hidden_size": 32}
+
+        def __call__(self, tokens, cache=None):
+            return tokens
+
+    with pytest.raises(T.TrainingError, match="exposes no `layers`"):
+        T.train(NoLayers(), [[1, 2, 3, 4]], small_args(), output=tmp_path)
 
 
 @pytest.mark.parametrize("family,bits", [("gemma4", None), ("qwen3", 4)])
