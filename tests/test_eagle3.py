@@ -7,6 +7,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from conftest import EAGLE3_FIXTURES
+from mlx_lm_dspark import train
 from mlx_lm_dspark.eagle3 import Eagle3Drafter, ModelArgs, eagle3_args
 from mlx_lm_dspark.target import TargetAdapter, rollback
 
@@ -437,32 +438,25 @@ def test_training_forward_matches_reference(name):
     ids = io["input_ids"][0]
     for k in range(T):  # row i reads the token at i+1+k (0 past the end)
         assert ints(io["step_input_ids"][k]) == ints(ids[1 + k:]) + [0] * (k + 1)
+    assert mx.array_equal(train.ttt_inputs(io["input_ids"], T), io["step_input_ids"])
     outputs = drafter.ttt_forward(io["target_hidden_states"], io["step_input_ids"])
     errors = Errors(name + " (training)")
+    for k, h in enumerate(outputs):
+        valid = io["query_valid"][k].astype(mx.bool_)
+        n = int(valid.sum().item())
+        assert ints(valid) == [1] * n + [0] * (S - n) and n == S - k
+        errors.check("step_hidden", h[:, :n], io["step_hidden"][k][:, :n], f"step{k}")
+        errors.check("step_logits", drafter.logits(h)[:, :n], io["step_logits"][k][:, :n], f"step{k}")
 
-    # Target distribution of the token after each row's next one, then T+1 uniform rows.
+    # The trainer's loss: target logits = the drafter's (= the target's) LM head
+    # of the target's final hidden states, softcapped for Gemma-4.
     head = drafter.lm_head(io["target_last_hidden_states"])
     cap = drafter.args.final_logit_softcapping
     if drafter.args.family == "gemma4" and cap:
         head = mx.tanh(head / cap) * cap
-    V = head.shape[-1]
-    p = mx.concatenate([mx.softmax(head[0, 1:], axis=-1), mx.full((T + 1, V), 1.0 / V)], axis=0)
-    # Loss weights: loss_mask without its last position, shifted left by k.
-    weights = io["loss_mask"][0].at[S - 1].multiply(0.0)
-    losses = []
-    for k, h in enumerate(outputs):
-        assert mx.array_equal(io["position_mask"][k][0], mx.concatenate([weights[k:], mx.zeros((k,))]))
-        valid = io["query_valid"][k].astype(mx.bool_)
-        n = int(valid.sum().item())
-        assert ints(valid) == [1] * n + [0] * (S - n) and n == S - k
-        logits = drafter.logits(h)
-        errors.check("step_hidden", h[:, :n], io["step_hidden"][k][:, :n], f"step{k}")
-        errors.check("step_logits", logits[:, :n], io["step_logits"][k][:, :n], f"step{k}")
-        ce = -(p[k : k + S] * (logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True))).sum(axis=-1)
-        losses.append((io["position_mask"][k][0] * ce).sum() / S)  # / (B·S), masked rows counted
-    losses = mx.stack(losses)
-    errors.check("step_loss", losses, io["step_loss"], "all")
     decay = io["step_loss_decay"].item()
-    total = (losses * mx.array([decay**k for k in range(T)])).sum()
+    total, losses = train.eagle3_loss(drafter, io["target_hidden_states"], io["input_ids"], head,
+                                      io["loss_mask"], io["attention_mask"], decay)
+    errors.check("step_loss", losses, io["step_loss"], "all")
     errors.check("loss", total[None], io["loss"], "all")
     errors.report()
