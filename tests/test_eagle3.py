@@ -460,3 +460,55 @@ def test_training_forward_matches_reference(name):
     errors.check("step_loss", losses, io["step_loss"], "all")
     errors.check("loss", total[None], io["loss"], "all")
     errors.report()
+
+
+# Through mlx_lm.server ------------------------------------------------------------
+
+
+def bigram_server_pair(root):
+    """DeepSpec's cycle-bigram target (with a tokenizer and chat template
+    added) and its planted EAGLE3 drafter: mixed acceptance, so served
+    rounds accept drafts."""
+    import shutil
+
+    from mlx_lm_dspark_tools.tiny import write_tokenizer
+    from test_server import with_chat_template
+
+    target = root / "target"
+    shutil.copytree(EAGLE3_FIXTURES / "e2e_bigram" / "target", target)
+    config = json.loads((target / "config.json").read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]  # for mlx-lm < 0.32
+    (target / "config.json").write_text(json.dumps(config))
+    write_tokenizer(target, config["vocab_size"])
+    with_chat_template(target)
+    return target, EAGLE3_FIXTURES / "e2e_bigram" / "draft_qwen3"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma4", "bigram"])
+def test_server_greedy_repeat_and_conversation(family, tmp_path_factory):
+    """mlx_lm.server --draft-model <EAGLE3>: a repeated request (served from
+    the prompt cache, the drafter's pending row included) and a continued
+    conversation equal a server without drafter."""
+    from mlx_lm_dspark_tools.tiny import build_eagle3_pair
+    from test_server import converse, server_pair, with_chat_template
+
+    root = tmp_path_factory.mktemp(f"server-eagle3-{family}")
+    if family == "bigram":
+        target, drafter = bigram_server_pair(root)
+    else:
+        extra = {"sliding_window_pattern": 2, "num_kv_shared_layers": 2} if family == "gemma4" else {}
+        target, drafter = build_eagle3_pair(root, family, vocab_size=128, num_layers=4, ttt_length=4,
+                                            target_layer_ids=(0, 1, 2), **extra)
+        with_chat_template(target)
+    common = ["--model", str(target), "--max-tokens", "16", "--temp", "0.0"]
+    accepted = []
+
+    def drafted(turn, got):
+        stats = got["usage"]["speculative"]
+        assert stats["rounds"] > 0 and stats["acceptance_rule"] == "greedy"
+        accepted.append(stats["accepted_tokens"])
+
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
+        converse(spec, plain, "the river runs past the old mill", 3, 16, "what next", repeat=True, check=drafted)
+    if family == "bigram":
+        assert min(accepted) > 0, accepted
