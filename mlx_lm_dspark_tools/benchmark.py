@@ -24,11 +24,16 @@ cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
 
 ``--draft-model`` given several times runs each drafter (any kinds: DSpark,
 DFlash, EAGLE3, lookup) through the whole benchmark on the same target, one
-after the other, and reports them side by side (τ, speed-up, the drafter's
-cost per round); ``--compare-lookup`` does the same for lookup alone, the
-drafter alone and the two combined.  Their ``--json`` holds ``config`` and
-``variants``: per variant, everything a single run writes (below) plus
-``draft_model``, ``drafter_kind`` and ``max_drafts``.
+after the other, each paired with plain decoding, and prints them side by
+side per category (τ, speed-up, speed-up over the first, the cost per
+round).  ``--compare-lookup [SPEC]`` makes the same comparison of lookup
+alone (``--draft-model SPEC``, default ``ngram``), the drafter alone and the
+drafter combined with lookup (the ``edit`` prompts repeat their context,
+where lookup pays).  Given several times it compares those lookup settings
+(each alone and, with a drafter, combined); without ``--draft-model`` it
+runs lookup alone.  Their JSON has ``config``, ``base`` (the variant the
+speed-ups are also compared with) and ``variants``: name -> the results
+below plus ``draft_model``, ``drafter_kind`` and ``max_drafts``.
 
 ``--json PATH`` writes everything; top-level keys:
 
@@ -193,9 +198,10 @@ def setup_arg_parser():
     parser.add_argument("--draft-bits", default="4", help="Quantize the drafter on load ('none': stored precision).")
     parser.add_argument("--draft-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
                         help="Combine the drafter with lookup proposals (a spec like ngram:n=4,k=7).")
-    parser.add_argument("--compare-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
+    parser.add_argument("--compare-lookup", nargs="?", const="ngram", action="append", default=None, metavar="SPEC",
                         help="Run lookup alone (--draft-model SPEC, default ngram), the drafter alone and both "
-                             "combined, each against plain decoding, and report them side by side.")
+                             "combined, each against plain decoding, and report them side by side (repeatable: "
+                             "several lookup settings; without --draft-model: lookup alone).")
     parser.add_argument("--oracle-acceptance", type=float, default=None,
                         help="Replace the drafter by an oracle right at each position with this probability.")
     parser.add_argument("--draft-block-size", type=int, default=None,
@@ -971,8 +977,9 @@ def run(argv=None) -> dict:
         parser.error("--num-draft-tokens must be >= 0")
     if args.max_kv_size is not None and args.max_kv_size < 1:
         parser.error("--max-kv-size must be at least 1")
-    if args.draft_model is None and args.oracle_acceptance is None:
-        parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter)")
+    if args.draft_model is None and args.oracle_acceptance is None and not args.compare_lookup:
+        parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter, or --compare-lookup "
+                     "for lookup alone)")
     if len(args.draft_models) > 1 and args.compare_lookup:
         parser.error("--compare-lookup compares one drafter with lookup: give a single --draft-model "
                      "(or give lookup as one of several --draft-model, e.g. --draft-model ngram)")
@@ -996,10 +1003,16 @@ def run(argv=None) -> dict:
         for drafter in drafters.values():
             check_caps(parser, args, drafter)
         return compare(model, tokenizer, drafters, prompts, args)
-    drafter = make_drafter(args, model)
+    drafter = make_drafter(args, model) if args.draft_model or args.oracle_acceptance is not None else None
     prompts = load_prompts(args)
-    check_caps(parser, args, drafter)
-    if getattr(args, "compare_lookup", None):
+    try:
+        for spec in args.compare_lookup or ():
+            parse_lookup(spec)
+        if drafter is not None:
+            configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
+    except ValueError as e:
+        parser.error(str(e))
+    if args.compare_lookup:
         return compare_lookup(model, tokenizer, drafter, prompts, args)
     results = benchmark(model, tokenizer, drafter, prompts, args)
     results = {
@@ -1078,11 +1091,11 @@ def format_variants_report(results: dict) -> str:
     verification of it, and the measured speculative round), and
     acceptance by position."""
     variants, base = results["variants"], results.get("base")
-    legend = [f"{name}: {v['draft_model']}" for name, v in variants.items() if v.get("draft_model") not in (None, name)]
+    width = max(10, *(len(name) + 2 for name in variants))
     versus = f"vs {base}" if base else "vs base"
-    header = (f"{'category':<10}{'proposer':<10}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
+    header = (f"{'category':<10}{'proposer':<{width}}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
               f"{'speedup':>9}{versus:>12}{'draft ms':>9}{'verify ms':>10}{'ms/round':>9}  acceptance by position")
-    lines = legend + [header, "-" * len(header)]
+    lines = [header, "-" * len(header)]
     groups = list(next(iter(variants.values()))["by_category"]) + ["overall"]
     for group in groups:
         def of(name):
@@ -1095,19 +1108,43 @@ def format_variants_report(results: dict) -> str:
             p, q = s["plain"], s["speculative"]
             ratio = q["speedup"] / base_speedup if q["speedup"] and base_speedup else None
             round_ms = 1000 * q["tau"] / q["tokens_per_s"] if q["tau"] and q["tokens_per_s"] else None
-            lines.append(f"{group:<10}{name:<10}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
+            lines.append(f"{group:<10}{name:<{width}}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
                          f"{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}{_num(q['speedup'], '{:.2f}x'):>9}"
                          f"{_num(ratio, '{:.2f}x'):>12}{_num(cost['draft_ms']):>9}{_num(cost['verify_ms'][-1]):>10}"
                          f"{_num(round_ms):>9}  {_acceptance_cells(q['acceptance_by_position'])}")
+    lines += [f"{name}: {v['draft_model']}" for name, v in variants.items() if v.get("draft_model") not in (None, name)]
     return "\n".join(lines)
 
 
-def lookup_variants(drafter, spec: str) -> Dict[str, object]:
-    """The proposers ``--compare-lookup`` runs: lookup alone, the drafter
-    alone, and the drafter combined with lookup."""
-    from mlx_lm_dspark.loader import load_lookup, with_lookup
+def parse_lookup(spec: str):
+    """The settings of a --compare-lookup value (``ValueError`` saying what is wrong)."""
+    from mlx_lm_dspark.lookup import parse_spec
 
-    return {"lookup": load_lookup(spec), "drafter": drafter, "combined": with_lookup(drafter, spec)}
+    settings = parse_spec(spec)
+    if settings is None:
+        raise ValueError(f"--compare-lookup {spec}: not a lookup specification (ngram, ngram:n=4,min=2,k=8).")
+    return settings
+
+
+def lookup_variants(drafter, specs) -> Dict[str, object]:
+    """The proposers ``--compare-lookup`` runs: lookup alone, the drafter
+    alone (when there is one), and the drafter combined with lookup; with
+    several ``specs``, each named by its settings."""
+    from mlx_lm_dspark.loader import load_lookup, with_lookup
+    from mlx_lm_dspark.lookup import spec_of
+
+    specs = [specs] if isinstance(specs, str) else list(specs)
+
+    def name(kind, variant):
+        return kind if len(specs) == 1 else f"{kind} {spec_of(variant.settings).partition(':')[2]}"
+
+    alone = [load_lookup(spec) for spec in specs]
+    variants = {name("lookup", v): v for v in alone}
+    if drafter is not None:
+        variants["drafter"] = drafter
+        combined = [with_lookup(drafter, spec) for spec in specs]
+        variants.update({name("combined", v): v for v in combined})
+    return variants
 
 
 def compare_lookup(model, tokenizer, drafter, prompts: List[Prompt], args) -> dict:

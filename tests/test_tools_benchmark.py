@@ -346,6 +346,54 @@ def test_cost_model_is_measured_again_between_the_runs(pair, monkeypatch):
     assert "cost_repetitions" not in cached and cached["cost_model"] == start
 
 
+@pytest.fixture
+def fixed_costs(monkeypatch):
+    """A cost model given, not measured (seconds per proposer): fixed caps
+    use it only for the report's predictions."""
+    monkeypatch.setattr(bench, "cost_model", lambda drafter, target: CostModel(
+        verify_ms=[1.0 + 0.1 * w for w in range(drafter.max_drafts + 1)], draft_ms=0.5))
+
+
+def test_compare_lookup_reports_lookup_drafter_and_combined(pair, tmp_path, capsys, fixed_costs):
+    out = tmp_path / "lookup.json"
+    results = run(pair, "--prompts", "edit", "--compare-lookup", "ngram:n=2,min=1", "--num-draft-tokens", "3",
+                  "--cached-cost", "--json", str(out), tokens=8)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["config"]["compare_lookup"] == ["ngram:n=2,min=1"]
+    variants = results["variants"]
+    assert list(variants) == ["lookup", "drafter", "combined"]
+    drafts = {"lookup": 8, "drafter": 7, "combined": 7}  # lookup's default k; combined: the drafter's block
+    for name, variant in variants.items():
+        assert variant["greedy_checked"] is True and set(variant["by_category"]) == {"edit"}
+        assert [p["name"] for p in variant["prompts"]] == ["edit-1", "edit-2"]
+        for entry in (variant["overall"], variant["by_category"]["edit"]):
+            spec = entry["speculative"]
+            assert SPEC_KEYS <= set(spec) and spec["cap"] == 3 and spec["tau"] >= 1.0
+            assert len(spec["acceptance_by_position"]) == drafts[name]
+            assert entry["plain"]["generated_tokens"] >= 8
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    for group in ("edit", "overall"):
+        assert [r[1] for r in rows if r and r[0] == group] == ["lookup", "drafter", "combined"]
+
+
+def test_compare_lookup_of_several_settings_without_a_drafter(pair, capsys, fixed_costs):
+    results = run(pair, "--prompts", "edit", "--num-prompts", "1", "--compare-lookup",
+                  "--compare-lookup", "ngram:n=2,min=1,k=3", "--num-draft-tokens", "3", "--cached-cost",
+                  drafter=False, tokens=6)
+    assert list(results["variants"]) == ["lookup n=4,min=2,k=8", "lookup n=2,min=1,k=3"]
+    assert len(results["variants"]["lookup n=2,min=1,k=3"]["overall"]["speculative"]["acceptance_by_position"]) == 3
+    printed = capsys.readouterr().out
+    assert "edit      lookup n=2,min=1,k=3" in printed and "drafter" not in printed.split("\n", 2)[2]
+
+
+def test_compare_lookup_refuses_a_bad_spec(pair, capsys):
+    for spec in ("ngram:q=1", "my-drafter"):
+        with pytest.raises(SystemExit):
+            bench.main(["--model", pair[0], "--compare-lookup", spec])
+    err = capsys.readouterr().err
+    assert "unknown lookup setting 'q'" in err and "my-drafter: not a lookup specification" in err
+
+
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory, pair):
     """DSpark (the pair's), DFlash and EAGLE3 drafters of one target, and lookup."""
