@@ -1,6 +1,7 @@
-"""Benchmark speculative decoding with a DSpark/DFlash drafter against plain decoding.
+"""Benchmark speculative decoding with a drafter against plain decoding.
 
     python -m mlx_lm_dspark_tools.benchmark --model T --draft-model D --prompts all
+    python -m mlx_lm_dspark_tools.benchmark --model T --draft-model A --draft-model B --draft-model C
 
 Per prompt, trial and cap it runs plain decoding (mlx-lm's ``generate_step``)
 and then speculative decoding with the same sampler, times generation only
@@ -21,13 +22,18 @@ with ``--draft-model`` too, the real drafter still runs every round (its
 cost is kept, its tokens replaced).  ``--sweep-caps`` also runs every fixed
 cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
 
-``--compare-lookup [SPEC]`` runs lookup alone (``--draft-model SPEC``,
-default ``ngram``), the drafter alone and the drafter combined with lookup,
-each paired with plain decoding, and prints them side by side per category
-(the ``edit`` prompts repeat their context, where lookup pays).  Given
-several times it compares those lookup settings (each alone and, with a
-drafter, combined); without ``--draft-model`` it runs lookup alone.  Its
-JSON has ``config`` and ``variants``: name -> the results above.
+``--draft-model`` given several times runs each drafter (any kinds: DSpark,
+DFlash, EAGLE3, lookup) through the whole benchmark on the same target, one
+after the other, each paired with plain decoding, and prints them side by
+side per category (τ, speed-up, speed-up over the first, the cost per
+round).  ``--compare-lookup [SPEC]`` makes the same comparison of lookup
+alone (``--draft-model SPEC``, default ``ngram``), the drafter alone and the
+drafter combined with lookup (the ``edit`` prompts repeat their context,
+where lookup pays).  Given several times it compares those lookup settings
+(each alone and, with a drafter, combined); without ``--draft-model`` it
+runs lookup alone.  Their JSON has ``config``, ``base`` (the variant the
+speed-ups are also compared with) and ``variants``: name -> the results
+below plus ``draft_model``, ``drafter_kind`` and ``max_drafts``.
 
 ``--json PATH`` writes everything; top-level keys:
 
@@ -166,9 +172,11 @@ class Run:
 
 
 def setup_arg_parser():
-    parser = argparse.ArgumentParser(description="Benchmark DSpark/DFlash speculative decoding against plain decoding.")
+    parser = argparse.ArgumentParser(description="Benchmark speculative decoding against plain decoding.")
     parser.add_argument("--model", required=True, help="The target model (local path or Hugging Face repo).")
-    parser.add_argument("--draft-model", default=None, help="The DSpark/DFlash drafter.")
+    parser.add_argument("--draft-model", action="append", default=None,
+                        help="The drafter (DSpark, DFlash, EAGLE3 or a lookup spec). Given several times: each "
+                             "runs on the same target and they are reported side by side.")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", choices=[*PROMPTS, "all"], default="all", help="Built-in prompt set.")
     prompts.add_argument("--prompts-file", default=None, help='JSONL file of {"turns": [...]}; the first turn is used.')
@@ -950,10 +958,19 @@ def write_plot(results: dict, path, plt) -> None:
     plt.close(fig)
 
 
+def parse_args(parser, argv=None):
+    """The options, with ``draft_model`` one path (or None) as a single run
+    takes it and ``draft_models`` every ``--draft-model`` given."""
+    args = parser.parse_args(argv)
+    args.draft_models = args.draft_model or []
+    args.draft_model = args.draft_models[0] if args.draft_models else None
+    return args
+
+
 def run(argv=None) -> dict:
     """Parse ``argv``, run the benchmark, print and write the report; return the results."""
     parser = setup_arg_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.trials < 1 or args.max_tokens < 1:
         parser.error("--trials and --max-tokens must be at least 1")
     if args.num_draft_tokens is not None and args.num_draft_tokens < 0:
@@ -963,6 +980,9 @@ def run(argv=None) -> dict:
     if args.draft_model is None and args.oracle_acceptance is None and not args.compare_lookup:
         parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter, or --compare-lookup "
                      "for lookup alone)")
+    if len(args.draft_models) > 1 and args.compare_lookup:
+        parser.error("--compare-lookup compares one drafter with lookup: give a single --draft-model "
+                     "(or give lookup as one of several --draft-model, e.g. --draft-model ngram)")
     if args.oracle_acceptance is not None and args.temp > 0:
         print("--oracle-acceptance drafts the plain run's tokens: with sampling the speculative run leaves "
               "them, so acceptance falls below F.", file=sys.stderr)
@@ -977,6 +997,12 @@ def run(argv=None) -> dict:
 
     mx.random.seed(args.seed)
     model, tokenizer = mlx_lm.load(args.model)
+    if len(args.draft_models) > 1:
+        drafters = drafter_variants(args, model)
+        prompts = load_prompts(args)
+        for drafter in drafters.values():
+            check_caps(parser, args, drafter)
+        return compare(model, tokenizer, drafters, prompts, args)
     drafter = make_drafter(args, model) if args.draft_model or args.oracle_acceptance is not None else None
     prompts = load_prompts(args)
     try:
@@ -1011,7 +1037,83 @@ def run(argv=None) -> dict:
     return results
 
 
-# ---------------------------------------------------------------- lookup side by side
+def check_caps(parser, args, drafter) -> None:
+    """--caps beyond the drafter's block: say so, no traceback."""
+    try:
+        configurations(args, drafter.max_drafts)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+# ---------------------------------------------------------------- variants side by side
+
+
+def drafter_variants(args, model) -> Dict[str, object]:
+    """Every ``--draft-model``, loaded as a single run loads it, named by
+    its order and kind ("1:dspark", "2:eagle3", ...)."""
+    variants = {}
+    for i, path in enumerate(args.draft_models, 1):
+        drafter = make_drafter(argparse.Namespace(**{**vars(args), "draft_model": path}), model)
+        if getattr(drafter, "source", None) is None:
+            drafter.source = path
+        variants[f"{i}:{getattr(drafter, 'kind', None) or 'drafter'}"] = drafter
+    return variants
+
+
+def compare(model, tokenizer, variants: Dict[str, object], prompts: List[Prompt], args, base=None) -> dict:
+    """Benchmark each variant against plain decoding; print their report
+    side by side, speed-ups also over ``base`` (default: the first), and
+    write it with --json."""
+    base = base or next(iter(variants))
+    results = {"config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot", "draft_models")},
+                          "draft_model": args.draft_models if len(args.draft_models) > 1 else args.draft_model,
+                          "device": str(mx.default_device())},
+               "base": base, "variants": {}}
+    for name, variant in variants.items():
+        print(f"-- {name}: {getattr(variant, 'source', getattr(variant, 'kind', name))}", file=sys.stderr)
+        results["variants"][name] = {
+            "draft_model": str(getattr(variant, "source", None) or name),
+            "drafter_kind": getattr(variant, "kind", None),
+            "max_drafts": variant.max_drafts,
+            **benchmark(model, tokenizer, variant, prompts, args),
+        }
+    print(format_variants_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return results
+
+
+def format_variants_report(results: dict) -> str:
+    """Per category and variant: τ, speed-up over plain decoding (paired
+    runs) and over the base variant (the ratio of the two paired
+    speed-ups), the cost per round (the cost model's full proposal and
+    verification of it, and the measured speculative round), and
+    acceptance by position."""
+    variants, base = results["variants"], results.get("base")
+    width = max(10, *(len(name) + 2 for name in variants))
+    versus = f"vs {base}" if base else "vs base"
+    header = (f"{'category':<10}{'proposer':<{width}}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
+              f"{'speedup':>9}{versus:>12}{'draft ms':>9}{'verify ms':>10}{'ms/round':>9}  acceptance by position")
+    lines = [header, "-" * len(header)]
+    groups = list(next(iter(variants.values()))["by_category"]) + ["overall"]
+    for group in groups:
+        def of(name):
+            r = variants[name]
+            return r["overall"] if group == "overall" else r["by_category"][group]
+
+        base_speedup = of(base)["speculative"]["speedup"] if base in variants else None
+        for name in variants:
+            s, cost = of(name), variants[name]["cost_model"]
+            p, q = s["plain"], s["speculative"]
+            ratio = q["speedup"] / base_speedup if q["speedup"] and base_speedup else None
+            round_ms = 1000 * q["tau"] / q["tokens_per_s"] if q["tau"] and q["tokens_per_s"] else None
+            lines.append(f"{group:<10}{name:<{width}}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
+                         f"{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}{_num(q['speedup'], '{:.2f}x'):>9}"
+                         f"{_num(ratio, '{:.2f}x'):>12}{_num(cost['draft_ms']):>9}{_num(cost['verify_ms'][-1]):>10}"
+                         f"{_num(round_ms):>9}  {_acceptance_cells(q['acceptance_by_position'])}")
+    lines += [f"{name}: {v['draft_model']}" for name, v in variants.items() if v.get("draft_model") not in (None, name)]
+    return "\n".join(lines)
 
 
 def parse_lookup(spec: str):
@@ -1046,44 +1148,8 @@ def lookup_variants(drafter, specs) -> Dict[str, object]:
 
 
 def compare_lookup(model, tokenizer, drafter, prompts: List[Prompt], args) -> dict:
-    """Benchmark each of ``lookup_variants`` against plain decoding; print
-    their report side by side (and write it with --json)."""
-    results = {"config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot")},
-                          "device": str(mx.default_device())}, "variants": {}}
-    for name, variant in lookup_variants(drafter, args.compare_lookup).items():
-        print(f"-- {name}: {getattr(variant, 'source', getattr(variant, 'kind', name))}", file=sys.stderr)
-        results["variants"][name] = benchmark(model, tokenizer, variant, prompts, args)
-    print(format_lookup_report(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.json}")
-    return results
-
-
-def format_lookup_report(results: dict) -> str:
-    """Per category and proposer: τ, speed-up over plain decoding (paired
-    runs), over the drafter alone (the ratio of the two paired speed-ups),
-    and acceptance by position."""
-    variants = results["variants"]
-    width = max(10, *(len(name) + 2 for name in variants))
-    header = (f"{'category':<10}{'proposer':<{width}}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
-              f"{'speedup':>9}{'vs drafter':>11}  acceptance by position")
-    lines = [header, "-" * len(header)]
-    groups = list(next(iter(variants.values()))["by_category"]) + ["overall"]
-    for group in groups:
-        def of(name):
-            r = variants[name]
-            return r["overall"] if group == "overall" else r["by_category"][group]
-
-        base = of("drafter")["speculative"]["speedup"] if "drafter" in variants else None
-        for name in variants:
-            s = of(name)
-            p, q = s["plain"], s["speculative"]
-            versus = q["speedup"] / base if q["speedup"] and base else None
-            lines.append(f"{group:<10}{name:<{width}}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
-                         f"{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}{_num(q['speedup'], '{:.2f}x'):>9}"
-                         f"{_num(versus, '{:.2f}x'):>11}  {_acceptance_cells(q['acceptance_by_position'])}")
-    return "\n".join(lines)
+    """``compare`` for each of ``lookup_variants``, against the drafter alone."""
+    return compare(model, tokenizer, lookup_variants(drafter, args.compare_lookup), prompts, args, base="drafter")
 
 
 def main(argv=None) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -391,3 +392,55 @@ def test_compare_lookup_refuses_a_bad_spec(pair, capsys):
             bench.main(["--model", pair[0], "--compare-lookup", spec])
     err = capsys.readouterr().err
     assert "unknown lookup setting 'q'" in err and "my-drafter: not a lookup specification" in err
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory, pair):
+    """DSpark (the pair's), DFlash and EAGLE3 drafters of one target, and lookup."""
+    import mlx.core as mx
+
+    from mlx_lm_dspark_tools.tiny import save_drafter, save_eagle3_drafter
+
+    root = tmp_path_factory.mktemp("kinds")
+    target = Path(pair[0])
+    config = json.loads((target / "config.json").read_text())
+    weights = mx.load(str(target / "model.safetensors"))
+    save_drafter(root / "dflash", config, markov_rank=0, target_weights=weights)
+    save_eagle3_drafter(root / "eagle3", config, ttt_length=5, target_weights=weights)
+    return pair[0], [pair[1], str(root / "dflash"), str(root / "eagle3"), "ngram"]
+
+
+def test_several_drafters_run_side_by_side(kinds, tmp_path, capsys):
+    target, drafters = kinds
+    out = tmp_path / "results.json"
+    argv = ["--model", target, "--max-tokens", "8", "--num-prompts", "1", "--prompts", "chat", "--json", str(out)]
+    bench.run(argv + [x for d in drafters for x in ("--draft-model", d)])
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    names = ["1:dspark", "2:dflash", "3:eagle3", "4:ngram"]
+    assert list(results["variants"]) == names and results["base"] == "1:dspark"
+    assert results["config"]["draft_model"] == drafters and "draft_models" not in results["config"]
+    for name, path in zip(names, drafters):
+        v = results["variants"][name]
+        assert v["drafter_kind"] == name[2:]
+        assert v["draft_model"].startswith(path) and v["greedy_checked"] is True  # ngram: with its settings
+        assert {"cost_model", "prompts", "by_category", "overall"} <= set(v)
+        assert SPEC_KEYS <= set(v["overall"]["speculative"]) and v["overall"]["speculative"]["tau"] >= 1.0
+        assert v["cost_model"]["draft_ms"] > 0 and len(v["cost_model"]["verify_ms"]) == v["max_drafts"] + 1
+    assert [results["variants"][n]["max_drafts"] for n in names[:3]] == [7, 7, 5]
+    assert results["variants"]["3:eagle3"]["cost_model"]["draft_ms_per_draft"] > 0  # drafts token by token
+    assert results["variants"]["1:dspark"]["cost_model"]["draft_ms_per_draft"] == 0
+    header = next(line for line in printed.splitlines() if line.startswith("category"))
+    for column in ("τ", "speedup", "vs 1:dspark", "draft ms", "verify ms", "ms/round"):
+        assert column in header
+    rows = [line.split()[1] for line in printed.splitlines() if line.startswith("overall")]
+    assert rows == names
+
+
+def test_one_drafter_keeps_the_single_report(pair, capsys):
+    results = run(pair, "--num-draft-tokens", "2", tokens=6)
+    assert results["config"]["draft_model"] == pair[1] and "variants" not in results
+    assert "draft_models" not in results["config"] or results["config"]["draft_models"] == [pair[1]]
+    with pytest.raises(SystemExit):
+        bench.main(["--model", pair[0], "--draft-model", pair[1], "--draft-model", "ngram", "--compare-lookup"])
+    assert "--compare-lookup compares one drafter with lookup" in capsys.readouterr().err
