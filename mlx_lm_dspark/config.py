@@ -9,7 +9,7 @@ Three on-disk layouts carry the same network:
   block alignment (slot i predicts its own position);
 - vLLM speculators: ``speculators_model_type`` "dspark" / "dflash" / "eagle3",
   the network's settings under ``transformer_layer_config``, taps as
-  ``aux_hidden_state_layer_ids`` (the input of layer i, i.e. our tap i-1) and
+  ``aux_hidden_state_layer_ids`` (the input of layer i, i.e. our tap i-1; 0 is tap -1) and
   possibly a reduced draft vocabulary (``draft_vocab_size``; the weights then
   carry ``d2t``, each draft row's offset to its target token id).
   ``speculators_args`` rewrites such a config into the DeepSpec layout.
@@ -23,13 +23,19 @@ EAGLE3_ARCHITECTURES = {"Qwen3Eagle3Model": "qwen3", "Gemma4Eagle3Model": "gemma
 ZLAB_ARCHITECTURES = {"DFlashDraftModel"}
 ZLAB_DEFAULT_BLOCK = 16
 
-# model_type of a drafter / target -> the family whose layer variant it uses
+# model_type of a drafter -> the family whose layer variant it uses
 FAMILY_OF_MODEL_TYPE = {
     "qwen3": "qwen3",
     "gemma4": "gemma4",
     "gemma4_text": "gemma4",
     "gemma4_unified": "gemma4",
 }
+
+
+def family_of_model_type(model_type) -> str:
+    """The drafter family of a *target* model_type: Gemma-4 targets have
+    Gemma-4-style drafters, every other target Qwen3-style ones."""
+    return FAMILY_OF_MODEL_TYPE.get(model_type, "qwen3")
 
 _DRAFTER_FIELDS = (
     "block_size",
@@ -161,16 +167,16 @@ def unrecognised_drafter(config: dict, source=None) -> str:
 
 def _tap_of_speculators(layer_ids, source) -> list:
     """speculators' aux layer id i is the hidden state entering layer i (the
-    output of layer i-1); 0 would be the embeddings, which no drafter here reads."""
+    output of layer i-1); 0, the embeddings entering layer 0, is our tap -1."""
     if not isinstance(layer_ids, list) or not all(_is_int(i) for i in layer_ids) or not layer_ids:
         raise DrafterConfigError(
             f"aux_hidden_state_layer_ids is {layer_ids!r}, expected a non-empty list of layer indices: "
             f"{_malformed(source)}."
         )
-    if min(layer_ids) < 1:
+    if min(layer_ids) < 0:
         raise DrafterConfigError(
-            f"aux_hidden_state_layer_ids {layer_ids} taps the embeddings (layer id 0); only the outputs of "
-            f"decoder layers can be tapped: {_malformed(source)}."
+            f"aux_hidden_state_layer_ids {layer_ids} has a negative layer id (expected ids >= 0, 0 being the "
+            f"embeddings): {_malformed(source)}."
         )
     return [i - 1 for i in layer_ids]
 
@@ -303,8 +309,8 @@ def _string_list(v):
 def _taps(v):
     if not isinstance(v, list) or not v:
         return "a non-empty list of target layer indices"
-    if not all(_is_int(i) and i >= 0 for i in v):
-        return "a list of integer target layer indices >= 0"
+    if not all(_is_int(i) and i >= -1 for i in v):
+        return "a list of integer target layer indices >= 0 (or -1, the embedding output)"
     if len(set(v)) != len(v):
         return "a list of distinct target layer indices (each layer tapped once)"
     return None
@@ -377,6 +383,29 @@ def _consistency_problems(args: dict) -> list:
     return problems
 
 
+def _zlab_settings(config: dict, nested: dict, source) -> dict:
+    """What z-lab's reference reads from ``dflash_config`` (else the top
+    level): ``is_causal`` (absent: sliding-window layers attend causally
+    inside the block, full ones bidirectionally), ``input_embedding_scale``
+    (the borrowed raw embedding's factor), ``output_multiplier`` and
+    ``final_logit_softcapping`` (applied to the borrowed head's logits)."""
+    def value(name):
+        return nested.get(name, config.get(name))
+
+    is_causal = value("is_causal")
+    if is_causal is not None and not isinstance(is_causal, bool):
+        raise DrafterConfigError(f"is_causal is {is_causal!r}, expected true or false: {_malformed(source)}.")
+    out = {"causal_layer_types": ["sliding_attention"] if is_causal is None
+           else ["full_attention", "sliding_attention"] if is_causal else []}
+    for name in ("input_embedding_scale", "output_multiplier", "final_logit_softcapping"):
+        v = value(name)
+        if v is not None:
+            if not (_is_number(v) and v > 0):
+                raise DrafterConfigError(f"{name} is {v!r}, expected a number > 0: {_malformed(source)}.")
+            out[name] = v
+    return out
+
+
 def check_drafter_args(args: dict, source=None) -> None:
     """Raise ``DrafterConfigError`` naming every field of the flattened
     drafter settings that is missing, of the wrong type, out of range or
@@ -414,6 +443,7 @@ def drafter_args(config: dict, source=None) -> dict:
     args["layout"] = layout
 
     if layout == "zlab":
+        args.update(_zlab_settings(config, nested, source))
         args.setdefault("block_size", ZLAB_DEFAULT_BLOCK)
         args["markov_rank"] = 0
         args["enable_confidence_head"] = False

@@ -6,6 +6,11 @@ Gemma-4 layer variant.  The drafter reads target hidden states (tapped at
 ``target_layer_ids``) as context: they are projected once into per-layer K/V
 that stay cached across rounds, and a block ``[anchor, mask, …]`` attends to
 that context and bidirectionally to itself to propose the next tokens.
+
+Layers whose type is in ``causal_layer_types`` attend causally inside the
+block (z-lab's sliding-window layers: their reference masks a sliding layer
+causally unless the config says ``is_causal: false``); a sliding layer sees
+keys fewer than ``sliding_window`` positions back.
 """
 
 import math
@@ -65,6 +70,10 @@ class ModelArgs(BaseModelArgs):
     rope_parameters: Optional[dict] = None
     markov_head_type: str = "vanilla"
     draft_vocab_size: Optional[int] = None  # a reduced draft vocabulary (speculators' d2t), else the target's
+    causal_layer_types: tuple = ()  # layer types that attend causally inside the block
+    # z-lab: factors on the borrowed embedding / head (Qwen3-style drafters of any target)
+    input_embedding_scale: Optional[float] = None
+    output_multiplier: Optional[float] = None
 
     def __post_init__(self):
         if self.family not in ("qwen3", "gemma4"):
@@ -107,6 +116,7 @@ class Attention(nn.Module):
         sliding = self.layer_type == "sliding_attention"
         # Like transformers, a sliding layer without a window attends to everything.
         self.window = args.sliding_window if sliding else None
+        self.causal = self.layer_type in args.causal_layer_types
         full_gemma = gemma and not sliding
         self.head_dim = args.global_head_dim if full_gemma and args.global_head_dim else args.head_dim
         self.k_eq_v = full_gemma and args.attention_k_eq_v
@@ -156,6 +166,16 @@ class Attention(nn.Module):
             values = self.v_norm(values)
         return keys, values.transpose(0, 2, 1, 3)
 
+    def visible(self, q_pos: mx.array, k_pos: mx.array) -> Optional[mx.array]:
+        """Which keys at ``k_pos`` queries at ``q_pos`` attend to (None: all)."""
+        mask = None
+        if self.causal:
+            mask = k_pos <= q_pos
+        if self.window is not None:
+            near = (q_pos - k_pos) < self.window
+            mask = near if mask is None else mask & near
+        return mask
+
     def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
         """The block ``x`` at positions start… attending to the cached context
         and to itself.  The block's K/V are written after the context in the
@@ -167,12 +187,10 @@ class Attention(nn.Module):
         context = cache.offset
         keys, values = cache.update_and_fetch(*self.keys_values(x, start))
         mask = None
-        if self.window is not None:
+        if self.window is not None or self.causal:
             # The context is every committed position before the block, so its
             # rows sit at positions start-context … start-1.
-            q_pos = mx.arange(start, start + L)[:, None]
-            k_pos = mx.arange(start - context, start + L)[None]
-            mask = (q_pos - k_pos) < self.window
+            mask = self.visible(mx.arange(start, start + L)[:, None], mx.arange(start - context, start + L)[None])
         out = scaled_dot_product_attention(queries, keys, values, cache=None, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -349,16 +367,20 @@ class Drafter(nn.Module):
 
     def embed(self, ids: mx.array) -> mx.array:
         h = self._embed_and_head()[0](ids)
-        if self.args.family == "gemma4":
-            h = h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
+        scale = math.sqrt(self.args.hidden_size) if self.args.family == "gemma4" else self.args.input_embedding_scale
+        if scale is not None:
+            h = h * mx.array(scale, dtype=h.dtype)
         return h
 
     def base_logits(self, normed: mx.array) -> mx.array:
         """Logits of final-normed hidden states (what ``block_hidden`` returns),
-        before the Markov correction; Gemma-4 soft-caps them like its target."""
+        before the Markov correction; soft-capped when the config says so
+        (Gemma-4 like its target; z-lab drafters of capped targets)."""
         logits = self._embed_and_head()[1](normed)
+        if self.args.output_multiplier is not None:
+            logits = logits * self.args.output_multiplier
         cap = self.args.final_logit_softcapping
-        if self.args.family == "gemma4" and cap:
+        if cap:
             logits = mx.tanh(logits / cap) * cap
         return self.full_vocabulary(logits)
 

@@ -6,6 +6,11 @@ tapped layer's class is swapped for a subclass whose ``__call__`` runs the
 original and records its output while a capture is active.  Parameter names,
 weights and the host's layer loop are untouched, so a host model that changes
 its internals keeps working as long as it still calls its layers.
+
+Any mlx-lm decoder is a target when its ``layers`` can be tapped this way;
+no list of model types decides it.  Tap ``i`` is the output of layer ``i``;
+tap ``-1`` is the embedding output, i.e. the input of layer 0 (DeepSpec's
+``-1``, which for Gemma-4 includes its embedding scale).
 """
 
 import contextlib
@@ -13,10 +18,11 @@ import threading
 from typing import List, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models import cache as cache_lib
 
 from . import early, recurrent
-from .config import FAMILY_OF_MODEL_TYPE
+from .config import family_of_model_type
 
 
 class DrafterMismatchError(ValueError):
@@ -25,6 +31,13 @@ class DrafterMismatchError(ValueError):
 
 class UnsupportedCacheError(ValueError):
     """The target's cache cannot be rolled back after rejected drafts."""
+
+
+class UnsupportedTargetError(TypeError):
+    """The target model's layers cannot be tapped."""
+
+
+EMBEDDING_TAP = -1  # the embedding output: the input of layer 0
 
 
 _capture = threading.local()
@@ -36,8 +49,10 @@ def _tapped_class(cls):
     if sub is None:
 
         def __call__(self, *args, **kwargs):
-            out = cls.__call__(self, *args, **kwargs)
             sink = getattr(_capture, "sink", None)
+            if sink is not None and ("input", id(self)) in sink:
+                sink[("input", id(self))] = args[0] if args else next(iter(kwargs.values()))
+            out = cls.__call__(self, *args, **kwargs)
             if sink is not None and id(self) in sink:
                 sink[id(self)] = hidden = out[0] if isinstance(out, tuple) else out
                 if getattr(_capture, "start_early", False):
@@ -88,13 +103,37 @@ def forward_module(model):
     return lm if lm is not None and from_mlx_vlm(model) else model
 
 
-def family_of(model) -> Optional[str]:
+def family_of(model) -> str:
+    """The drafter layer variant a target's drafters use: Gemma-4's for
+    Gemma-4 targets, Qwen3's for every other one (Llama, Qwen2, MoE, gpt-oss
+    and hybrid recurrent targets all get Qwen3-style drafters)."""
     model_type = getattr(model, "model_type", None) or text_args(model).get("model_type")
-    return FAMILY_OF_MODEL_TYPE.get(model_type) or HYBRID_FAMILY_OF_MODEL_TYPE.get(model_type)
+    return family_of_model_type(model_type)
 
 
-# Hybrid recurrent targets whose drafters use the Qwen3 layer variant.
-HYBRID_FAMILY_OF_MODEL_TYPE = {t: "qwen3" for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "nemotron_h")}
+def untappable(model) -> Optional[str]:
+    """Why ``model`` cannot be a target (its decoder layers cannot be
+    tapped), or None when it can."""
+    name = type(model).__name__
+    try:
+        text_args(model)
+    except TypeError as e:
+        return str(e)
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return f"{name} exposes no `layers`"
+    try:
+        layers = list(layers)
+    except TypeError:
+        return f"{name}.layers is a {type(layers).__name__}, not a sequence of layer modules"
+    if not layers:
+        return f"{name}.layers is empty"
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, nn.Module) or not callable(getattr(type(layer), "__call__", None)):
+            return f"{name}.layers[{i}] is a {type(layer).__name__}, not a callable mlx Module"
+    if not callable(getattr(model, "__call__", None)):
+        return f"{name} is not callable"
+    return None
 
 
 class TargetAdapter:
@@ -103,13 +142,13 @@ class TargetAdapter:
     def __init__(self, model, layer_ids: List[int]):
         self.model = model
         self.forward = forward_module(model)
-        layers = getattr(model, "layers", None)
-        if layers is None:
-            raise TypeError(
-                f"{type(model).__name__} exposes no `layers`; mlx-lm-dspark taps the target's "
-                "decoder layers and cannot run on this model."
+        problem = untappable(model)
+        if problem is not None:
+            raise UnsupportedTargetError(
+                f"Not a target mlx-lm-dspark can run: {problem}; it taps the hidden states of a "
+                "decoder's `model.layers` and cannot run on this model."
             )
-        self.layers = list(layers)
+        self.layers = list(model.layers)
         self.layer_ids = list(layer_ids)
         args = text_args(model)
         self.family = family_of(model)
@@ -120,19 +159,26 @@ class TargetAdapter:
         # Taps out of range are reported by ``validate_pair`` together with
         # every other difference from the drafter's target (a drafter for
         # another model usually differs in vocabulary and width too).
-        self.bad_layer_ids = [i for i in self.layer_ids if not (isinstance(i, int) and 0 <= i < self.num_layers)]
+        self.bad_layer_ids = [
+            i for i in self.layer_ids if not (isinstance(i, int) and EMBEDDING_TAP <= i < self.num_layers)
+        ]
         for i in self.layer_ids:
             if i not in self.bad_layer_ids:
-                tap(self.layers[i])
-        self._tap_keys = [id(self.layers[i]) for i in self.layer_ids if i not in self.bad_layer_ids]
+                tap(self.layers[max(i, 0)])
+        self._tap_keys = [self._tap_key(i) for i in self.layer_ids if i not in self.bad_layer_ids]
         recurrent.prepare(self.layers)
+
+    def _tap_key(self, i: int):
+        """What the capture records tap ``i`` under: a layer's output, or for
+        -1 the input of layer 0."""
+        return ("input", id(self.layers[0])) if i == EMBEDDING_TAP else id(self.layers[i])
 
     def tap_problem(self) -> Optional[str]:
         if not self.bad_layer_ids:
             return None
         return (
             f"target_layer_ids: the drafter taps layers {self.layer_ids}, the target has "
-            f"{self.num_layers} layers (out of range: {self.bad_layer_ids})"
+            f"{self.num_layers} layers (out of range: {self.bad_layer_ids}; -1 is the embedding output)"
         )
 
     def __call__(self, tokens: mx.array, cache, start_early: bool = False) -> tuple:
@@ -192,12 +238,10 @@ def validate_pair(drafter, target: TargetAdapter) -> None:
     drafter field that is None, as lookup's, matches any target)."""
     args = drafter.args
     problems = []
-    if target.family is None:
-        problems.append(
-            f"target family: {type(target.model).__name__} is not a supported target "
-            f"(supported: {sorted(set(FAMILY_OF_MODEL_TYPE.values()))})"
-        )
-    elif args.family is not None and args.family != target.family:
+    # A drafter that borrows the target's embedding and head (z-lab's) has a
+    # Qwen3-style backbone whatever the target (Gemma-4's included).
+    borrows = getattr(args, "has_embeddings", True) is False and args.family == "qwen3"
+    if args.family is not None and args.family != target.family and not borrows:
         problems.append(f"family: drafter is for {args.family}, target is {target.family}")
     if None not in (target.vocab_size, args.vocab_size) and args.vocab_size != target.vocab_size:
         problems.append(f"vocab_size: drafter {args.vocab_size}, target {target.vocab_size}")

@@ -1,16 +1,25 @@
-"""Train a DSpark / DFlash drafter for an mlx-lm target (Qwen3, Gemma-4).
+"""Train a DSpark, DFlash or EAGLE3 drafter for an mlx-lm target (Qwen3, Gemma-4).
 
-The recipe is DSpark's: the target is frozen and run on each training
-sequence to get its tapped hidden states (the drafter's context) and its own
-next-token distributions.  Random anchors are drawn per sequence and every
-block ``[x_a, MASK, …]`` is trained in one forward pass with a mask that lets
-it see the context before its anchor and its own block only, which is exactly
-what one inference round sees.  The loss mixes cross-entropy on the data with
-the L1 distance to the target's distribution (what acceptance depends on),
-plus a BCE for the confidence head.  The result is written in DeepSpec's
-released layout, so ``load_drafter`` (and mlx-lm's ``--draft-model``) load it.
+The target is frozen and run on each training sequence to get its tapped
+hidden states (the drafter's context) and its own next-token distributions.
+
+DSpark / DFlash (DeepSpec's block recipe): random anchors are drawn per
+sequence and every block ``[x_a, MASK, …]`` is trained in one forward pass
+with a mask that lets it see the context before its anchor and its own block
+only, which is exactly what one inference round sees.  The loss mixes
+cross-entropy on the data with the L1 distance to the target's distribution
+(what acceptance depends on), plus a BCE for the confidence head.
+
+EAGLE3 (DeepSpec's training-time test): ``block_size`` drafting steps are
+unrolled over every position at once, each step reading the previous step's
+output as its hidden state and the true next token, and step k is trained
+toward the target's distribution with weight ``step_loss_decay**k``.
+
+Either way the result is written in DeepSpec's released layout, so
+``load_drafter`` (and mlx-lm's ``--draft-model``) load it.
 
     python -m mlx_lm_dspark.train --model Qwen/Qwen3-4B --data chats.jsonl --output my-drafter
+    python -m mlx_lm_dspark.train --algorithm eagle3 --model Qwen/Qwen3-4B --data chats.jsonl --output my-eagle3
 """
 
 import argparse
@@ -33,9 +42,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from .config import FAMILY_OF_MODEL_TYPE, drafter_args
+from .config import drafter_args, is_eagle3_config
 from .drafter import Drafter, ModelArgs
-from .target import DrafterMismatchError, TargetAdapter, family_of, text_args, validate_pair
+from .eagle3 import Eagle3Drafter, eagle3_args
+from .eagle3 import ModelArgs as Eagle3Args
+from .target import DrafterMismatchError, TargetAdapter, family_of, text_args, untappable, validate_pair
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -48,24 +59,29 @@ class TrainingError(ValueError):
     reports it without a traceback."""
 
 
+ALGORITHMS = ("dspark", "dflash", "eagle3")
+
+
 @dataclass
 class TrainingArgs:
+    algorithm: str = "dspark"  # "dflash" is dspark without the Markov / confidence heads
     markov_rank: int = 256  # 0 trains a DFlash drafter (no Markov / confidence head)
-    block_size: int = 7
-    num_layers: int = 5
+    block_size: int = 7  # EAGLE3: ttt_length, the drafts per round and the unrolled training steps
+    num_layers: Optional[int] = None  # None: 5 (DSpark/DFlash), 1 (EAGLE3 has exactly one)
     target_layer_ids: Optional[List[int]] = None  # None: spread over the target like the released drafters
     mask_token_id: Optional[int] = None  # None: see pick_mask_token_id
     iters: int = 1000  # optimizer steps
     batch_size: int = 4  # sequences per micro-batch
     grad_accumulation: int = 1
     learning_rate: float = 6e-4
-    warmup_steps: Optional[int] = None  # None: 5% of iters
+    warmup_steps: Optional[int] = None  # None: 5% of iters (EAGLE3: 4%, as DeepSpec)
     min_learning_rate: float = 0.0
-    weight_decay: float = 0.01
+    weight_decay: Optional[float] = None  # None: 0.01 (EAGLE3: 0, as DeepSpec)
     grad_clip: float = 1.0
     seq_length: int = 2048  # longer sequences are split into chunks of this length
     anchors_per_seq: int = 16
     loss_decay: float = 4.0  # slot weight exp(-k / loss_decay), k = 0 for the first draft
+    step_loss_decay: float = 0.8  # EAGLE3: weight of unrolled step k is step_loss_decay**k
     ce_weight: float = 0.1
     l1_weight: float = 0.9
     confidence_weight: float = 1.0
@@ -76,6 +92,20 @@ class TrainingArgs:
     seed: int = 0
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise TrainingError(f"--algorithm {self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}.")
+        if self.algorithm == "dflash":
+            self.markov_rank = 0
+        if self.num_layers is None:
+            self.num_layers = 1 if self.eagle3 else 5
+        if self.weight_decay is None:
+            self.weight_decay = 0.0 if self.eagle3 else 0.01
+
+    @property
+    def eagle3(self) -> bool:
+        return self.algorithm == "eagle3"
 
     @classmethod
     def from_dict(cls, params: dict) -> "TrainingArgs":
@@ -99,6 +129,10 @@ class TrainingArgs:
             raise TrainingError(f"--learning-rate must be positive, got {self.learning_rate}.")
         if self.seq_length < 3:
             raise TrainingError("--seq-length must be at least 3 (context, anchor, one target).")
+        if self.eagle3 and self.num_layers != 1:
+            raise TrainingError(f"--num-layers {self.num_layers}: an EAGLE3 drafter has exactly one layer.")
+        if not 0 < self.step_loss_decay <= 1:
+            raise TrainingError(f"--step-loss-decay must be in (0, 1], got {self.step_loss_decay}.")
 
 
 # ---------------------------------------------------------------- target
@@ -135,15 +169,13 @@ def target_embeddings(model):
 
 
 def target_family(model) -> str:
-    family = family_of(model)
-    if family is None:
-        model_type = getattr(model, "model_type", None) or text_args(model).get("model_type")
+    problem = untappable(model)
+    if problem is not None:
         raise TrainingError(
-            f"Cannot train a drafter for a {model_type!r} target ({type(model).__name__}): DSpark drafters "
-            f"exist for {sorted(set(FAMILY_OF_MODEL_TYPE.values()))} targets (model_type one of "
-            f"{sorted(FAMILY_OF_MODEL_TYPE)}). Use a Qwen3 or Gemma-4 model."
+            f"Cannot train a drafter for {type(model).__name__}: {problem}; drafters read the hidden "
+            "states of a decoder's `model.layers`."
         )
-    return family
+    return family_of(model)
 
 
 def _json_ready(d: dict) -> dict:
@@ -158,8 +190,9 @@ def _json_ready(d: dict) -> dict:
 
 
 def drafter_config(target_config: dict, family: str, num_target_layers: int, args: TrainingArgs,
-                   mask_token_id: int) -> dict:
-    """DeepSpec's config.json: the target's text config plus the drafter fields."""
+                   mask_token_id: Optional[int]) -> dict:
+    """DeepSpec's config.json: the target's text config plus the drafter
+    fields (of the block drafters, or of EAGLE3 with ``args.eagle3``)."""
     text = target_config.get("text_config", target_config)
     if not isinstance(text, dict):
         text = vars(text)
@@ -167,21 +200,16 @@ def drafter_config(target_config: dict, family: str, num_target_layers: int, arg
     if "vocab_size" not in config and "vocab_size" in target_config:
         config["vocab_size"] = target_config["vocab_size"]
     layer_ids = list(args.target_layer_ids or default_layer_ids(num_target_layers))
-    bad = [i for i in layer_ids if not 0 <= i < num_target_layers]
+    bad = [i for i in layer_ids if not -1 <= i < num_target_layers]
     if bad:
         raise TrainingError(f"--target-layer-ids {layer_ids}: {bad} out of range for a {num_target_layers}-layer target.")
     config.update({
-        "architectures": ["Qwen3DSparkModel" if family == "qwen3" else "Gemma4DSparkModel"],
         "model_type": "qwen3" if family == "qwen3" else "gemma4_text",
         "num_hidden_layers": args.num_layers,
         "layer_types": ["full_attention"] * args.num_layers,
         "tie_word_embeddings": False,
         "num_target_layers": num_target_layers,
-        "block_size": args.block_size,
-        "mask_token_id": int(mask_token_id),
         "target_layer_ids": layer_ids,
-        "markov_rank": args.markov_rank,
-        "enable_confidence_head": args.markov_rank > 0,
     })
     if family == "qwen3":
         # Hybrid targets (LFM2, Nemotron-H) name their norm epsilon and MLP width otherwise.
@@ -191,33 +219,64 @@ def drafter_config(target_config: dict, family: str, num_target_layers: int, arg
     if family == "gemma4":
         config["num_kv_shared_layers"] = 0
         config["target_model_type"] = target_config.get("model_type")
+    if args.eagle3:
+        config.update({
+            "architectures": ["Qwen3Eagle3Model" if family == "qwen3" else "Gemma4Eagle3Model"],
+            "draft_num_hidden_layers": args.num_layers,
+            "ttt_length": args.block_size,
+            "step_loss_decay": args.step_loss_decay,
+        })
+        if family == "gemma4":  # DeepSpec's EAGLE3 layer has neither
+            config.update({"enable_moe_block": False, "hidden_size_per_layer_input": 0,
+                           "target_text_model_type": "gemma4_text"})
+        return dict(sorted(config.items()))
+    config.update({
+        "architectures": ["Qwen3DSparkModel" if family == "qwen3" else "Gemma4DSparkModel"],
+        "block_size": args.block_size,
+        "mask_token_id": int(mask_token_id),
+        "markov_rank": args.markov_rank,
+        "enable_confidence_head": args.markov_rank > 0,
+    })
     if args.markov_rank > 0:
         config.update({"markov_head_type": "vanilla", "confidence_head_with_markov": True})
     return dict(sorted(config.items()))
 
 
-def build_drafter(config: dict, model, seed: int) -> Drafter:
+def new_drafter(config: dict, source=None):
+    """An untrained drafter of the kind ``config`` describes."""
+    if is_eagle3_config(config):
+        drafter = Eagle3Drafter(Eagle3Args.from_dict(eagle3_args(config)))
+        drafter.kind = "eagle3"
+    else:
+        drafter = Drafter(ModelArgs.from_dict(drafter_args(config, source=source)))
+        drafter.kind = "dspark" if drafter.args.markov_rank > 0 else "dflash"
+    return drafter
+
+
+def build_drafter(config: dict, model, seed: int):
     """A fresh drafter with the target's (frozen) embeddings and LM head."""
     mx.random.seed(seed)
-    drafter = Drafter(ModelArgs.from_dict(drafter_args(config)))
+    drafter = new_drafter(config)
     E, W = target_embeddings(model)
     if E.shape != drafter.embed_tokens.weight.shape:
         raise ValueError(f"Target embedding {E.shape} does not match the drafter's {drafter.embed_tokens.weight.shape}.")
     drafter.embed_tokens.weight = E
     drafter.lm_head.weight = W
-    if drafter.args.markov_rank > 0:
+    if getattr(drafter.args, "markov_rank", 0) > 0:
         # Start with no correction, so the Markov head only adds what it learns.
         drafter.markov_head.markov_w2.weight = mx.zeros_like(drafter.markov_head.markov_w2.weight)
-    drafter.kind = "dspark" if drafter.args.markov_rank > 0 else "dflash"
     freeze_embeddings(drafter)
     mx.eval(drafter.parameters())
     return drafter
 
 
-def freeze_embeddings(drafter: Drafter) -> None:
-    """Embeddings and LM head are the target's: never trained."""
+def freeze_embeddings(drafter) -> None:
+    """Embeddings and LM head are the target's: never trained (nor is the
+    Gemma-4 EAGLE3 layer's ``layer_scalar``, a buffer in DeepSpec's model)."""
     drafter.embed_tokens.freeze()
     drafter.lm_head.freeze()
+    if isinstance(drafter, Eagle3Drafter) and drafter.args.family == "gemma4":
+        drafter.layers[0].freeze(recurse=False, keys=["layer_scalar"])
 
 
 # ---------------------------------------------------------------- training forward
@@ -262,14 +321,15 @@ def block_mask(anchors: mx.array, context_len: int, block_size: int) -> mx.array
     return mx.concatenate([ctx, own], axis=-1)[:, None]
 
 
-def _window_mask(mask, anchors, context_len, block_size, window):
-    """Restrict ``mask`` to keys fewer than ``window`` positions back."""
+def _layer_mask(mask, attention, anchors, context_len, block_size):
+    """Restrict ``mask`` to the keys ``attention`` sees (its window, its
+    causality inside the block: ``Attention.visible``)."""
     B = block_size
     q_pos = (mx.repeat(anchors, B, axis=1) + mx.tile(mx.arange(B), anchors.shape[1])[None])  # [N, AB]
     k_pos = mx.concatenate([mx.broadcast_to(mx.arange(context_len)[None], (anchors.shape[0], context_len)),
                             q_pos], axis=1)  # [N, L+AB]
-    near = (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    return mx.logical_and(mask, near[:, None])
+    visible = attention.visible(q_pos[:, :, None], k_pos[:, None, :])
+    return mask if visible is None else mx.logical_and(mask, visible[:, None])
 
 
 def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchors: mx.array) -> dict:
@@ -298,8 +358,7 @@ def block_forward(drafter: Drafter, features: mx.array, tokens: mx.array, anchor
     mask = block_mask(anchors, L, B)
     h = drafter.embed(ids.reshape(N, A * B))
     for layer, layer_ctx in zip(drafter.layers, ctx):
-        window = layer.self_attn.window
-        m = mask if window is None else _window_mask(mask, anchors, L, B, window)
+        m = _layer_mask(mask, layer.self_attn, anchors, L, B)
         h = layer.around(h, lambda x: _block_attention(layer.self_attn, x, *layer_ctx, offsets, m))
     hidden = drafter.norm(h).reshape(N, A, B, -1)
     logits = drafter.base_logits(hidden)
@@ -346,6 +405,51 @@ def loss_fn(drafter: Drafter, features, tokens, target_logits, anchors, valid, a
         m = valid.astype(mx.float32)
         loss = loss + args.confidence_weight * (bce * m).sum() / mx.maximum(m.sum(), 1.0)
     return loss, valid.sum()
+
+
+def ttt_inputs(tokens: mx.array, steps: int) -> mx.array:
+    """[steps, N, L] token inputs of EAGLE3's unrolled steps: row i of step k
+    reads the token at i+1+k (0 past the end)."""
+    N, L = tokens.shape
+    padded = mx.concatenate([tokens, mx.zeros((N, steps), tokens.dtype)], axis=1)
+    return mx.stack([padded[:, 1 + k : 1 + k + L] for k in range(steps)])
+
+
+def eagle3_loss(drafter: Eagle3Drafter, features, tokens, target_logits, loss_mask, valid, decay: float):
+    """DeepSpec's EAGLE3 loss; returns (loss, per-step losses [T]).
+
+    Step k's row i is trained toward the target's distribution at position
+    i+1+k (the token after the one it reads) by soft cross-entropy, over
+    rows whose loss_mask is set and whose target exists (``valid`` [N, L]
+    marks real tokens), summed and divided by N·L (masked rows counted, as
+    DeepSpec's local mean); step k weighs ``decay**k``."""
+    T = drafter.args.ttt_length
+    N, L = tokens.shape
+    outputs = drafter.ttt_forward(features, ttt_inputs(tokens, T))
+    V = target_logits.shape[-1]
+    p = mx.softmax(target_logits[:, 1:].astype(mx.float32), axis=-1)
+    p = mx.concatenate([p, mx.full((N, T + 1, V), 1.0 / V)], axis=1)  # rows past the end: never weighed
+    # Row j counts if its token's loss counts and the token after it is real.
+    weight = loss_mask.astype(mx.float32) * mx.concatenate(
+        [valid[:, 1:].astype(mx.float32), mx.zeros((N, 1))], axis=1)
+    weight = mx.concatenate([weight, mx.zeros((N, T))], axis=1)
+    losses = []
+    for k, h in enumerate(outputs):
+        logits = drafter.logits(h).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        ce = -(p[:, k : k + L] * logp).sum(axis=-1)
+        losses.append((weight[:, k : k + L] * ce).sum() / (N * L))
+    losses = mx.stack(losses)
+    return (losses * decay ** mx.arange(T, dtype=mx.float32)).sum(), losses
+
+
+def batch_loss(drafter, features, target_logits, batch, args: TrainingArgs):
+    """The algorithm's loss of one micro-batch (``micro_batch``'s tuple)."""
+    if args.eagle3:
+        tokens, valid = batch
+        return eagle3_loss(drafter, features, tokens, target_logits, valid, valid, args.step_loss_decay)[0]
+    tokens, anchors, valid = batch
+    return loss_fn(drafter, features, tokens, target_logits, anchors, valid, args)[0]
 
 
 # ---------------------------------------------------------------- data
@@ -455,15 +559,27 @@ def split_data(sequences, args: TrainingArgs):
     return train, held
 
 
+def _sequence_of(train, g: int, seed: int):
+    """The g-th training sample: epochs in seeded shuffled orders."""
+    n = len(train)
+    epoch, i = divmod(g, n)
+    return train[int(np.random.default_rng([seed, 1, epoch]).permutation(n)[i])]
+
+
 def micro_batch(train, index: int, args: TrainingArgs, pad_id: int):
     """The ``index``-th micro-batch; a pure function of (seed, index), so a
-    resumed run sees exactly the data and anchors it would have seen."""
+    resumed run sees exactly the data and anchors it would have seen.
+
+    DSpark/DFlash: (tokens [N, L], anchors [N, A], valid slots [N, A, B]);
+    EAGLE3: (tokens, real tokens [N, L]), every position trained."""
     rows, anchor_rows, valid_rows = [], [], []
-    n, A, B = len(train), args.anchors_per_seq, args.block_size
+    A, B = args.anchors_per_seq, args.block_size
     for j in range(args.batch_size):
         g = index * args.batch_size + j  # global sample number
-        epoch, i = divmod(g, n)
-        seq = train[int(np.random.default_rng([args.seed, 1, epoch]).permutation(n)[i])]
+        seq = _sequence_of(train, g, args.seed)
+        rows.append(seq)
+        if args.eagle3:
+            continue
         rng = np.random.default_rng([args.seed, 2, g])
         candidates = np.arange(1, len(seq) - 1)  # anchor needs context before and a target after
         chosen = np.sort(rng.choice(candidates, size=min(A, candidates.size), replace=False))
@@ -471,11 +587,14 @@ def micro_batch(train, index: int, args: TrainingArgs, pad_id: int):
         ok[: chosen.size] = (chosen[:, None] + np.arange(B) + 1) < len(seq)
         anchor_rows.append(np.pad(chosen, (0, A - chosen.size), constant_values=1))
         valid_rows.append(ok)
-        rows.append(seq)
     L = max(len(s) for s in rows)
     tokens = np.full((len(rows), L), pad_id, dtype=np.int32)
+    real = np.zeros((len(rows), L), dtype=bool)
     for r, s in enumerate(rows):
         tokens[r, : len(s)] = s
+        real[r, : len(s)] = True
+    if args.eagle3:
+        return mx.array(tokens), mx.array(real)
     return mx.array(tokens), mx.array(np.stack(anchor_rows).astype(np.int32)), mx.array(np.stack(valid_rows))
 
 
@@ -506,11 +625,10 @@ def heldout_loss(model_target: TargetAdapter, drafter, held, args: TrainingArgs,
         return float("nan")
     losses = []
     for start in range(0, len(held), args.batch_size):
-        batch = held[start : start + args.batch_size]
-        tokens, anchors, valid = micro_batch(batch, 0, dataclasses.replace(args, batch_size=len(batch)), pad_id)
-        logits, features = model_target(tokens, None)
-        loss, _ = loss_fn(drafter, features, tokens, logits, anchors, valid, args)
-        losses.append(loss.item())
+        sequences = held[start : start + args.batch_size]
+        batch = micro_batch(sequences, 0, dataclasses.replace(args, batch_size=len(sequences)), pad_id)
+        logits, features = model_target(batch[0], None)
+        losses.append(batch_loss(drafter, features, logits, batch, args).item())
     return float(np.mean(losses))
 
 
@@ -552,7 +670,7 @@ def load_checkpoint(output: Path) -> tuple:
     try:
         state = json.loads(state_path.read_text())
         config = json.loads((output / CONFIG_FILE).read_text())
-        drafter = Drafter(ModelArgs.from_dict(drafter_args(config, source=output)))
+        drafter = new_drafter(config, source=output)
         drafter.load_weights(str(output / WEIGHTS_FILE), strict=True)
     except (OSError, ValueError) as e:  # a JSON or safetensors file that is missing, cut short or damaged
         if isinstance(e, TrainingError):
@@ -561,7 +679,6 @@ def load_checkpoint(output: Path) -> tuple:
             f"--resume: the checkpoint in {output} is damaged ({type(e).__name__}: {e}); "
             "run without --resume to start afresh."
         ) from None
-    drafter.kind = "dspark" if drafter.args.markov_rank > 0 else "dflash"
     freeze_embeddings(drafter)
     opt_state = tree_unflatten(list(mx.load(str(output / OPTIMIZER_FILE)).items()))
     mx.eval(drafter.parameters(), opt_state)
@@ -571,21 +688,22 @@ def load_checkpoint(output: Path) -> tuple:
 # ---------------------------------------------------------------- training
 
 
-def make_loss_and_grad(drafter: Drafter, target: TargetAdapter, args: TrainingArgs):
-    """(tokens, anchors, valid) -> (loss, grads of the trainable drafter
-    weights).  The frozen target runs inside, outside the gradient."""
+def make_loss_and_grad(drafter, target: TargetAdapter, args: TrainingArgs):
+    """(*micro_batch) -> (loss, grads of the trainable drafter weights).
+    The frozen target runs inside, outside the gradient."""
 
-    def loss(tokens, anchors, valid):
-        logits, features = target(tokens, None)
+    def loss(*batch):
+        logits, features = target(batch[0], None)
         logits, features = mx.stop_gradient(logits), mx.stop_gradient(features)
-        return loss_fn(drafter, features, tokens, logits, anchors, valid, args)[0]
+        return batch_loss(drafter, features, logits, batch, args)
 
     return nn.value_and_grad(drafter, loss)
 
 
 def lr_schedule(args: TrainingArgs):
     """Linear warm-up (its first step already moves) then cosine decay."""
-    warmup = args.warmup_steps if args.warmup_steps is not None else args.iters // 20
+    default_warmup = args.iters * 4 // 100 if args.eagle3 else args.iters // 20
+    warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup
     peak, low = args.learning_rate, args.min_learning_rate
     span = max(1, args.iters - warmup)
 
@@ -661,6 +779,9 @@ def train(target, data, args: TrainingArgs, output="dspark-drafter", tokenizer=N
 
     if args.resume:
         drafter, config, opt_state, state = load_checkpoint(output)
+        if (drafter.kind == "eagle3") != args.eagle3:
+            raise TrainingError(f"--resume: the checkpoint in {output} is a {drafter.kind} drafter, "
+                                f"not {args.algorithm}; pass its --algorithm.")
         if state.get("data") != fingerprint(sequences):
             warnings.warn("--resume: the data differs from the checkpoint's; data order will not match.",
                           stacklevel=2)
@@ -671,7 +792,7 @@ def train(target, data, args: TrainingArgs, output="dspark-drafter", tokenizer=N
         n_layers = len(model.layers)
         vocab = target_config.get("text_config", target_config).get("vocab_size") or target_config.get("vocab_size")
         mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token_id(tokenizer, vocab)
-        if not 0 <= mask_id < vocab:
+        if not args.eagle3 and not 0 <= mask_id < vocab:
             raise TrainingError(f"--mask-token-id {mask_id} is outside the target vocabulary (0..{vocab - 1}).")
         config = drafter_config(target_config, family, n_layers, args, mask_id)
         drafter = build_drafter(config, model, args.seed)
@@ -715,12 +836,12 @@ def train(target, data, args: TrainingArgs, output="dspark-drafter", tokenizer=N
     for step in range(start, args.iters):
         grads, loss_sum = None, 0.0
         for m in range(args.grad_accumulation):
-            tokens, anchors, valid = micro_batch(train_seqs, step * args.grad_accumulation + m, args, pad_id)
-            loss, g = loss_and_grad(tokens, anchors, valid)
+            batch = micro_batch(train_seqs, step * args.grad_accumulation + m, args, pad_id)
+            loss, g = loss_and_grad(*batch)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, grads)
             loss_sum += loss.item()
-            tokens_seen += tokens.size
+            tokens_seen += batch[0].size
         if args.grad_accumulation > 1:
             grads = tree_map(lambda x: x / args.grad_accumulation, grads)
         if args.grad_clip:
@@ -751,14 +872,19 @@ def train(target, data, args: TrainingArgs, output="dspark-drafter", tokenizer=N
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainingArgs()
-    p = argparse.ArgumentParser(prog="python -m mlx_lm_dspark.train", description="Train a DSpark/DFlash drafter for an mlx-lm Qwen3 or Gemma-4 target.")
+    p = argparse.ArgumentParser(prog="python -m mlx_lm_dspark.train",
+                                description="Train a DSpark, DFlash or EAGLE3 drafter for an mlx-lm Qwen3 or Gemma-4 target.")
     p.add_argument("--model", required=True, help="Target model path or Hugging Face repo (frozen).")
     p.add_argument("--data", required=True,
                    help='JSONL ({"turns"|"messages": [...]} or {"text": ...} per line) or a plain .txt file.')
     p.add_argument("--output", default="dspark-drafter", help="Directory for the drafter and its checkpoints.")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=d.algorithm,
+                   help="dspark (block drafter with Markov and confidence heads), dflash (without them) or "
+                        "eagle3 (sequential drafter, trained with unrolled steps).")
     p.add_argument("--markov-rank", type=int, default=d.markov_rank, help="Markov head rank; 0 trains DFlash.")
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--num-layers", type=int, default=d.num_layers, help="Drafter decoder layers.")
+    p.add_argument("--block-size", type=int, default=d.block_size,
+                   help="Drafts per round (EAGLE3: ttt_length, also the unrolled training steps).")
+    p.add_argument("--num-layers", type=int, default=None, help="Drafter decoder layers (default 5; EAGLE3: 1).")
     p.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
                    help="Target layers to tap (default: spread like the released drafters).")
     p.add_argument("--mask-token-id", type=int, default=None)
@@ -767,7 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=None, help="Default 0.01 (EAGLE3: 0).")
+    p.add_argument("--step-loss-decay", type=float, default=d.step_loss_decay,
+                   help="EAGLE3: weight of unrolled step k is this to the power k.")
     p.add_argument("--seq-length", type=int, default=d.seq_length)
     p.add_argument("--anchors-per-seq", type=int, default=d.anchors_per_seq)
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --output.")

@@ -1,6 +1,7 @@
-"""Benchmark speculative decoding with a DSpark/DFlash drafter against plain decoding.
+"""Benchmark speculative decoding with a drafter against plain decoding.
 
     python -m mlx_lm_dspark_tools.benchmark --model T --draft-model D --prompts all
+    python -m mlx_lm_dspark_tools.benchmark --model T --draft-model A --draft-model B --draft-model C
 
 Per prompt, trial and cap it runs plain decoding (mlx-lm's ``generate_step``)
 and then speculative decoding with the same sampler, times generation only
@@ -20,6 +21,19 @@ and accepted drafts; efficiency = measured / predicted).
 with ``--draft-model`` too, the real drafter still runs every round (its
 cost is kept, its tokens replaced).  ``--sweep-caps`` also runs every fixed
 cap 0..max to compare with the automatic cap, ``--caps 0,5,7`` only those.
+
+``--draft-model`` given several times runs each drafter (any kinds: DSpark,
+DFlash, EAGLE3, lookup) through the whole benchmark on the same target, one
+after the other, each paired with plain decoding, and prints them side by
+side per category (τ, speed-up, speed-up over the first, the cost per
+round).  ``--compare-lookup [SPEC]`` makes the same comparison of lookup
+alone (``--draft-model SPEC``, default ``ngram``), the drafter alone and the
+drafter combined with lookup (the ``edit`` prompts repeat their context,
+where lookup pays).  Given several times it compares those lookup settings
+(each alone and, with a drafter, combined); without ``--draft-model`` it
+runs lookup alone.  Their JSON has ``config``, ``base`` (the variant the
+speed-ups are also compared with) and ``variants``: name -> the results
+below plus ``draft_model``, ``drafter_kind`` and ``max_drafts``.
 
 ``--json PATH`` writes everything; top-level keys:
 
@@ -158,9 +172,11 @@ class Run:
 
 
 def setup_arg_parser():
-    parser = argparse.ArgumentParser(description="Benchmark DSpark/DFlash speculative decoding against plain decoding.")
+    parser = argparse.ArgumentParser(description="Benchmark speculative decoding against plain decoding.")
     parser.add_argument("--model", required=True, help="The target model (local path or Hugging Face repo).")
-    parser.add_argument("--draft-model", default=None, help="The DSpark/DFlash drafter.")
+    parser.add_argument("--draft-model", action="append", default=None,
+                        help="The drafter (DSpark, DFlash, EAGLE3 or a lookup spec). Given several times: each "
+                             "runs on the same target and they are reported side by side.")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", choices=[*PROMPTS, "all"], default="all", help="Built-in prompt set.")
     prompts.add_argument("--prompts-file", default=None, help='JSONL file of {"turns": [...]}; the first turn is used.')
@@ -182,9 +198,10 @@ def setup_arg_parser():
     parser.add_argument("--draft-bits", default="4", help="Quantize the drafter on load ('none': stored precision).")
     parser.add_argument("--draft-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
                         help="Combine the drafter with lookup proposals (a spec like ngram:n=4,k=7).")
-    parser.add_argument("--compare-lookup", nargs="?", const="ngram", default=None, metavar="SPEC",
+    parser.add_argument("--compare-lookup", nargs="?", const="ngram", action="append", default=None, metavar="SPEC",
                         help="Run lookup alone (--draft-model SPEC, default ngram), the drafter alone and both "
-                             "combined, each against plain decoding, and report them side by side.")
+                             "combined, each against plain decoding, and report them side by side (repeatable: "
+                             "several lookup settings; without --draft-model: lookup alone).")
     parser.add_argument("--oracle-acceptance", type=float, default=None,
                         help="Replace the drafter by an oracle right at each position with this probability.")
     parser.add_argument("--draft-block-size", type=int, default=None,
@@ -196,6 +213,13 @@ def setup_arg_parser():
     parser.add_argument("--drafter-contexts", type=parse_caps, default=None,
                         help="Also time one drafter round with these many positions cached (e.g. 64,4096), "
                              "against attention's own reads at those lengths.")
+    kv = parser.add_argument_group("KV cache (mlx-lm's options, the same for the plain and the speculative runs)")
+    kv.add_argument("--max-kv-size", type=int, default=None,
+                    help="A rotating KV cache of this many positions (mlx-lm's --max-kv-size).")
+    kv.add_argument("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits.")
+    kv.add_argument("--kv-group-size", type=int, default=64, help="Group size of the KV cache's quantization.")
+    kv.add_argument("--quantized-kv-start", type=int, default=0,
+                    help="Quantize the KV cache once it holds this many positions.")
     parser.add_argument("--cached-cost", action="store_true",
                         help="Reuse the cached cost model instead of measuring it again before the runs.")
     parser.add_argument("--json", default=None, help="Write all results to this JSON file.")
@@ -321,18 +345,33 @@ def timed(generator, eos_ids) -> Run:
                cpu_s=ended[0] - began[0], switches=ended[1] - began[1])
 
 
-def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids) -> Run:
+def cache_options(args, model) -> dict:
+    """The KV-cache keywords of one run (a fresh rotating prompt cache for
+    ``--max-kv-size``), given alike to plain and speculative decoding."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    options = {}
+    if getattr(args, "max_kv_size", None) is not None:
+        options["prompt_cache"] = make_prompt_cache(model, max_kv_size=args.max_kv_size)
+    if getattr(args, "kv_bits", None) is not None:
+        options.update(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                       quantized_kv_start=args.quantized_kv_start)
+    return options
+
+
+def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids, **cache_options) -> Run:
     from mlx_lm.generate import generate_step
 
-    gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler)
+    gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler, **cache_options)
     run = timed(gen, eos_ids)
     run.prompt_tokens = len(prompt)
     return run
 
 
-def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids) -> Run:
+def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids,
+                    **cache_options) -> Run:
     gen = speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens,
-                                    sampler=sampler, num_draft_tokens=cap)
+                                    sampler=sampler, num_draft_tokens=cap, **cache_options)
     run = timed(gen, eos_ids)
     run.prompt_tokens = len(prompt)
     stats = last_stats(drafter)
@@ -701,10 +740,12 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
 
     # Warm up both paths once.
     first = prompts[0].tokens
-    warm = run_plain(model, first, min(WARMUP_TOKENS, args.max_tokens), sampler, eos_ids)
+    warm = run_plain(model, first, min(WARMUP_TOKENS, args.max_tokens), sampler, eos_ids,
+                     **cache_options(args, model))
     if oracle:
         drafter.set_continuation(first + warm.tokens)
-    run_speculative(model, drafter, first, min(WARMUP_TOKENS, args.max_tokens), sampler, caps[0], eos_ids)
+    run_speculative(model, drafter, first, min(WARMUP_TOKENS, args.max_tokens), sampler, caps[0], eos_ids,
+                    **cache_options(args, model))
 
     runs = {p.name: ([], {key(c): [] for c in caps}) for p in prompts}
     total = len(prompts) * args.trials * 2 * len(caps)
@@ -716,13 +757,15 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
                 # of the machine does not always land on the same one.
                 shift = trial % len(caps)
                 for cap in caps[shift:] + caps[:shift]:
-                    plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids)
+                    plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids,
+                                      **cache_options(args, model))
                     plain.prompt, plain.trial = p.name, trial
                     plain_runs.append(plain)
                     bar.update()
                     if oracle:
                         drafter.set_continuation(p.tokens + plain.tokens, trial)
-                    spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids)
+                    spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids,
+                                           **cache_options(args, model))
                     spec.prompt, spec.plain, spec.trial = p.name, plain, trial
                     if greedy:
                         check_same(plain, spec, tokenizer, f"prompt {p.name!r} (cap {key(cap)}, trial {trial + 1})")
@@ -787,6 +830,12 @@ def format_report(results: dict) -> str:
         lines.append(f"target {config.get('model')}, drafter {drafter}, {config.get('max_tokens')} tokens, "
                      f"{config.get('trials')} trial(s), temp {config.get('temp')}, "
                      f"cap {config.get('num_draft_tokens') or 'auto'}, device {config.get('device')}")
+        kv = [f"rotating, max_kv_size {config['max_kv_size']}"] if config.get("max_kv_size") is not None else []
+        if config.get("kv_bits") is not None:
+            kv.append(f"{config['kv_bits']}-bit (group {config.get('kv_group_size')}) "
+                      f"from position {config.get('quantized_kv_start')}")
+        if kv:
+            lines.append("KV cache: " + ", ".join(kv))
     cost = results["cost_model"]
     spread = results.get("cost_repetitions")
     lines.append(f"cost model{f' ({spread} repetitions before and between the runs)' if spread else ''} "
@@ -909,16 +958,31 @@ def write_plot(results: dict, path, plt) -> None:
     plt.close(fig)
 
 
+def parse_args(parser, argv=None):
+    """The options, with ``draft_model`` one path (or None) as a single run
+    takes it and ``draft_models`` every ``--draft-model`` given."""
+    args = parser.parse_args(argv)
+    args.draft_models = args.draft_model or []
+    args.draft_model = args.draft_models[0] if args.draft_models else None
+    return args
+
+
 def run(argv=None) -> dict:
     """Parse ``argv``, run the benchmark, print and write the report; return the results."""
     parser = setup_arg_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.trials < 1 or args.max_tokens < 1:
         parser.error("--trials and --max-tokens must be at least 1")
     if args.num_draft_tokens is not None and args.num_draft_tokens < 0:
         parser.error("--num-draft-tokens must be >= 0")
-    if args.draft_model is None and args.oracle_acceptance is None:
-        parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter)")
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        parser.error("--max-kv-size must be at least 1")
+    if args.draft_model is None and args.oracle_acceptance is None and not args.compare_lookup:
+        parser.error("--draft-model is required (or --oracle-acceptance for an oracle drafter, or --compare-lookup "
+                     "for lookup alone)")
+    if len(args.draft_models) > 1 and args.compare_lookup:
+        parser.error("--compare-lookup compares one drafter with lookup: give a single --draft-model "
+                     "(or give lookup as one of several --draft-model, e.g. --draft-model ngram)")
     if args.oracle_acceptance is not None and args.temp > 0:
         print("--oracle-acceptance drafts the plain run's tokens: with sampling the speculative run leaves "
               "them, so acceptance falls below F.", file=sys.stderr)
@@ -933,13 +997,22 @@ def run(argv=None) -> dict:
 
     mx.random.seed(args.seed)
     model, tokenizer = mlx_lm.load(args.model)
-    drafter = make_drafter(args, model)
+    if len(args.draft_models) > 1:
+        drafters = drafter_variants(args, model)
+        prompts = load_prompts(args)
+        for drafter in drafters.values():
+            check_caps(parser, args, drafter)
+        return compare(model, tokenizer, drafters, prompts, args)
+    drafter = make_drafter(args, model) if args.draft_model or args.oracle_acceptance is not None else None
     prompts = load_prompts(args)
     try:
-        configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
+        for spec in args.compare_lookup or ():
+            parse_lookup(spec)
+        if drafter is not None:
+            configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
     except ValueError as e:
         parser.error(str(e))
-    if getattr(args, "compare_lookup", None):
+    if args.compare_lookup:
         return compare_lookup(model, tokenizer, drafter, prompts, args)
     results = benchmark(model, tokenizer, drafter, prompts, args)
     results = {
@@ -964,39 +1037,64 @@ def run(argv=None) -> dict:
     return results
 
 
-# ---------------------------------------------------------------- lookup side by side
+def check_caps(parser, args, drafter) -> None:
+    """--caps beyond the drafter's block: say so, no traceback."""
+    try:
+        configurations(args, drafter.max_drafts)
+    except ValueError as e:
+        parser.error(str(e))
 
 
-def lookup_variants(drafter, spec: str) -> Dict[str, object]:
-    """The proposers ``--compare-lookup`` runs: lookup alone, the drafter
-    alone, and the drafter combined with lookup."""
-    from mlx_lm_dspark.loader import load_lookup, with_lookup
-
-    return {"lookup": load_lookup(spec), "drafter": drafter, "combined": with_lookup(drafter, spec)}
+# ---------------------------------------------------------------- variants side by side
 
 
-def compare_lookup(model, tokenizer, drafter, prompts: List[Prompt], args) -> dict:
-    """Benchmark each of ``lookup_variants`` against plain decoding; print
-    their report side by side (and write it with --json)."""
-    results = {"config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot")},
-                          "device": str(mx.default_device())}, "variants": {}}
-    for name, variant in lookup_variants(drafter, args.compare_lookup).items():
+def drafter_variants(args, model) -> Dict[str, object]:
+    """Every ``--draft-model``, loaded as a single run loads it, named by
+    its order and kind ("1:dspark", "2:eagle3", ...)."""
+    variants = {}
+    for i, path in enumerate(args.draft_models, 1):
+        drafter = make_drafter(argparse.Namespace(**{**vars(args), "draft_model": path}), model)
+        if getattr(drafter, "source", None) is None:
+            drafter.source = path
+        variants[f"{i}:{getattr(drafter, 'kind', None) or 'drafter'}"] = drafter
+    return variants
+
+
+def compare(model, tokenizer, variants: Dict[str, object], prompts: List[Prompt], args, base=None) -> dict:
+    """Benchmark each variant against plain decoding; print their report
+    side by side, speed-ups also over ``base`` (default: the first), and
+    write it with --json."""
+    base = base or next(iter(variants))
+    results = {"config": {**{k: v for k, v in vars(args).items() if k not in ("json", "plot", "draft_models")},
+                          "draft_model": args.draft_models if len(args.draft_models) > 1 else args.draft_model,
+                          "device": str(mx.default_device())},
+               "base": base, "variants": {}}
+    for name, variant in variants.items():
         print(f"-- {name}: {getattr(variant, 'source', getattr(variant, 'kind', name))}", file=sys.stderr)
-        results["variants"][name] = benchmark(model, tokenizer, variant, prompts, args)
-    print(format_lookup_report(results))
+        results["variants"][name] = {
+            "draft_model": str(getattr(variant, "source", None) or name),
+            "drafter_kind": getattr(variant, "kind", None),
+            "max_drafts": variant.max_drafts,
+            **benchmark(model, tokenizer, variant, prompts, args),
+        }
+    print(format_variants_report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
     return results
 
 
-def format_lookup_report(results: dict) -> str:
-    """Per category and proposer: τ, speed-up over plain decoding (paired
-    runs), over the drafter alone (the ratio of the two paired speed-ups),
-    and acceptance by position."""
-    variants = results["variants"]
-    header = (f"{'category':<10}{'proposer':<10}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
-              f"{'speedup':>9}{'vs drafter':>11}  acceptance by position")
+def format_variants_report(results: dict) -> str:
+    """Per category and variant: τ, speed-up over plain decoding (paired
+    runs) and over the base variant (the ratio of the two paired
+    speed-ups), the cost per round (the cost model's full proposal and
+    verification of it, and the measured speculative round), and
+    acceptance by position."""
+    variants, base = results["variants"], results.get("base")
+    width = max(10, *(len(name) + 2 for name in variants))
+    versus = f"vs {base}" if base else "vs base"
+    header = (f"{'category':<10}{'proposer':<{width}}{'plain tok/s':>12}{'spec tok/s':>11}{'τ':>6}{'drafts/rd':>10}"
+              f"{'speedup':>9}{versus:>12}{'draft ms':>9}{'verify ms':>10}{'ms/round':>9}  acceptance by position")
     lines = [header, "-" * len(header)]
     groups = list(next(iter(variants.values()))["by_category"]) + ["overall"]
     for group in groups:
@@ -1004,15 +1102,54 @@ def format_lookup_report(results: dict) -> str:
             r = variants[name]
             return r["overall"] if group == "overall" else r["by_category"][group]
 
-        base = of("drafter")["speculative"]["speedup"] if "drafter" in variants else None
+        base_speedup = of(base)["speculative"]["speedup"] if base in variants else None
         for name in variants:
-            s = of(name)
+            s, cost = of(name), variants[name]["cost_model"]
             p, q = s["plain"], s["speculative"]
-            versus = q["speedup"] / base if q["speedup"] and base else None
-            lines.append(f"{group:<10}{name:<10}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
+            ratio = q["speedup"] / base_speedup if q["speedup"] and base_speedup else None
+            round_ms = 1000 * q["tau"] / q["tokens_per_s"] if q["tau"] and q["tokens_per_s"] else None
+            lines.append(f"{group:<10}{name:<{width}}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>11.1f}"
                          f"{_num(q['tau']):>6}{_num(q['drafts_per_round']):>10}{_num(q['speedup'], '{:.2f}x'):>9}"
-                         f"{_num(versus, '{:.2f}x'):>11}  {_acceptance_cells(q['acceptance_by_position'])}")
+                         f"{_num(ratio, '{:.2f}x'):>12}{_num(cost['draft_ms']):>9}{_num(cost['verify_ms'][-1]):>10}"
+                         f"{_num(round_ms):>9}  {_acceptance_cells(q['acceptance_by_position'])}")
+    lines += [f"{name}: {v['draft_model']}" for name, v in variants.items() if v.get("draft_model") not in (None, name)]
     return "\n".join(lines)
+
+
+def parse_lookup(spec: str):
+    """The settings of a --compare-lookup value (``ValueError`` saying what is wrong)."""
+    from mlx_lm_dspark.lookup import parse_spec
+
+    settings = parse_spec(spec)
+    if settings is None:
+        raise ValueError(f"--compare-lookup {spec}: not a lookup specification (ngram, ngram:n=4,min=2,k=8).")
+    return settings
+
+
+def lookup_variants(drafter, specs) -> Dict[str, object]:
+    """The proposers ``--compare-lookup`` runs: lookup alone, the drafter
+    alone (when there is one), and the drafter combined with lookup; with
+    several ``specs``, each named by its settings."""
+    from mlx_lm_dspark.loader import load_lookup, with_lookup
+    from mlx_lm_dspark.lookup import spec_of
+
+    specs = [specs] if isinstance(specs, str) else list(specs)
+
+    def name(kind, variant):
+        return kind if len(specs) == 1 else f"{kind} {spec_of(variant.settings).partition(':')[2]}"
+
+    alone = [load_lookup(spec) for spec in specs]
+    variants = {name("lookup", v): v for v in alone}
+    if drafter is not None:
+        variants["drafter"] = drafter
+        combined = [with_lookup(drafter, spec) for spec in specs]
+        variants.update({name("combined", v): v for v in combined})
+    return variants
+
+
+def compare_lookup(model, tokenizer, drafter, prompts: List[Prompt], args) -> dict:
+    """``compare`` for each of ``lookup_variants``, against the drafter alone."""
+    return compare(model, tokenizer, lookup_variants(drafter, args.compare_lookup), prompts, args, base="drafter")
 
 
 def main(argv=None) -> None:

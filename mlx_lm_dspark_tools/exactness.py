@@ -3,7 +3,8 @@
 Every case is drawn from one integer seed (``Case.draw``): the target
 (family, flavour, sliding window, precision), the drafter (DSpark, DFlash,
 their on-disk layouts, or an oracle right on a chosen fraction of
-positions), the block and cap, the prompt and ``max_tokens``, an EOS inside
+positions), lookup (n-gram) drafts instead of the drafter or combined with
+it (then often on a prompt that repeats itself), the block and cap, the prompt and ``max_tokens``, an EOS inside
 the run, a consumer that closes early, the KV-cache options mlx-lm offers
 (``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start``, rotating prompt
 caches, ``max_kv_size``) and a second turn on the same cache.  The expected
@@ -18,10 +19,12 @@ decides them, so thousands of cases reuse them.
 
     python -m mlx_lm_dspark_tools.exactness --seed 1234
     python -m mlx_lm_dspark_tools.exactness --seeds 0:2000
+    python -m mlx_lm_dspark_tools.exactness --seeds 0:2000 --where lookup=alone
 
 The first prints the case, and where it diverges the position, both tokens
 and the plain top-2 logit margin there; a range prints a per-dimension
-table (cases, divergences, refusals).  A refusal is one of mlx-lm-dspark's
+table (cases, divergences, refusals); ``--where DIMENSION=VALUE`` keeps
+the cases with that value of a reported dimension.  A refusal is one of mlx-lm-dspark's
 own errors raised before the first token; refusals are counted by name.
 """
 
@@ -51,8 +54,9 @@ MX_MODES = ("mxfp4", "mxfp8")
 GEMMA4_WINDOWS = (2, 3, 4, 6, 8, 16)
 DRAFTER_KINDS = ("oracle", "dspark", "dflash", "dspark-dflash_config", "zlab")
 ACCEPTANCES = (0.0, 0.3, 0.6, 0.85, 1.0)
-KV_BITS = (2, 4, 8)
+KV_BITS = (2, 3, 4, 6, 8)
 ROTATING_KEEP = 4  # what make_prompt_cache(model, max_kv_size=W) keeps
+ROTATING_KEEPS = (ROTATING_KEEP, ROTATING_KEEP, 0, 1, 7)  # a user's own RotatingKVCache(keep=...)
 VOCAB_SIZE = 512
 FIRST_ORDINARY_ID = 3  # ids below are <pad>, <eos>, <unk>
 
@@ -80,6 +84,8 @@ def _length(rng: random.Random, buckets):
 PROMPT_LENGTHS = ((0.4, 1, 8), (0.35, 9, 48), (0.25, 49, 200))
 MAX_TOKENS = ((0.55, 1, 8), (0.33, 9, 32), (0.10, 33, 100), (0.02, 101, 300))
 SECOND_MAX_TOKENS = ((0.7, 1, 8), (0.3, 9, 32))
+LOOKUPS = {None: 0.7, "alone": 0.15, "combined": 0.15}  # lookup drafts: none, instead of the drafter, or with it
+LOOKUP_MAX_N = 5
 
 
 @dataclass(frozen=True)
@@ -106,10 +112,13 @@ class Case:
     kv_group_size: int
     quantized_kv_start: Optional[int]
     prompt_cache: Optional[str]  # None (stream_generate makes one), "target", "combined"
-    rotating: Optional[int]  # prompt cache made with make_prompt_cache(model, max_kv_size=W)
+    rotating: Optional[int]  # prompt cache of RotatingKVCache(max_size=W, keep=rotating_keep)
     max_kv_size: Optional[int]  # passed to stream_generate
     second_prompt: Optional[Tuple[int, ...]]  # a second turn on the same cache
     second_max_tokens: Optional[int]
+    rotating_keep: int = ROTATING_KEEP
+    lookup: Optional[str] = None  # "alone" (``--draft-model ngram``: the drafter is unused) or "combined"
+    lookup_spec: Optional[str] = None  # the lookup specification, e.g. "ngram:n=3,min=1,k=5"
     overrides: Tuple[str, ...] = ()  # "field=value" set after drawing (``--set``)
 
     @classmethod
@@ -149,6 +158,7 @@ class Case:
         # sliding layers, or any cache made with a max_kv_size), so kv_bits
         # goes with Qwen3's plain caches only; Gemma-4 ignores max_kv_size.
         kv_bits, kv_group_size, kv_start, rotating, max_kv_size = None, 64, None, None, None
+        rotating_keep = ROTATING_KEEP
         reach = len(prompt) + max_tokens
         mode = _weighted(rng, {"kv_bits": 0.25, "rotating": 0.1, "max_kv_size": 0.08, "plain": 0.57})
         if mode == "kv_bits" and family == "qwen3":
@@ -162,7 +172,8 @@ class Case:
             else:
                 kv_start = rng.randint(len(prompt) + 1, reach + 1)
         elif mode == "rotating" and family == "qwen3":
-            rotating = rng.randint(ROTATING_KEEP + 1, max(ROTATING_KEEP + 2, 2 * reach))
+            rotating_keep = rng.choice(ROTATING_KEEPS)
+            rotating = rng.randint(rotating_keep + 1, max(rotating_keep + 2, 2 * reach))
         elif mode == "max_kv_size":
             max_kv_size = rng.randint(ROTATING_KEEP + 1, max(ROTATING_KEEP + 2, 2 * reach))
 
@@ -175,12 +186,25 @@ class Case:
         if prompt_cache is not None and rng.random() < 0.35:
             second_prompt = tuple(rng.randrange(FIRST_ORDINARY_ID, VOCAB_SIZE) for _ in range(rng.randint(1, 40)))
             second_max_tokens = _length(rng, SECOND_MAX_TOKENS)
+
+        # Drawn last, so that every other dimension of a seed is what it was
+        # before lookup was one.
+        lookup, lookup_spec = _weighted(rng, LOOKUPS), None
+        if lookup is not None:
+            n = rng.randint(1, LOOKUP_MAX_N)
+            lookup_spec = f"ngram:n={n},min={rng.randint(1, n)}"
+            if lookup == "alone":
+                lookup_spec += f",k={block}"  # drafts per round: the block, as for a drafter
+            if len(prompt) >= 4 and rng.random() < 0.5:  # pasted and repeated: long matches
+                period = rng.randint(1, len(prompt) // 2)
+                prompt = (prompt[:period] * (len(prompt) // period + 1))[: len(prompt)]
         return cls(seed=seed, family=family, flavour=flavour, head_dim=head_dim, tied=tied, window=window,
                    precision=precision, drafter=drafter, drafter_bits=drafter_bits, acceptance=acceptance,
                    block=block, cap=cap, prompt=prompt, max_tokens=max_tokens, eos_pick=eos_pick,
                    close_after=close_after, kv_bits=kv_bits, kv_group_size=kv_group_size,
                    quantized_kv_start=kv_start, prompt_cache=prompt_cache, rotating=rotating,
-                   max_kv_size=max_kv_size, second_prompt=second_prompt, second_max_tokens=second_max_tokens)
+                   max_kv_size=max_kv_size, second_prompt=second_prompt, second_max_tokens=second_max_tokens,
+                   rotating_keep=rotating_keep, lookup=lookup, lookup_spec=lookup_spec)
 
     def with_overrides(self, overrides) -> "Case":
         """The case with fields set from "field=value" strings (values in
@@ -211,7 +235,7 @@ class Case:
 
     @property
     def max_drafts(self) -> int:
-        return self.block - 1 if self.drafter == "zlab" else self.block
+        return self.block - 1 if self.drafter == "zlab" and self.lookup != "alone" else self.block
 
     def tags(self) -> set:
         """The configurations of TAGS this case is in."""
@@ -233,10 +257,14 @@ class Case:
 
     def describe(self) -> str:
         """The case on one line."""
-        if self.drafter == "oracle":
+        if self.lookup == "alone":
+            drafter = f"lookup {self.lookup_spec}"
+        elif self.drafter == "oracle":
             drafter = f"oracle(acceptance {self.acceptance})"
         else:
             drafter = f"{self.drafter}({'float' if self.drafter_bits is None else f'{self.drafter_bits}-bit'})"
+        if self.lookup == "combined":
+            drafter += f" + lookup {self.lookup_spec}"
         parts = [f"seed {self.seed}" + (f" (with {', '.join(self.overrides)})" if self.overrides else ""), f"{self.target_name()} {self.precision}", drafter, f"block {self.block}",
                  f"cap {'auto' if self.cap is None else self.cap}", f"prompt {len(self.prompt)}",
                  f"max_tokens {self.max_tokens}"]
@@ -247,7 +275,7 @@ class Case:
         if self.kv_bits is not None:
             parts.append(f"kv_bits {self.kv_bits} group {self.kv_group_size} start {self.quantized_kv_start}")
         if self.rotating is not None:
-            parts.append(f"rotating cache {self.rotating} (keep {ROTATING_KEEP})")
+            parts.append(f"rotating cache {self.rotating} (keep {self.rotating_keep})")
         if self.max_kv_size is not None:
             parts.append(f"max_kv_size {self.max_kv_size}")
         if self.prompt_cache is not None:
@@ -302,14 +330,17 @@ def dimensions(case: Case) -> Dict[str, str]:
     def wraps(size):
         return "-" if size is None else ("wraps" if case.reach > size else "no wrap")
 
+    alone = case.lookup == "alone"
     return {
         "family": case.family,
         "flavour": case.flavour,
         "precision": precision,
         "group size": group,
-        "drafter": case.drafter,
-        "drafter bits": "-" if case.drafter == "oracle" else str(case.drafter_bits or "float"),
-        "acceptance": "-" if case.acceptance is None else str(case.acceptance),
+        "drafter": "-" if alone else case.drafter,
+        "drafter bits": "-" if alone or case.drafter == "oracle" else str(case.drafter_bits or "float"),
+        "acceptance": "-" if alone or case.acceptance is None else str(case.acceptance),
+        "lookup": case.lookup or "-",
+        "lookup n-gram": "-" if case.lookup_spec is None else case.lookup_spec.split(",k=")[0][len("ngram:"):],
         "block": _bucket(case.block, (2, 4, 8, 12, 16)),
         "cap": cap,
         "prompt": _bucket(len(case.prompt), (1, 8, 48, 200)),
@@ -319,6 +350,7 @@ def dimensions(case: Case) -> Dict[str, str]:
         "kv quantization": kv,
         "kv_bits": str(case.kv_bits or "-"),
         "rotating prompt cache": wraps(case.rotating),
+        "rotating keep": "-" if case.rotating is None else str(case.rotating_keep),
         "max_kv_size": wraps(case.max_kv_size),
         "prompt_cache": str(case.prompt_cache),
         "turns": turns,
@@ -448,7 +480,15 @@ class Session:
         return self.targets[name]
 
     def drafter(self, case: Case, model):
-        """The case's drafter, with its effective block and a fresh cap state."""
+        """The case's drafter (lookup alone, or combined with it), with its
+        effective block and a fresh cap state."""
+        from mlx_lm_dspark.loader import load_lookup, with_lookup
+
+        if case.lookup == "alone":
+            return load_lookup(case.lookup_spec)
+        return with_lookup(self._drafter(case, model), case.lookup_spec if case.lookup == "combined" else None)
+
+    def _drafter(self, case: Case, model):
         if case.drafter == "oracle":
             from mlx_lm_dspark.target import text_args
 
@@ -492,7 +532,7 @@ class Session:
 
 # Case fields that decide plain decoding (the drafter, block and cap do not).
 PLAIN_FIELDS = ("prompt", "max_tokens", "close_after", "kv_bits", "kv_group_size", "quantized_kv_start",
-                "prompt_cache", "rotating", "max_kv_size", "second_prompt", "second_max_tokens")
+                "prompt_cache", "rotating", "rotating_keep", "max_kv_size", "second_prompt", "second_max_tokens")
 
 
 # ---------------------------------------------------------------- running
@@ -508,11 +548,14 @@ def _top2_margin(logprobs) -> float:
 
 
 def _make_cache(case: Case, model, drafter):
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
     if case.prompt_cache is None:
         return None
-    cache = make_prompt_cache(model, max_kv_size=case.rotating)
+    if case.rotating is not None and case.rotating_keep != ROTATING_KEEP:
+        cache = [RotatingKVCache(max_size=case.rotating, keep=case.rotating_keep) for _ in model.layers]
+    else:
+        cache = make_prompt_cache(model, max_kv_size=case.rotating)
     if case.prompt_cache == "combined" and drafter is not None:
         cache += drafter.make_cache()
     return cache
@@ -626,6 +669,8 @@ class Outcome:
     speculative_token: Optional[int] = None
     margin: Optional[float] = None
     seconds: float = 0.0
+    drafted: Optional[int] = None  # drafts verified in the last turn, and how many were kept
+    accepted: Optional[int] = None
 
     def line(self) -> str:
         """The outcome, the case and its reproduction, on one line."""
@@ -635,6 +680,8 @@ class Outcome:
                      f"speculative {self.speculative_token}, plain top-2 margin "
                      f"{'n/a' if self.margin is None else f'{self.margin:.4g}'}")
         detail = f" ({self.detail})" if self.detail else ""
+        if self.drafted is not None:
+            detail += f" (last turn: {self.accepted} of {self.drafted} drafts kept)"
         return f"{self.status}{where}{detail} | {self.case.describe()} | {self.case.reproduction()}"
 
 
@@ -656,6 +703,8 @@ def _first_divergence(plain: Plain, got: Plain):
 
 def run_case(case: Case, session: Session) -> Outcome:
     """Run ``case`` speculatively and plainly and compare."""
+    from mlx_lm_dspark.session import clear_last_stats, last_stats
+
     began = time.perf_counter()
     turns = 1 if case.second_prompt is None else 2
     try:
@@ -668,7 +717,7 @@ def run_case(case: Case, session: Session) -> Outcome:
         return Outcome(case, "host-unsupported", f"plain decoding fails: {type(e).__name__}: {e}",
                        seconds=time.perf_counter() - began)
     drafter = session.drafter(case, model)
-    if case.drafter == "oracle":
+    if case.drafter == "oracle" and case.lookup != "alone":
         sequence = list(case.prompt) + plain.tokens[0]
         if turns == 2:
             sequence += list(case.second_prompt) + plain.tokens[1]
@@ -676,6 +725,7 @@ def run_case(case: Case, session: Session) -> Outcome:
     if case.cap is None:
         _set_cost_model(drafter, model)
     refusals = refusal_errors()
+    clear_last_stats(drafter)  # a loaded drafter is shared by many cases
     got = Plain([], [], [])
     try:
         generate(case, model, tokenizer, drafter, eos, turns, run=got)
@@ -686,11 +736,13 @@ def run_case(case: Case, session: Session) -> Outcome:
     except Exception as e:  # noqa: BLE001
         return Outcome(case, "error", f"{type(e).__name__}: {e}", seconds=time.perf_counter() - began)
     seconds = time.perf_counter() - began
+    stats = last_stats(drafter)
+    drafts = dict(drafted=stats.drafted, accepted=stats.accepted) if stats is not None else {}
     first = _first_divergence(plain, got)
     if first is None:
-        return Outcome(case, "exact", seconds=seconds)
+        return Outcome(case, "exact", seconds=seconds, **drafts)
     turn, position, a, b, margin, detail = first
-    return Outcome(case, "diverged", detail, turn, position, a, b, margin, seconds)
+    return Outcome(case, "diverged", detail, turn, position, a, b, margin, seconds, **drafts)
 
 
 # ---------------------------------------------------------------- many cases
@@ -774,6 +826,9 @@ def main(argv=None) -> int:
                         help="Only cases in this configuration (repeatable: any of them).")
     parser.add_argument("--exclude-tag", action="append", default=[], choices=TAGS,
                         help="Skip cases in this configuration (repeatable).")
+    parser.add_argument("--where", action="append", default=[], metavar="DIMENSION=VALUE",
+                        help="Only cases with this value of a reported dimension (repeatable: all of them), "
+                             "e.g. --where lookup=alone.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="Set a case field after drawing (JSON value; repeatable), e.g. max_tokens=200.")
     parser.add_argument("--session-dir", type=Path, default=None,
@@ -783,9 +838,10 @@ def main(argv=None) -> int:
                              "(repeatable), e.g. --by family --by precision.")
     parser.add_argument("--verbose", action="store_true", help="Print every case, not only those not exact.")
     args = parser.parse_args(argv)
-    unknown = [d for d in args.by if d not in dimensions(Case.draw(0))]
+    where = [item.partition("=")[::2] for item in args.where]
+    unknown = [d for d in args.by + [d for d, _ in where] if d not in dimensions(Case.draw(0))]
     if unknown:
-        parser.error(f"--by {unknown[0]!r}: no such dimension (dimensions: {', '.join(dimensions(Case.draw(0)))})")
+        parser.error(f"{unknown[0]!r}: no such dimension (dimensions: {', '.join(dimensions(Case.draw(0)))})")
     try:
         Case.draw(0).with_overrides(args.overrides)
     except ValueError as e:
@@ -802,8 +858,9 @@ def main(argv=None) -> int:
         return 0 if outcome.status in ("exact", "refused", "host-unsupported") else 1
 
     def keep(case):
-        tags = case.tags()
-        return (not args.tag or tags & set(args.tag)) and not tags & set(args.exclude_tag)
+        tags, values = case.tags(), dimensions(case)
+        return ((not args.tag or tags & set(args.tag)) and not tags & set(args.exclude_tag)
+                and all(values[d] == v for d, v in where))
 
     def report(outcome):
         if args.verbose or outcome.status != "exact":

@@ -62,12 +62,10 @@ class PositionCache:
 def target_settings(target_args: dict, block_size: int) -> SimpleNamespace:
     """What the pair check reads, taken from the target's own settings (a
     drafter of any target)."""
-    from mlx_lm_dspark.config import FAMILY_OF_MODEL_TYPE
-    from mlx_lm_dspark.target import HYBRID_FAMILY_OF_MODEL_TYPE
+    from mlx_lm_dspark.config import family_of_model_type
 
-    model_type = target_args.get("model_type")
     return SimpleNamespace(
-        family=FAMILY_OF_MODEL_TYPE.get(model_type) or HYBRID_FAMILY_OF_MODEL_TYPE.get(model_type),
+        family=family_of_model_type(target_args.get("model_type")),
         vocab_size=target_args["vocab_size"],
         hidden_size=target_args["hidden_size"],
         num_target_layers=None,

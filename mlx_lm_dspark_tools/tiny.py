@@ -294,8 +294,10 @@ def gemma4_layer_types(num_layers, sliding_window_pattern):
 
 def gemma4_text_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
                        global_head_dim, intermediate_size, sliding_window, layer_types, num_kv_shared_layers,
-                       attention_k_eq_v, hidden_size_per_layer_input, tie_word_embeddings):
-    """A transformers-5 style gemma4_text config (fields as in the fixtures)."""
+                       attention_k_eq_v, hidden_size_per_layer_input, tie_word_embeddings, num_experts=None):
+    """A transformers-5 style gemma4_text config (fields as in the fixtures);
+    with ``num_experts`` the MoE variant (2 experts per token beside the
+    dense MLP, as Gemma-4 26B-A4B)."""
     return {
         "architectures": ["Gemma4ForCausalLM"],
         "attention_bias": False,
@@ -303,7 +305,7 @@ def gemma4_text_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv
         "attention_k_eq_v": attention_k_eq_v,
         "bos_token_id": None,
         "dtype": "float32",
-        "enable_moe_block": False,
+        "enable_moe_block": bool(num_experts),
         "eos_token_id": EOS_ID,
         "final_logit_softcapping": 30.0,
         "global_head_dim": global_head_dim,
@@ -316,9 +318,9 @@ def gemma4_text_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv
         "layer_types": list(layer_types),
         "max_position_embeddings": 4096,
         "model_type": "gemma4_text",
-        "moe_intermediate_size": None,
+        "moe_intermediate_size": 32 if num_experts else None,
         "num_attention_heads": num_heads,
-        "num_experts": None,
+        "num_experts": num_experts,
         "num_global_key_value_heads": 1,
         "num_hidden_layers": num_layers,
         "num_key_value_heads": num_kv_heads,
@@ -332,7 +334,7 @@ def gemma4_text_config(*, vocab_size, hidden_size, num_layers, num_heads, num_kv
         },
         "sliding_window": sliding_window,
         "tie_word_embeddings": tie_word_embeddings,
-        "top_k_experts": None,
+        "top_k_experts": 2 if num_experts else None,
         "use_bidirectional_attention": None,
         "use_cache": True,
         "use_double_wide_mlp": False,
@@ -367,7 +369,7 @@ def make_gemma4_target(*, model_type="gemma4", vocab_size=512, hidden_size=64, n
                        num_heads=4, num_kv_heads=2, head_dim=16, global_head_dim=32, intermediate_size=128,
                        sliding_window=8, sliding_window_pattern=4, layer_types=None, num_kv_shared_layers=2,
                        attention_k_eq_v=False, hidden_size_per_layer_input=0, tie_word_embeddings=True,
-                       seed=0, bits=None, group_size=64):
+                       num_experts=None, seed=0, bits=None, group_size=64):
     """A random (optionally quantized) Gemma-4 model in memory, with its config.
 
     ``model_type`` picks the config flavour: "gemma4" (wrapper with
@@ -386,7 +388,7 @@ def make_gemma4_target(*, model_type="gemma4", vocab_size=512, hidden_size=64, n
                               sliding_window=sliding_window, layer_types=types,
                               num_kv_shared_layers=num_kv_shared_layers, attention_k_eq_v=attention_k_eq_v,
                               hidden_size_per_layer_input=hidden_size_per_layer_input,
-                              tie_word_embeddings=tie_word_embeddings)
+                              tie_word_embeddings=tie_word_embeddings, num_experts=num_experts)
     if model_type == "gemma4_text":
         config = text
         model = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(config))
@@ -404,7 +406,7 @@ def save_gemma4_target(path, *, model_type="gemma4", vocab_size=512, hidden_size
                        num_heads=4, num_kv_heads=2, head_dim=16, global_head_dim=32, intermediate_size=128,
                        sliding_window=8, sliding_window_pattern=4, layer_types=None, num_kv_shared_layers=2,
                        attention_k_eq_v=False, hidden_size_per_layer_input=0, tie_word_embeddings=True,
-                       seed=0, bits=None, group_size=64) -> dict:
+                       num_experts=None, seed=0, bits=None, group_size=64) -> dict:
     """Write a random Gemma-4 target (config, weights, tokenizer); return its config."""
     kw = dict(locals())
     del kw["path"]
@@ -414,6 +416,68 @@ def save_gemma4_target(path, *, model_type="gemma4", vocab_size=512, hidden_size
 def text_config_of(config):
     """The text-model part of a target config (the wrapper's text_config)."""
     return config.get("text_config", config)
+
+
+# ---------------------------------------------------------------- other attention targets
+
+DECODER_MODEL_TYPES = ("llama", "qwen2", "qwen3_moe", "gpt_oss")
+
+
+def decoder_config(model_type, *, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+                   head_dim=16, intermediate_size=128, sliding_window=8, tie_word_embeddings=False):
+    """A flat config of one of mlx-lm's attention decoders: Llama, Qwen2,
+    Qwen3-MoE (4 experts, 2 per token) or gpt-oss (4 experts, attention
+    sinks, sliding and full layers alternating, the sliding window shorter
+    than a 40-token generation).  Their drafters are Qwen3-style networks
+    of the target's width, so the Qwen3 attention fields are in every one."""
+    config = {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": intermediate_size,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tie_word_embeddings,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+    }
+    if model_type == "qwen2":
+        config["head_dim"] = hidden_size // num_heads  # Qwen2 derives it; the drafter must agree
+    elif model_type == "qwen3_moe":
+        config.update({"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                       "moe_intermediate_size": 32, "norm_topk_prob": True})
+    elif model_type == "gpt_oss":
+        config.update({
+            "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": sliding_window,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        })
+        config.pop("tie_word_embeddings")  # gpt-oss always has its own head
+    elif model_type != "llama":
+        raise ValueError(f"unknown decoder model_type {model_type!r} (one of {DECODER_MODEL_TYPES})")
+    return config
+
+
+def make_decoder_target(model_type, *, seed=0, bits=None, group_size=64, overrides=None, **kw):
+    """A random (optionally quantized) mlx-lm attention decoder in memory, with
+    its config (``overrides``: config fields set after ``decoder_config``)."""
+    import importlib
+
+    config = {**decoder_config(model_type, **kw), **(overrides or {})}
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    _randomize(model, seed, config["hidden_size"], gain=QWEN3_GAIN)
+    _silence_eos(model, model, config.get("tie_word_embeddings", False))
+    return _maybe_quantize(model, config, bits, group_size)
+
+
+def save_decoder_target(path, model_type, **kw) -> dict:
+    """Write a random attention decoder target (config, weights, tokenizer); return its config."""
+    return save_target(path, *make_decoder_target(model_type, **kw))
 
 
 # ---------------------------------------------------------------- hybrid recurrent targets
@@ -512,9 +576,9 @@ def _family_of(target_config):
 
 
 def _drafter_config(target_config, *, layout, markov_rank, block_size, target_layer_ids, num_drafter_layers,
-                    mask_token_id, confidence_head):
+                    mask_token_id, confidence_head, sliding_window=None):
     """The drafter config: the target's text config, extended per layout."""
-    family = _family_of(target_config)
+    family = "qwen3" if layout == "zlab" else _family_of(target_config)
     text = text_config_of(target_config)
     config = {k: v for k, v in text.items() if k not in ("quantization", "quantization_config")}
     config.update({
@@ -525,6 +589,9 @@ def _drafter_config(target_config, *, layout, markov_rank, block_size, target_la
         "tie_word_embeddings": False,
         "num_anchors": 4,
     })
+    if sliding_window is not None:  # z-lab Qwen3.6 style: sliding layers, the last one full
+        config["layer_types"] = ["sliding_attention"] * (num_drafter_layers - 1) + ["full_attention"]
+        config["sliding_window"] = sliding_window
     if family == "gemma4":
         config.update({"num_kv_shared_layers": 0, "target_model_type": target_config["model_type"],
                        "target_text_model_type": "gemma4_text"})
@@ -546,15 +613,23 @@ def _drafter_config(target_config, *, layout, markov_rank, block_size, target_la
     elif layout == "dflash_config":
         config["dflash_config"] = fields
     else:  # zlab: older transformers style, only taps and mask id nested
-        config.pop("rope_parameters", None)
+        rope = config.pop("rope_parameters", None) or {}
+        nested = {"target_layer_ids": list(target_layer_ids), "mask_token_id": mask_token_id}
+        if _family_of(target_config) == "gemma4":
+            # A Qwen3-style backbone reading Gemma-4's raw embedding: the scale
+            # Gemma applies goes in the config (the soft-cap is the target's,
+            # copied with its text config).
+            nested["input_embedding_scale"] = text["hidden_size"] ** 0.5
+            for key in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v"):
+                config.pop(key, None)
         config.update({
             "architectures": ["DFlashDraftModel"],
             "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
-            "rope_theta": text.get("rope_theta") or text["rope_parameters"]["rope_theta"],
+            "rope_theta": text.get("rope_theta") or rope.get("rope_theta") or 1000000.0,
             "rope_scaling": None,
             "block_size": block_size,
             "num_target_layers": text["num_hidden_layers"],
-            "dflash_config": {"target_layer_ids": list(target_layer_ids), "mask_token_id": mask_token_id},
+            "dflash_config": nested,
         })
         config.pop("num_anchors")
     return dict(sorted(config.items()))
@@ -653,8 +728,13 @@ def _target_matrix(target_weights, suffix, hidden_size):
 
 def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16, block_size=None,
                  target_layer_ids=(1, 3, 5), num_drafter_layers=2, mask_token_id=None, confidence_head=None,
-                 seed=0, target_weights=None) -> dict:
+                 seed=0, target_weights=None, sliding_window=None) -> dict:
     """Write a random drafter for ``target_config`` in ``layout``; return its config.
+
+    With ``sliding_window`` every drafter layer but the last is a
+    sliding-window layer (z-lab's Qwen3.6 drafters; in the zlab layout they
+    attend causally inside the block).  The zlab layout is a Qwen3-style
+    network for any target, Gemma-4's included.
 
     ``block_size`` defaults to 7 (16 for "zlab"); ``mask_token_id`` to
     vocab_size - 12 (500 for vocab 512, as in the fixtures);
@@ -668,11 +748,9 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
     """
     if layout not in DRAFTER_LAYOUTS:
         raise ValueError(f"layout must be one of {DRAFTER_LAYOUTS}")
-    family = _family_of(target_config)
+    family = "qwen3" if layout == "zlab" else _family_of(target_config)
     text = text_config_of(target_config)
     if layout == "zlab":
-        if family != "qwen3":
-            raise ValueError("the zlab layout is only built for Qwen3 targets here")
         markov_rank, confidence_head = 0, False
     if confidence_head is None:
         confidence_head = markov_rank > 0
@@ -682,12 +760,13 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
         mask_token_id = text["vocab_size"] - 12
     if not 0 <= mask_token_id < text["vocab_size"]:
         raise ValueError("mask_token_id must be a valid id of the target vocabulary")
-    if any(not 0 <= i < text["num_hidden_layers"] for i in target_layer_ids):
+    if any(not -1 <= i < text["num_hidden_layers"] for i in target_layer_ids):
         raise ValueError("target_layer_ids must index the target's layers")
 
     config = _drafter_config(target_config, layout=layout, markov_rank=markov_rank, block_size=block_size,
                              target_layer_ids=target_layer_ids, num_drafter_layers=num_drafter_layers,
-                             mask_token_id=mask_token_id, confidence_head=confidence_head)
+                             mask_token_id=mask_token_id, confidence_head=confidence_head,
+                             sliding_window=sliding_window)
     shapes = _drafter_shapes(config, family, n_taps=len(target_layer_ids), markov_rank=markov_rank,
                              confidence_head=confidence_head, with_embeddings=layout != "zlab")
     H = config["hidden_size"]
@@ -706,15 +785,17 @@ def save_drafter(path, target_config: dict, *, layout="deepspec", markov_rank=16
 # ---------------------------------------------------------------- pairs
 
 _DRAFTER_KEYS = ("markov_rank", "block_size", "target_layer_ids", "num_drafter_layers", "mask_token_id",
-                 "confidence_head", "drafter_seed")
+                 "confidence_head", "drafter_seed", "drafter_sliding_window")
 
 
 def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
     """Write a target and a matching drafter under ``tmp_path``; return both dirs.
 
-    ``family`` is "qwen3" or a Gemma-4 model_type ("gemma4", "gemma4_text",
-    "gemma4_unified").  Keyword arguments named like save_drafter's go to the
-    drafter (``drafter_seed`` becomes its ``seed``); the rest go to the
+    ``family`` is "qwen3", a Gemma-4 model_type ("gemma4", "gemma4_text",
+    "gemma4_unified"; ``num_experts=4`` gives its MoE variant), one of
+    ``DECODER_MODEL_TYPES`` or one of ``HYBRID_MODEL_TYPES``.  Keyword arguments named like save_drafter's go to the
+    drafter (``drafter_seed`` becomes its ``seed``, ``drafter_sliding_window``
+    its ``sliding_window``); the rest go to the
     target.  The drafter copies the target's embedding and head.
     """
     root = Path(tmp_path)
@@ -722,12 +803,16 @@ def build_pair(tmp_path, family="qwen3", layout="deepspec", bits=None, **kw):
     drafter_kw = {k: kw.pop(k) for k in _DRAFTER_KEYS if k in kw}
     if "drafter_seed" in drafter_kw:
         drafter_kw["seed"] = drafter_kw.pop("drafter_seed")
+    if "drafter_sliding_window" in drafter_kw:
+        drafter_kw["sliding_window"] = drafter_kw.pop("drafter_sliding_window")
     if family == "qwen3":
         config = save_qwen3_target(target_dir, bits=bits, **kw)
     elif family in GEMMA4_MODEL_TYPES:
         config = save_gemma4_target(target_dir, model_type=family, bits=bits, **kw)
     elif family in HYBRID_MODEL_TYPES:
         config = save_hybrid_target(target_dir, family, bits=bits, **kw)
+    elif family in DECODER_MODEL_TYPES:
+        config = save_decoder_target(target_dir, family, bits=bits, **kw)
     else:
         raise ValueError(f"unknown family {family!r}")
     target_weights = mx.load(str(target_dir / "model.safetensors"))
@@ -769,7 +854,7 @@ def save_eagle3_drafter(path, target_config: dict, *, ttt_length=5, target_layer
     from mlx_lm_dspark.eagle3 import Eagle3Drafter, ModelArgs, eagle3_args
 
     text = text_config_of(target_config)
-    if any(not 0 <= i < text["num_hidden_layers"] for i in target_layer_ids):
+    if any(not -1 <= i < text["num_hidden_layers"] for i in target_layer_ids):
         raise ValueError("target_layer_ids must index the target's layers")
     config = _eagle3_config(target_config, ttt_length=ttt_length, target_layer_ids=target_layer_ids)
     drafter = Eagle3Drafter(ModelArgs.from_dict(eagle3_args(config)))

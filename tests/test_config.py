@@ -24,6 +24,32 @@ def test_layout_recognised_from_config_alone(qwen3_dirs, fixtures_dir):
         qwen3_dirs["dflash_config"][1])["dflash_config"]["target_layer_ids"]
 
 
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_zlab_settings_follow_its_reference(qwen3_dirs, where):
+    """z-lab's sliding layers are causal unless ``is_causal`` says otherwise;
+    its embedding / output factors and soft-cap are read where its
+    reference reads them (``dflash_config`` first, then the top level)."""
+    config = _config(qwen3_dirs["zlab"][1])
+    assert drafter_args(config)["causal_layer_types"] == ["sliding_attention"]
+    assert "input_embedding_scale" not in drafter_args(config)
+
+    def with_fields(**fields):
+        c = json.loads(json.dumps(config))
+        (c["dflash_config"] if where == "nested" else c).update(fields)
+        return drafter_args(c)
+
+    assert with_fields(is_causal=False)["causal_layer_types"] == []
+    assert with_fields(is_causal=True)["causal_layer_types"] == ["full_attention", "sliding_attention"]
+    scaled = with_fields(input_embedding_scale=8.0, output_multiplier=0.5, final_logit_softcapping=30.0)
+    assert (scaled["input_embedding_scale"], scaled["output_multiplier"], scaled["final_logit_softcapping"]) == (8.0, 0.5, 30.0)
+    with pytest.raises(ValueError, match="is_causal is 'yes', expected true or false"):
+        with_fields(is_causal="yes")
+    with pytest.raises(ValueError, match="input_embedding_scale is -1, expected a number > 0"):
+        with_fields(input_embedding_scale=-1)
+    # DeepSpec's own layout keeps its bidirectional block.
+    assert "causal_layer_types" not in drafter_args(_config(qwen3_dirs["deepspec"][1]))
+
+
 def test_unsupported_or_incomplete_configs_are_explained():
     zlab_llama = {"architectures": ["DFlashDraftModel"], "model_type": "llama",
                   "dflash_config": {"target_layer_ids": [1], "mask_token_id": 5}}

@@ -223,6 +223,27 @@ def test_sliding_window_drafter_layers(root):
     assert not mx.allclose(block(narrow, perturbed), block(narrow, features), atol=1e-3).item()
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_causal_sliding_layers_see_no_later_block_slot(root, causal):
+    """z-lab's sliding layers attend causally inside the block: slot k's
+    state is what a block of k+1 slots computes.  A bidirectional layer's
+    early slots read the later ones."""
+    sliding = {"layer_types": ["sliding_attention"] * 2, "sliding_window": 64,
+               "causal_layer_types": ["sliding_attention"] if causal else []}
+    drafter = build(root, "qwen3_tiny_dspark", **sliding)
+    mx.random.seed(1)
+    features = mx.random.normal((1, 12, 3 * 64))
+
+    def hidden(block):
+        drafter.block_size = block
+        cache = drafter.make_cache()
+        drafter.add_context(cache, features, 0)
+        return drafter.draft_block(cache, mx.array([17]), 12)["hidden"][0]
+
+    whole, short = hidden(7), hidden(3)
+    assert mx.allclose(whole[:3], short, atol=1e-5).item() == causal
+
+
 def test_config_validation(root):
     config = deepspec_args(json.loads((root / "qwen3_tiny_dspark" / "config.json").read_text()))
     for overrides, match in (

@@ -7,6 +7,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from conftest import EAGLE3_FIXTURES
+from mlx_lm_dspark import train
 from mlx_lm_dspark.eagle3 import Eagle3Drafter, ModelArgs, eagle3_args
 from mlx_lm_dspark.target import TargetAdapter, rollback
 
@@ -437,32 +438,77 @@ def test_training_forward_matches_reference(name):
     ids = io["input_ids"][0]
     for k in range(T):  # row i reads the token at i+1+k (0 past the end)
         assert ints(io["step_input_ids"][k]) == ints(ids[1 + k:]) + [0] * (k + 1)
+    assert mx.array_equal(train.ttt_inputs(io["input_ids"], T), io["step_input_ids"])
     outputs = drafter.ttt_forward(io["target_hidden_states"], io["step_input_ids"])
     errors = Errors(name + " (training)")
+    for k, h in enumerate(outputs):
+        valid = io["query_valid"][k].astype(mx.bool_)
+        n = int(valid.sum().item())
+        assert ints(valid) == [1] * n + [0] * (S - n) and n == S - k
+        errors.check("step_hidden", h[:, :n], io["step_hidden"][k][:, :n], f"step{k}")
+        errors.check("step_logits", drafter.logits(h)[:, :n], io["step_logits"][k][:, :n], f"step{k}")
 
-    # Target distribution of the token after each row's next one, then T+1 uniform rows.
+    # The trainer's loss: target logits = the drafter's (= the target's) LM head
+    # of the target's final hidden states, softcapped for Gemma-4.
     head = drafter.lm_head(io["target_last_hidden_states"])
     cap = drafter.args.final_logit_softcapping
     if drafter.args.family == "gemma4" and cap:
         head = mx.tanh(head / cap) * cap
-    V = head.shape[-1]
-    p = mx.concatenate([mx.softmax(head[0, 1:], axis=-1), mx.full((T + 1, V), 1.0 / V)], axis=0)
-    # Loss weights: loss_mask without its last position, shifted left by k.
-    weights = io["loss_mask"][0].at[S - 1].multiply(0.0)
-    losses = []
-    for k, h in enumerate(outputs):
-        assert mx.array_equal(io["position_mask"][k][0], mx.concatenate([weights[k:], mx.zeros((k,))]))
-        valid = io["query_valid"][k].astype(mx.bool_)
-        n = int(valid.sum().item())
-        assert ints(valid) == [1] * n + [0] * (S - n) and n == S - k
-        logits = drafter.logits(h)
-        errors.check("step_hidden", h[:, :n], io["step_hidden"][k][:, :n], f"step{k}")
-        errors.check("step_logits", logits[:, :n], io["step_logits"][k][:, :n], f"step{k}")
-        ce = -(p[k : k + S] * (logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True))).sum(axis=-1)
-        losses.append((io["position_mask"][k][0] * ce).sum() / S)  # / (B·S), masked rows counted
-    losses = mx.stack(losses)
-    errors.check("step_loss", losses, io["step_loss"], "all")
     decay = io["step_loss_decay"].item()
-    total = (losses * mx.array([decay**k for k in range(T)])).sum()
+    total, losses = train.eagle3_loss(drafter, io["target_hidden_states"], io["input_ids"], head,
+                                      io["loss_mask"], io["attention_mask"], decay)
+    errors.check("step_loss", losses, io["step_loss"], "all")
     errors.check("loss", total[None], io["loss"], "all")
     errors.report()
+
+
+# Through mlx_lm.server ------------------------------------------------------------
+
+
+def bigram_server_pair(root):
+    """DeepSpec's cycle-bigram target (with a tokenizer and chat template
+    added) and its planted EAGLE3 drafter: mixed acceptance, so served
+    rounds accept drafts."""
+    import shutil
+
+    from mlx_lm_dspark_tools.tiny import write_tokenizer
+    from test_server import with_chat_template
+
+    target = root / "target"
+    shutil.copytree(EAGLE3_FIXTURES / "e2e_bigram" / "target", target)
+    config = json.loads((target / "config.json").read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]  # for mlx-lm < 0.32
+    (target / "config.json").write_text(json.dumps(config))
+    write_tokenizer(target, config["vocab_size"])
+    with_chat_template(target)
+    return target, EAGLE3_FIXTURES / "e2e_bigram" / "draft_qwen3"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma4", "bigram"])
+def test_server_greedy_repeat_and_conversation(family, tmp_path_factory):
+    """mlx_lm.server --draft-model <EAGLE3>: a repeated request (served from
+    the prompt cache, the drafter's pending row included) and a continued
+    conversation equal a server without drafter."""
+    from mlx_lm_dspark_tools.tiny import build_eagle3_pair
+    from test_server import converse, server_pair, with_chat_template
+
+    root = tmp_path_factory.mktemp(f"server-eagle3-{family}")
+    if family == "bigram":
+        target, drafter = bigram_server_pair(root)
+    else:
+        extra = {"sliding_window_pattern": 2, "num_kv_shared_layers": 2} if family == "gemma4" else {}
+        target, drafter = build_eagle3_pair(root, family, vocab_size=128, num_layers=4, ttt_length=4,
+                                            target_layer_ids=(0, 1, 2), **extra)
+        with_chat_template(target)
+    common = ["--model", str(target), "--max-tokens", "16", "--temp", "0.0"]
+    accepted = []
+
+    def drafted(turn, got):
+        stats = got["usage"]["speculative"]
+        assert stats["rounds"] > 0 and stats["acceptance_rule"] == "greedy"
+        accepted.append(stats["accepted_tokens"])
+
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
+        converse(spec, plain, "the river runs past the old mill", 3, 16, "what next", repeat=True, check=drafted)
+    if family == "bigram":
+        assert min(accepted) > 0, accepted

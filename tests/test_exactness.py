@@ -1,8 +1,9 @@
 """Randomized, seeded exactness: greedy speculative output equals plain decoding.
 
 Each seed draws one case (mlx_lm_dspark_tools/exactness.py: target family,
-precision, drafter kind and layout, block, cap, prompt, max_tokens, EOS,
-early close, KV-cache options, second turns) whose expected tokens come from
+precision, drafter kind and layout, lookup alone or combined with the
+drafter, block, cap, prompt, max_tokens, EOS, early close, KV-cache options,
+second turns) whose expected tokens come from
 running the plain target with the same options.  A fast slice runs by
 default, a long one with ``-m slow``; together they check FAST + LONG
 cases.  A failure's message is the case's one-line reproduction.
@@ -26,7 +27,7 @@ PENDING_REASON = ""
 EXPECTED_REFUSALS = {}
 
 FAST = 40
-LONG = 960  # CI's share (1,000 cases in all); `python -m mlx_lm_dspark_tools.exactness --seeds 0:2100` runs more
+LONG = 1960  # CI's share (2,000 cases in all); `python -m mlx_lm_dspark_tools.exactness --seeds 0:N` runs more
 
 
 def checked_seeds(skip: int, count: int):
@@ -117,6 +118,32 @@ def test_slices_cover_every_dimension():
     blocks = {c.block for c in cases}
     assert blocks == set(range(2, 17))
     assert max(len(c.prompt) for c in cases) >= 150 and max(c.max_tokens for c in cases) >= 150
+    # Lookup, alone and combined, meets every configuration, and every n-gram setting is drawn.
+    assert {"-", "alone", "combined"} == seen["lookup"]
+    assert {f"n={n},min={m}" for n in range(1, 6) for m in range(1, n + 1)} | {"-"} == seen["lookup n-gram"]
+    for mode in ("alone", "combined"):
+        these = [c for c in cases if c.lookup == mode]
+        values = lambda dim: {dimensions(c)[dim] for c in these}  # noqa: E731
+        assert set(TAGS) <= {t for c in these for t in c.tags()}, mode
+        assert {"qwen3", "gemma4"} <= values("family") and {"0", "auto", "partial", "full block"} <= values("cap")
+        assert {"two (target cache)", "two (combined cache)"} <= values("turns"), mode
+        assert {"start inside prefill", "start after prefill"} <= values("kv quantization"), mode
+        assert {"narrower than verify", "at least verify"} <= values("sliding window"), mode
+        assert any(len(set(c.prompt)) < len(c.prompt) // 2 for c in these), mode  # prompts that repeat
+    assert {"oracle", "dspark", "dflash", "dspark-dflash_config", "zlab"} <= {
+        c.drafter for c in cases if c.lookup == "combined"}
+    assert {"alone", "combined"} <= {Case.draw(s).lookup for s in FAST_SEEDS}
+
+
+@pytest.mark.parametrize("seed", [202, 292])
+def test_lookup_cases_keep_drafts(seed, session):
+    """Lookup alone on a tiny random target: cases whose plain run repeats
+    itself keep lookup drafts and stay exact (so the dimension checks the
+    accept path too, not only rejections)."""
+    case = Case.draw(seed)
+    assert case.lookup == "alone"
+    outcome = run_case(case, session)
+    assert outcome.status == "exact" and outcome.accepted > 0, outcome.line()
 
 
 def test_a_divergence_is_reported_with_its_reproduction():

@@ -250,6 +250,29 @@ def test_sampled_lookup_is_distributed_like_plain_sampling():
 
 
 @pytest.mark.slow
+def test_sampled_combined_rounds_are_distributed_like_plain_sampling():
+    """Rounds alternate between the drafter's proposals (its own q) and lookup
+    proposals (point masses), the drafter's context kept across both."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_lm_dspark.sampling import SamplerSettings
+    from test_speculative_sampling import FEWER, assert_plain_distribution, conditionals, generate
+    from test_speculative_sampling import model as model_fixture
+    from test_speculative_sampling import random_dspark_drafter
+
+    model = model_fixture.__wrapped__()
+    drafter = random_dspark_drafter(model)
+    calls = []
+    own = drafter.propose
+    drafter.propose = lambda *args, **kw: calls.append(1) or own(*args, **kw)
+    combined = WithLookup(drafter, LookupSettings(n=2, min_n=1, k=drafter.max_drafts))
+    sample = generate(model, combined, make_sampler(temp=1.0), tokens=FEWER, seed=26)
+    assert last_stats(combined).rule == "p/q" and sample.accepted > 0
+    assert 0 < len(calls) < sample.rounds  # both proposers ran (a fixed cap: each round one of them)
+    assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
+
+
+@pytest.mark.slow
 def test_the_sampling_test_catches_a_residual_that_keeps_the_draft(monkeypatch):
     """Teeth: drawing a rejection's replacement from p (d included) is caught."""
     from mlx_lm.sample_utils import make_sampler

@@ -316,6 +316,32 @@ def test_pq_rule_with_an_eagle3_network_drafter(model, keep):
     assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
 
 
+@pytest.fixture(scope="module")
+def gemma4_model():
+    """A Gemma-4 target (softcapped logits, a sliding window of 8 that every
+    run wraps, global layers with their own head dim)."""
+    from mlx_lm_dspark_tools.tiny import make_gemma4_target
+
+    return make_gemma4_target(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                              head_dim=16, global_head_dim=16, intermediate_size=64, sliding_window=8,
+                              sliding_window_pattern=2, num_kv_shared_layers=0, seed=3)
+
+
+def test_pq_rule_with_an_eagle3_drafter_on_gemma4(gemma4_model):
+    """The Gemma-4 EAGLE3 flavour (scaled embedding, sandwich norms,
+    softcapped draft logits) sampling through the loop on a Gemma-4 target:
+    exact.  The drafter is the trainer's untrained one."""
+    from mlx_lm_dspark import train as T
+
+    model, config = gemma4_model
+    args = T.TrainingArgs(algorithm="eagle3", block_size=BLOCK, target_layer_ids=[0, 1])
+    drafter = T.build_drafter(T.drafter_config(config, "gemma4", 2, args, None), model, seed=1)
+    assert drafter.kind == "eagle3" and drafter.args.family == "gemma4"
+    sample = generate(model, drafter, make_sampler(temp=1.0), tokens=FEWER, seed=29)
+    assert last_stats(drafter).rule == "p/q" and sample.accepted > 0
+    assert_plain_distribution(conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
+
+
 def test_a_classic_bug_is_caught(model, monkeypatch):
     """Teeth on the real loop: drawing the replacement token from p instead
     of the residual max(0, p - q) (a common speculative-sampling bug) fails

@@ -11,6 +11,7 @@ from mlx_lm_dspark.target import (
     DrafterMismatchError,
     TargetAdapter,
     UnsupportedCacheError,
+    UnsupportedTargetError,
     check_rollback,
     rollback,
     single_step_masks,
@@ -92,6 +93,63 @@ def test_validate_pair_names_the_field(pair):
     beyond = TargetAdapter(model, [0, target.num_layers])
     with pytest.raises(DrafterMismatchError, match="out of range"):
         beyond(mx.array([[1]]), None)
+
+
+def test_tap_minus_one_is_the_embedding_output(pair):
+    """DeepSpec's tap -1: the state entering layer 0, i.e. the embedding
+    output (Gemma-4's times its scale sqrt(H), as transformers' scaled
+    embedding returns it)."""
+    model, _ = pair
+    tokens = mx.array([[5, 9, 33, 4]])
+    target = TargetAdapter(model, [-1, 2])
+    _, features = target(tokens, cache=None)
+    H = target.hidden_size
+    inner = getattr(model, "language_model", model)
+    embedded = inner.model.embed_tokens(tokens)
+    if target.family == "gemma4":
+        embedded = embedded * inner.model.embed_scale
+    assert mx.array_equal(features[..., :H], embedded)
+    assert mx.array_equal(features[..., H:], TargetAdapter(model, [2])(tokens, None)[1])
+    with pytest.raises(DrafterMismatchError, match="out of range: \\[-2\\]"):
+        TargetAdapter(model, [-2])(tokens, None)
+
+
+class _NoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.args = {"model_type": "mystery", "vocab_size": 8, "hidden_size": 4}
+        self.blocks = [nn.Linear(4, 4)]
+
+    def __call__(self, tokens, cache=None):
+        return tokens
+
+
+class _PlainLayers(_NoLayers):
+    @property
+    def layers(self):
+        return [lambda x: x]
+
+
+@pytest.mark.parametrize("model,reason", [(_NoLayers(), "exposes no `layers`"),
+                                          (_PlainLayers(), r"layers\[0\] is a function, not a callable mlx Module")])
+def test_a_model_whose_layers_cannot_be_tapped_is_refused_in_one_line(model, reason):
+    with pytest.raises(UnsupportedTargetError, match=reason) as caught:
+        TargetAdapter(model, [0])
+    assert "\n" not in str(caught.value) and "Not a target mlx-lm-dspark can run" in str(caught.value)
+
+
+def test_a_zlab_drafter_serves_a_gemma4_target(tmp_path):
+    """z-lab's Gemma-4 drafters are Qwen3-style networks that borrow the
+    target's embedding and head: the family check lets them pass, while a
+    DeepSpec Qwen3 drafter (with its own embeddings) is still refused."""
+    target_dir, _ = build_pair(tmp_path / "g", family="gemma4")
+    _, zlab_dir = build_pair(tmp_path / "q", family="qwen3", layout="zlab", tie_word_embeddings=True)
+    _, deepspec_dir = build_pair(tmp_path / "d", family="qwen3")
+    model, _ = mlx_lm.load(str(target_dir))
+    zlab, deepspec = load_drafter(zlab_dir, bits=None), load_drafter(deepspec_dir, bits=None)
+    validate_pair(zlab, TargetAdapter(model, zlab.target_layer_ids))
+    with pytest.raises(DrafterMismatchError, match="family: drafter is for qwen3, target is gemma4"):
+        validate_pair(deepspec, TargetAdapter(model, deepspec.target_layer_ids))
 
 
 def test_a_drafter_for_another_model_is_told_every_difference(tmp_path):

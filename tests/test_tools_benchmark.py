@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,44 @@ def test_greedy_mismatch_fails_loudly(pair, monkeypatch):
     with pytest.raises(bench.OutputMismatch, match=r"at generated token 5") as err:
         run(pair, "--num-draft-tokens", "2")
     assert "plain:" in str(err.value) and "speculative:" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def pair_hd32(tmp_path_factory):
+    """A pair whose head dimension KV quantization's group sizes divide."""
+    target, drafter = build_pair(tmp_path_factory.mktemp("bench32"), family="qwen3", head_dim=32)
+    return str(target), str(drafter)
+
+
+@pytest.mark.parametrize("options", [("--max-kv-size", "12"),
+                                     ("--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "20")])
+def test_kv_cache_options_reach_both_sides(pair_hd32, options, monkeypatch, capsys):
+    """A rotating cache that wraps / KV quantization starting mid-run: both
+    runs get the options (greedy outputs still checked equal)."""
+    pair = pair_hd32
+    generate = sys.modules["mlx_lm.generate"]  # the module (mlx_lm.generate is also the function)
+    seen = {"plain": [], "speculative": []}
+    plain, spec = generate.generate_step, bench.speculative_generate_step
+
+    def watched(side, fn):
+        def call(*args, **kwargs):
+            seen[side].append(kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(generate, "generate_step", watched("plain", plain))
+    monkeypatch.setattr(bench, "speculative_generate_step", watched("speculative", spec))
+    results = run(pair, *options, "--num-draft-tokens", "3", tokens=16)
+    assert results["greedy_checked"] is True
+    for side, calls in seen.items():
+        assert calls, side
+        for kwargs in calls:
+            if "--max-kv-size" in options:
+                caches = kwargs["prompt_cache"]
+                assert all(c.max_size == 12 for c in caches[: len(caches) if side == "plain" else 1]), side
+            else:
+                assert (kwargs["kv_bits"], kwargs["kv_group_size"], kwargs["quantized_kv_start"]) == (4, 32, 20), side
+    assert "KV cache: " in capsys.readouterr().out
 
 
 def test_prompt_files_are_read(tmp_path):
@@ -305,3 +344,103 @@ def test_cost_model_is_measured_again_between_the_runs(pair, monkeypatch):
     assert len(start["verify_ms"]) == len(final["verify_ms"]) == 8
     cached = run(pair, "--cached-cost")  # reuses what the first run cached: nothing measured
     assert "cost_repetitions" not in cached and cached["cost_model"] == start
+
+
+@pytest.fixture
+def fixed_costs(monkeypatch):
+    """A cost model given, not measured (seconds per proposer): fixed caps
+    use it only for the report's predictions."""
+    monkeypatch.setattr(bench, "cost_model", lambda drafter, target: CostModel(
+        verify_ms=[1.0 + 0.1 * w for w in range(drafter.max_drafts + 1)], draft_ms=0.5))
+
+
+def test_compare_lookup_reports_lookup_drafter_and_combined(pair, tmp_path, capsys, fixed_costs):
+    out = tmp_path / "lookup.json"
+    results = run(pair, "--prompts", "edit", "--compare-lookup", "ngram:n=2,min=1", "--num-draft-tokens", "3",
+                  "--cached-cost", "--json", str(out), tokens=8)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["config"]["compare_lookup"] == ["ngram:n=2,min=1"]
+    variants = results["variants"]
+    assert list(variants) == ["lookup", "drafter", "combined"]
+    drafts = {"lookup": 8, "drafter": 7, "combined": 7}  # lookup's default k; combined: the drafter's block
+    for name, variant in variants.items():
+        assert variant["greedy_checked"] is True and set(variant["by_category"]) == {"edit"}
+        assert [p["name"] for p in variant["prompts"]] == ["edit-1", "edit-2"]
+        for entry in (variant["overall"], variant["by_category"]["edit"]):
+            spec = entry["speculative"]
+            assert SPEC_KEYS <= set(spec) and spec["cap"] == 3 and spec["tau"] >= 1.0
+            assert len(spec["acceptance_by_position"]) == drafts[name]
+            assert entry["plain"]["generated_tokens"] >= 8
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    for group in ("edit", "overall"):
+        assert [r[1] for r in rows if r and r[0] == group] == ["lookup", "drafter", "combined"]
+
+
+def test_compare_lookup_of_several_settings_without_a_drafter(pair, capsys, fixed_costs):
+    results = run(pair, "--prompts", "edit", "--num-prompts", "1", "--compare-lookup",
+                  "--compare-lookup", "ngram:n=2,min=1,k=3", "--num-draft-tokens", "3", "--cached-cost",
+                  drafter=False, tokens=6)
+    assert list(results["variants"]) == ["lookup n=4,min=2,k=8", "lookup n=2,min=1,k=3"]
+    assert len(results["variants"]["lookup n=2,min=1,k=3"]["overall"]["speculative"]["acceptance_by_position"]) == 3
+    printed = capsys.readouterr().out
+    assert "edit      lookup n=2,min=1,k=3" in printed and "drafter" not in printed.split("\n", 2)[2]
+
+
+def test_compare_lookup_refuses_a_bad_spec(pair, capsys):
+    for spec in ("ngram:q=1", "my-drafter"):
+        with pytest.raises(SystemExit):
+            bench.main(["--model", pair[0], "--compare-lookup", spec])
+    err = capsys.readouterr().err
+    assert "unknown lookup setting 'q'" in err and "my-drafter: not a lookup specification" in err
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory, pair):
+    """DSpark (the pair's), DFlash and EAGLE3 drafters of one target, and lookup."""
+    import mlx.core as mx
+
+    from mlx_lm_dspark_tools.tiny import save_drafter, save_eagle3_drafter
+
+    root = tmp_path_factory.mktemp("kinds")
+    target = Path(pair[0])
+    config = json.loads((target / "config.json").read_text())
+    weights = mx.load(str(target / "model.safetensors"))
+    save_drafter(root / "dflash", config, markov_rank=0, target_weights=weights)
+    save_eagle3_drafter(root / "eagle3", config, ttt_length=5, target_weights=weights)
+    return pair[0], [pair[1], str(root / "dflash"), str(root / "eagle3"), "ngram"]
+
+
+def test_several_drafters_run_side_by_side(kinds, tmp_path, capsys):
+    target, drafters = kinds
+    out = tmp_path / "results.json"
+    argv = ["--model", target, "--max-tokens", "8", "--num-prompts", "1", "--prompts", "chat", "--json", str(out)]
+    bench.run(argv + [x for d in drafters for x in ("--draft-model", d)])
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    names = ["1:dspark", "2:dflash", "3:eagle3", "4:ngram"]
+    assert list(results["variants"]) == names and results["base"] == "1:dspark"
+    assert results["config"]["draft_model"] == drafters and "draft_models" not in results["config"]
+    for name, path in zip(names, drafters):
+        v = results["variants"][name]
+        assert v["drafter_kind"] == name[2:]
+        assert v["draft_model"].startswith(path) and v["greedy_checked"] is True  # ngram: with its settings
+        assert {"cost_model", "prompts", "by_category", "overall"} <= set(v)
+        assert SPEC_KEYS <= set(v["overall"]["speculative"]) and v["overall"]["speculative"]["tau"] >= 1.0
+        assert v["cost_model"]["draft_ms"] > 0 and len(v["cost_model"]["verify_ms"]) == v["max_drafts"] + 1
+    assert [results["variants"][n]["max_drafts"] for n in names[:3]] == [7, 7, 5]
+    assert results["variants"]["3:eagle3"]["cost_model"]["draft_ms_per_draft"] > 0  # drafts token by token
+    assert results["variants"]["1:dspark"]["cost_model"]["draft_ms_per_draft"] == 0
+    header = next(line for line in printed.splitlines() if line.startswith("category"))
+    for column in ("τ", "speedup", "vs 1:dspark", "draft ms", "verify ms", "ms/round"):
+        assert column in header
+    rows = [line.split()[1] for line in printed.splitlines() if line.startswith("overall")]
+    assert rows == names
+
+
+def test_one_drafter_keeps_the_single_report(pair, capsys):
+    results = run(pair, "--num-draft-tokens", "2", tokens=6)
+    assert results["config"]["draft_model"] == pair[1] and "variants" not in results
+    assert "draft_models" not in results["config"] or results["config"]["draft_models"] == [pair[1]]
+    with pytest.raises(SystemExit):
+        bench.main(["--model", pair[0], "--draft-model", pair[1], "--draft-model", "ngram", "--compare-lookup"])
+    assert "--compare-lookup compares one drafter with lookup" in capsys.readouterr().err

@@ -73,13 +73,18 @@ def params(module):
 # ---------------------------------------------------------------- 1. parity
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma4"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma4", "qwen3-causal-sliding"])
 @pytest.mark.parametrize("rank", [8, 0])
 def test_training_forward_matches_inference(family, rank):
-    make = make_qwen3_target if family == "qwen3" else make_gemma4_target
+    make = make_gemma4_target if family == "gemma4" else make_qwen3_target
+    family, layers = family.split("-")[0], family.endswith("sliding")
     model, config = make(seed=1)  # Gemma-4: sliding, full and KV-shared layers
     args = small_args(markov_rank=rank, num_layers=2, block_size=5, target_layer_ids=[1, 3, 5])
-    drafter = T.build_drafter(T.drafter_config(config, family, len(model.layers), args, 500), model, seed=2)
+    config = T.drafter_config(config, family, len(model.layers), args, 500)
+    if layers:  # z-lab's drafter layers: sliding (window 9), causal inside the block
+        config.update(layer_types=["sliding_attention", "full_attention"], sliding_window=9,
+                      causal_layer_types=["sliding_attention"])
+    drafter = T.build_drafter(config, model, seed=2)
     if rank:  # a non-zero Markov head, so the correction is exercised
         w2 = drafter.markov_head.markov_w2
         w2.weight = 0.3 * mx.random.normal(w2.weight.shape, key=mx.random.key(3))
@@ -197,9 +202,10 @@ def test_saved_drafter_reloads_bit_exactly(bigram, tmp_path):
 # ---------------------------------------------------------------- 5. resume
 
 
-def test_resume_matches_uninterrupted_run(bigram, tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["dspark", "eagle3"])
+def test_resume_matches_uninterrupted_run(bigram, tmp_path, monkeypatch, algorithm):
     model, _, corpus = bigram
-    args = small_args(iters=6, save_every=3, grad_accumulation=2)
+    args = small_args(iters=6, save_every=3, grad_accumulation=2, algorithm=algorithm)
     straight = T.train(model, corpus, args, output=tmp_path / "straight")
 
     real = T.micro_batch
@@ -298,14 +304,17 @@ def test_cli_bad_input(target_dir, tmp_path, capsys):
         capsys, ["--model", str(tmp_path / "nowhere"), "--data", str(text), "--quiet"])
 
 
-def test_unsupported_target_family(tmp_path):
-    from mlx_lm.models import llama
+def test_a_target_without_tappable_layers_is_refused(tmp_path):
+    import mlx.nn as nn
 
-    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2,
-                                        intermediate_size=64, num_attention_heads=2, rms_norm_eps=1e-5,
-                                        vocab_size=64, num_key_value_heads=2))
-    with pytest.raises(T.TrainingError, match="Use a Qwen3 or Gemma-4 model"):
-        T.train(model, [[1, 2, 3, 4]], small_args(), output=tmp_path)
+    class NoLayers(nn.Module):
+        args = {"model_type": "mystery", "vocab_size": 64, "hidden_size": 32}
+
+        def __call__(self, tokens, cache=None):
+            return tokens
+
+    with pytest.raises(T.TrainingError, match="exposes no `layers`"):
+        T.train(NoLayers(), [[1, 2, 3, 4]], small_args(), output=tmp_path)
 
 
 @pytest.mark.parametrize("family,bits", [("gemma4", None), ("qwen3", 4)])
@@ -349,3 +358,127 @@ def test_blas_hint(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "")
     monkeypatch.setattr(sys, "platform", "darwin")
     assert blas_hint() is None
+
+
+# ---------------------------------------------------------------- 7. EAGLE3
+
+
+def eagle3_args(**kw):
+    return small_args(**{"algorithm": "eagle3", "block_size": 3, "target_layer_ids": [0, 1, 2], **kw})
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma4"])
+def test_eagle3_training_forward_is_the_drafting_chain(family):
+    """Unrolled step k at row s-1 is what inference computes for draft k+1
+    after anchor s, when every earlier draft was the true token."""
+    make = make_qwen3_target if family == "qwen3" else make_gemma4_target
+    model, config = make(seed=1)
+    args = eagle3_args(block_size=4, target_layer_ids=[1, 3, 5])
+    drafter = T.build_drafter(T.drafter_config(config, family, len(model.layers), args, None), model, seed=2)
+    assert drafter.kind == "eagle3" and drafter.max_drafts == 4
+    tokens = mx.array(np.random.default_rng(4).integers(3, 500, (1, 24)).astype(np.int32))
+    _, features = TargetAdapter(model, drafter.target_layer_ids)(tokens, None)
+    outputs = drafter.ttt_forward(features, T.ttt_inputs(tokens, 4))
+    for s in (1, 9, 19):
+        cache = drafter.make_cache()
+        drafter.add_context(cache, features[:, :s], 0, tokens[0, :s])
+        forced = lambda j, row, s=s: (tokens[0, s + 1 + j : s + 2 + j], mx.softmax(row, axis=-1))
+        chain = drafter.draft(cache, tokens[0, s], s, 4, forced)["hidden"]
+        for k in range(4):
+            assert mx.allclose(outputs[k][0, s - 1], chain[0, k], atol=1e-4).item(), (s, k)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma4"])
+def test_eagle3_gradients_reach_only_its_trained_weights(family):
+    make = make_qwen3_target if family == "qwen3" else make_gemma4_target
+    model, config = make()
+    args = eagle3_args(target_layer_ids=[1, 3, 5])
+    drafter = T.build_drafter(T.drafter_config(config, family, len(model.layers), args, None), model, seed=0)
+    corpus = np.random.default_rng(0).integers(3, 500, (4, 12)).tolist()
+    target = TargetAdapter(model, drafter.target_layer_ids)
+    loss, grads = T.make_loss_and_grad(drafter, target, args)(*T.micro_batch(corpus, 0, args, 0))
+    grads = dict(tree_flatten(grads))
+    assert set(grads) == set(dict(tree_flatten(drafter.trainable_parameters())))
+    frozen = {"embed_tokens.weight", "lm_head.weight", "layers.0.layer_scalar"}
+    assert not frozen & set(grads) and {"fc.weight", "norm.weight", "layers.0.self_attn.q_proj.weight"} <= set(grads)
+    assert np.isfinite(loss.item()) and all(mx.abs(g).sum().item() > 0 for g in grads.values())
+
+
+RELEASED_EAGLE3_QWEN3 = {
+    "embed_tokens.weight", "fc.weight", "norm.weight", "lm_head.weight",
+    *(f"layers.0.{n}.weight" for n in (
+        "hidden_norm", "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+        "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")),
+}
+
+
+def test_eagle3_cli_run_gives_a_loadable_exact_drafter(bigram, tmp_path):
+    """``--algorithm eagle3``: DeepSpec's released layout, loaded by
+    load_drafter, and greedy speculative output equal to plain decoding."""
+    from mlx_lm.generate import generate_step
+
+    from mlx_lm_dspark.speculative import speculative_generate_step
+
+    model, config, corpus = bigram
+    target_dir = tmp_path / "target"
+    save_target(target_dir, model, config)
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps(seq) + "\n" for seq in corpus))
+    out = T.run(["--algorithm", "eagle3", "--model", str(target_dir), "--data", str(data),
+                 "--output", str(tmp_path / "d"), "--iters", "3", "--block-size", "3", "--batch-size", "2",
+                 "--target-layer-ids", "0", "1", "2", "--eval-every", "0", "--quiet"])
+    saved = mx.load(str(out / "model.safetensors"))
+    assert set(saved) == RELEASED_EAGLE3_QWEN3
+    assert mx.array_equal(saved["embed_tokens.weight"], model.model.embed_tokens.weight)
+    assert mx.array_equal(saved["lm_head.weight"], model.lm_head.weight)
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == ["Qwen3Eagle3Model"] and written["model_type"] == "qwen3"
+    assert (written["ttt_length"], written["step_loss_decay"], written["num_target_layers"]) == (3, 0.8, 4)
+    assert "mask_token_id" not in written and "block_size" not in written
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
+
+    drafter = load_drafter(out, bits=None)
+    assert drafter.kind == "eagle3" and drafter.max_drafts == 3 and drafter.target_layer_ids == [0, 1, 2]
+    prompt = mx.array(corpus[0][:6], dtype=mx.uint32)
+    plain = [t for t, _ in generate_step(prompt, model, max_tokens=20)]
+    spec = [t for t, _, _ in speculative_generate_step(prompt, model, drafter, num_draft_tokens=3, max_tokens=20)]
+    assert spec == plain
+
+
+def test_eagle3_loss_goes_down(bigram, tmp_path):
+    model, _, corpus = bigram
+    args = eagle3_args(iters=12, batch_size=4, learning_rate=1e-2)
+    out = T.train(model, corpus, args, output=tmp_path / "d")
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["history"]]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.slow
+def test_eagle3_short_run_lowers_loss_and_raises_tau(bigram, tmp_path):
+    model, _, corpus = bigram
+    # Over data seeds 0-3 these settings gave τ 1.0 -> 2.8-3.7 (ttt_length 4:
+    # at most 5) and a loss ratio of about 0.45; the bounds leave a margin.
+    args = eagle3_args(block_size=4, iters=60, batch_size=4, learning_rate=1e-2, eval_every=60,
+                       eval_sequences=4, eval_tokens=24)
+    out = T.train(model, corpus, args, output=tmp_path / "d")
+    history = json.loads((out / "trainer_state.json").read_text())["history"]
+    evals = [h for h in history if "tau" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert [e["step"] for e in evals] == [0, 60]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    assert evals[1]["val_loss"] < 0.6 * evals[0]["val_loss"]
+    assert evals[1]["tau"] > evals[0]["tau"] + 1.2, evals
+
+
+def test_eagle3_options_are_checked(bigram, tmp_path):
+    model, _, corpus = bigram
+    with pytest.raises(T.TrainingError, match="exactly one layer"):
+        eagle3_args(num_layers=2).check()
+    with pytest.raises(T.TrainingError, match="choose one of dspark, dflash, eagle3"):
+        T.TrainingArgs(algorithm="medusa")
+    assert T.TrainingArgs(algorithm="dflash", markov_rank=8).markov_rank == 0
+    assert (T.TrainingArgs().weight_decay, T.TrainingArgs(algorithm="eagle3").weight_decay) == (0.01, 0.0)
+    T.train(model, corpus, small_args(iters=1), output=tmp_path)
+    with pytest.raises(T.TrainingError, match="is a dspark drafter, not eagle3"):
+        T.train(model, corpus, eagle3_args(iters=2, resume=True), output=tmp_path)

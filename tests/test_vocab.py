@@ -167,10 +167,18 @@ def _write(tmp_path, config, source):
     return out
 
 
+def test_speculators_layer_id_zero_is_the_embedding_tap(checkpoints):
+    """speculators' aux id 0 (the embeddings entering layer 0) is tap -1."""
+    from mlx_lm_dspark.config import speculators_args
+
+    config = _speculators_config(checkpoints, "eagle3-300", eagle_aux_hidden_state_layer_ids=[0, 2, 3, 5, 6])
+    assert speculators_args(config)["target_layer_ids"] == [-1, 1, 2, 4, 5]
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(speculators_model_type="mtp"), "speculators checkpoint of type 'mtp'"),
     (dict(norm_output=True), "norm_output on"),
-    (dict(eagle_aux_hidden_state_layer_ids=[0, 2, 3, 5, 6]), "taps the embeddings"),
+    (dict(eagle_aux_hidden_state_layer_ids=[-1, 2, 3, 5, 6]), "negative layer id"),
     (dict(transformer_layer_config={"model_type": "llama", "hidden_size": 64}), "'llama' transformer_layer_config"),
 ])
 def test_speculators_variants_we_do_not_run_are_refused_in_one_line(checkpoints, tmp_path, changes, message):
