@@ -557,3 +557,75 @@ def test_a_prompt_the_cache_holds_exactly_gets_the_plain_answer(servers, pair):
     assert got[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids) - 1
     assert text_of(TEXT, body, got[1]) == text_of(TEXT, body, want[1]) != ""
     assert spec.healthy() and plain.healthy()
+
+
+@pytest.mark.slow
+def test_load_of_mixed_concurrent_clients(servers):
+    """96 requests from 8 concurrent clients: chat and completions, streamed
+    or not, greedy and sampled, per-request num_draft_tokens, some hanging
+    up mid-stream, malformed ones mixed in. Every greedy answer equals the
+    plain server's, nothing answers 5xx, the server is healthy afterwards."""
+    import random
+
+    spec, plain = servers
+    rng = random.Random(0)
+    malformed = [{"seed": -5}, {"logit_bias": {"999999": 1.0}}, {"max_tokens": 2**63}, {"num_draft_tokens": -1},
+                 {"prompt": ""}]
+    jobs = []
+    for i in range(96):
+        path = CHAT if i % 2 else TEXT
+        extra = {"stream": rng.random() < 0.5, "max_tokens": rng.randint(4, 16)}
+        if rng.random() < 0.5:
+            extra["num_draft_tokens"] = rng.randint(0, 4)
+        kind = "greedy"
+        roll = rng.random()
+        if roll < 0.1:
+            kind = "hangup"
+        elif roll < 0.2:
+            kind, extra = "malformed", {**extra, **rng.choice(malformed)}
+        elif roll < 0.35:
+            kind, extra = "sampled", {**extra, "temperature": 0.8, "seed": i}
+        body = request(path, f"client story {i % 12} about the {rng.choice(['fox', 'river', 'mill'])}", **extra)
+        if kind == "malformed" and "prompt" in extra:
+            path, body = TEXT, {**body, "prompt": ""}
+            body.pop("messages", None)
+        jobs.append((kind, path, body))
+    want = {i: text_of(p, b, plain.post(p, b)[1]) for i, (k, p, b) in enumerate(jobs) if k == "greedy"}
+    results, errors = {}, []
+    lock = threading.Lock()
+    queue = list(enumerate(jobs))
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, (kind, path, body) = queue.pop()
+            try:
+                if kind == "hangup":
+                    _cancel_mid_stream(spec.port, {**request(TEXT, "a long hang up"), "stream": True,
+                                                   "max_tokens": 200})
+                    continue
+                status, got = spec.post(path, body)
+                results[i] = (kind, status, text_of(path, body, got) if status == 200 else got)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i, (kind, status, text) in results.items():
+        assert status < 500, (i, status, text)
+        if kind == "malformed":
+            assert 400 <= status < 500, (i, jobs[i], status)
+        else:
+            assert status == 200, (i, jobs[i], text)
+        if kind == "greedy":
+            assert text == want[i], f"request {i}"
+    assert {k for k, _, _ in jobs} == {"greedy", "sampled", "hangup", "malformed"}
+    assert spec.healthy()
+    body = request(TEXT, "after the load")
+    assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
