@@ -18,7 +18,6 @@ from http.server import ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from mlx_lm_dspark.hosts import guards
 from mlx_lm_dspark_tools.tiny import build_pair
 
 server = importlib.import_module("mlx_lm.server")
@@ -259,11 +258,6 @@ def test_concurrent_clients_with_cancellations(servers):
     assert text_of(TEXT, bodies[0], spec.post(TEXT, bodies[0])[1]) == want[0]
 
 
-# mlx-lm < 0.32.1's own server drops the connection when validate_model_parameters
-# refuses a request, with or without a draft model; 0.32.1 answers 400.
-HOST_ANSWERS_INVALID_PARAMETERS = guards.release(guards.installed_version("mlx-lm")) >= (0, 32, 1)
-
-
 def status_or_dropped(srv, body):
     try:
         return srv.post(TEXT, body)[0]
@@ -284,10 +278,9 @@ def test_malformed_requests_get_a_4xx_and_the_server_stays_up(servers, bad, monk
         assert status == status_or_dropped(plain, invalid)  # what the host answers without us
     else:
         status, _ = spec.post(TEXT, {**body, "draft_model": "/nonexistent/drafter"})
-    if bad in ("negative", "type") and not HOST_ANSWERS_INVALID_PARAMETERS:
-        assert status == "dropped"
-    else:
-        assert 400 <= status < 500
+    # mlx-lm < 0.32.1 drops the connection when validate_model_parameters
+    # refuses a request; the patched server answers 400 on every release.
+    assert 400 <= status < 500
     assert spec.healthy()
     assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
 

@@ -553,16 +553,19 @@ def patch_server(server) -> None:
 
     @functools.wraps(validate)
     def validate_model_parameters(self):
-        if self.num_draft_tokens is not None:
-            validate(self)
-            return _validate_limits(self)
-        # Not given: the drafter's own cap (ordinary draft models: 3).
-        self.num_draft_tokens = 0
         try:
-            validate(self)
-        finally:
-            self.num_draft_tokens = None
-        _validate_limits(self)
+            if self.num_draft_tokens is not None:
+                validate(self)
+                return _validate_limits(self)
+            # Not given: the drafter's own cap (ordinary draft models: 3).
+            self.num_draft_tokens = 0
+            try:
+                validate(self)
+            finally:
+                self.num_draft_tokens = None
+            _validate_limits(self)
+        except ValueError as e:
+            raise _InvalidRequest(str(e)) from e
 
     @functools.wraps(do_post)
     def do_post_refusing_undecodable(self):
@@ -577,6 +580,12 @@ def patch_server(server) -> None:
             self._set_completion_headers(400)
             self.end_headers()
             self.wfile.write(json.dumps({"error": f"Request body is not UTF-8: {e}"}).encode())
+        except _InvalidRequest as e:
+            # mlx-lm < 0.32 lets validation errors drop the connection
+            # (newer releases answer them before reaching here).
+            self._set_completion_headers(400)
+            self.end_headers()
+            self.wfile.write(json.dumps({"error": str(e)}).encode())
 
     @functools.wraps(provider_init)
     def init_loading_drafter(self, cli_args, *args, **kwargs):
@@ -683,6 +692,10 @@ def _validate_limits(handler) -> None:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}): got {outside[:5]}")
     if context is not None and handler.max_tokens > context:
         raise ValueError(f"max_tokens must be at most {context} (the model's context), got {handler.max_tokens}")
+
+
+class _InvalidRequest(ValueError):
+    """A request parameter the server cannot serve (answered with 400)."""
 
 
 class _ClientLeft(ConnectionError):
