@@ -13,20 +13,17 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from conftest import _host_loads, plain_tokens
 from mlx_lm_dspark import last_stats, load_drafter
-from mlx_lm_dspark.speculative import speculative_generate_step
-from mlx_lm_dspark.target import TargetAdapter, cache_length, text_args, validate_pair
-from mlx_lm_dspark_tools.oracle import OracleDrafter
+from mlx_lm_dspark.target import TargetAdapter, validate_pair
 from mlx_lm_dspark_tools.tiny import DECODER_MODEL_TYPES, build_pair, make_decoder_target, make_gemma4_target
+from decoding_checks import (BLOCK, MAX, PROMPT_LONG, PROMPT_SHORT, check_caps_and_max_tokens,
+                             check_closed_generator_and_next_turn, check_oracle_pattern, check_random_drafter,
+                             check_server_conversation, check_stream_generate_with_the_automatic_cap,
+                             check_trained_drafter, speculative)
 
-PROMPT_LONG = [(7 * i + 3) % 300 + 5 for i in range(21)]
-PROMPT_SHORT = [42]
-MAX = 40
-BLOCK = 7
 slow = pytest.mark.slow
 
 # family id -> (build_pair family, its extra target settings)
@@ -55,16 +52,6 @@ def pairs(tmp_path_factory):
         return built[family, layout]
 
     return get
-
-
-def oracle(model, prompt, right=lambda pos: True, block=BLOCK):
-    sequence = list(prompt) + plain_tokens(model, prompt, 3 * MAX)
-    return OracleDrafter(text_args(model), sequence, block_size=block, right=right)
-
-
-def speculative(model, drafter, prompt, max_tokens, **kw):
-    kw.setdefault("num_draft_tokens", drafter.max_drafts)
-    return [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens, **kw)]
 
 
 # ---------------------------------------------------------------- the targets themselves
@@ -106,10 +93,7 @@ def test_tap_minus_one_reads_the_embedding_output(make):
 @pytest.mark.parametrize("prompt", [pytest.param(PROMPT_SHORT, marks=slow), PROMPT_LONG], ids=["prompt1", "prompt21"])
 def test_random_drafter_exact(pairs, family, prompt):
     model, drafter_dir, _ = pairs(family)
-    drafter = load_drafter(drafter_dir, bits=None)
-    assert speculative(model, drafter, prompt, MAX) == plain_tokens(model, prompt, MAX)
-    stats = last_stats(drafter)
-    assert stats.rounds > 0 and stats.accepted + stats.rounds + 1 == MAX
+    check_random_drafter(model, drafter_dir, prompt)
 
 
 @pytest.mark.parametrize("family", [p if p.values[0] in ("gpt_oss", "gemma4_moe") else
@@ -130,63 +114,26 @@ def test_zlab_drafter_borrowing_the_targets_embeddings_exact(pairs, family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pattern", [pytest.param("perfect", marks=slow), "partial"])
 def test_oracle_drafters_exact(pairs, family, pattern):
-    model, _, _ = pairs(family)
-    right = (lambda pos: True) if pattern == "perfect" else (lambda pos: pos % 5 != 0)
-    for prompt in (PROMPT_SHORT, PROMPT_LONG):
-        drafter = oracle(model, prompt, right)
-        assert speculative(model, drafter, prompt, MAX) == plain_tokens(model, prompt, MAX)
-        stats = last_stats(drafter)
-        if pattern == "perfect":
-            assert stats.accepted == stats.drafted and stats.rounds == -(-(MAX - 1) // (BLOCK + 1))
-        else:
-            assert 0 < stats.accepted < stats.drafted
+    check_oracle_pattern(pairs(family)[0], pattern)
 
 
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_caps_and_max_tokens(pairs, family):
-    model, _, _ = pairs(family)
-    for cap in range(1, BLOCK + 1):
-        for max_tokens in (1, 9, 17):
-            drafter = oracle(model, PROMPT_LONG, lambda pos: pos % 4 != 1)
-            got = speculative(model, drafter, PROMPT_LONG, max_tokens, num_draft_tokens=cap)
-            assert got == plain_tokens(model, PROMPT_LONG, max_tokens), (cap, max_tokens)
-            assert all(n <= cap for n in last_stats(drafter).proposal_lengths)
+    check_caps_and_max_tokens(pairs(family)[0], range(1, BLOCK + 1), (1, 9, 17))
 
 
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_closed_generator_and_the_next_turn(pairs, family):
-    """Multi-turn prompt-cache reuse: closing mid-round leaves prompt +
-    yielded tokens, and the next turn continues like plain decoding."""
-    model, _, _ = pairs(family)
-    first, second, stop = PROMPT_LONG, [17, 99, 23], 9
-    plain_cache = make_prompt_cache(model)
-    expected_first = [t for t, _ in generate_step(mx.array(first), model, max_tokens=stop, prompt_cache=plain_cache)]
-    expected_second = [t for t, _ in generate_step(mx.array(second), model, max_tokens=20, prompt_cache=plain_cache)]
-    cache = make_prompt_cache(model)
-    gen = speculative_generate_step(mx.array(first), model, oracle(model, first, lambda pos: pos % 3 != 0),
-                                    max_tokens=MAX, num_draft_tokens=BLOCK, prompt_cache=cache)
-    got = [next(gen)[0] for _ in range(stop)]
-    gen.close()
-    assert got == expected_first
-    assert cache_length(cache) == len(first) + stop
-    sequence = [0] * (len(first) + stop) + second + expected_second
-    second_drafter = OracleDrafter(text_args(model), sequence, right=lambda pos: pos % 4 != 0, block_size=BLOCK)
-    assert speculative(model, second_drafter, second, 20, prompt_cache=cache) == expected_second
-    assert last_stats(second_drafter).accepted > 0
+    """Multi-turn prompt-cache reuse, closing mid-round."""
+    check_closed_generator_and_next_turn(pairs(family)[0], 9)
 
 
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stream_generate_with_the_automatic_cap(pairs, family):
-    """mlx-lm's own stream_generate with a drafter and no fixed cap."""
-    model, drafter_dir, tokenizer = pairs(family)
-    drafter = load_drafter(drafter_dir, bits=None)
-    out = [r.token for r in mlx_lm.stream_generate(model, tokenizer, mx.array(PROMPT_LONG), max_tokens=24,
-                                                     draft_model=drafter)]
-    assert out == plain_tokens(model, PROMPT_LONG, 24)
-    assert last_stats(drafter).cap is None
+    check_stream_generate_with_the_automatic_cap(*pairs(family))
 
 
 # ---------------------------------------------------------------- sampling
@@ -223,43 +170,17 @@ def test_sampling_is_distributed_like_plain_sampling(family):
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_a_drafter_end_to_end(family, tmp_path):
-    """mlx_lm_dspark.train on each family: a drafter of the target's own
-    variant that reloads and decodes exactly."""
-    import json
-
-    import numpy as np
-
-    from mlx_lm_dspark import train as T
-
+    """mlx_lm_dspark.train on each family: a drafter of the target's own variant."""
     model = (make_gemma4_target(num_experts=4) if family == "gemma4_moe" else make_decoder_target(family))[0]
-    corpus = np.random.default_rng(0).integers(3, 500, (12, 16)).tolist()
-    args = T.TrainingArgs(markov_rank=8, num_layers=1, target_layer_ids=None, block_size=4, iters=2,
-                          batch_size=2, anchors_per_seq=4, seq_length=32, learning_rate=3e-3, eval_every=2,
-                          eval_sequences=2, eval_tokens=6, save_every=0, progress=False)
-    out = T.train(model, corpus, args, output=tmp_path)
-    history = json.loads((out / "trainer_state.json").read_text())["history"]
-    assert all(np.isfinite(h.get("loss", h.get("val_loss"))) for h in history)
-    drafter = load_drafter(out, bits=None)
-    assert drafter.args.family == ("gemma4" if family == "gemma4_moe" else "qwen3")
-    assert speculative(model, drafter, PROMPT_LONG, 12) == plain_tokens(model, PROMPT_LONG, 12)
+    check_trained_drafter(model, tmp_path, "gemma4" if family == "gemma4_moe" else "qwen3")
 
 
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_server_repeat_requests_and_a_conversation(family, tmp_path_factory):
-    """mlx_lm.server with a drafter on each family: a repeated request and
-    a continued conversation equal a server without drafter."""
-    from test_server import converse, server_pair, with_chat_template
-
+    """mlx_lm.server with a drafter on each family."""
     kind, kw = BUILDS[family]
     target, drafter = build_pair(tmp_path_factory.mktemp(f"server-{family}"), kind, vocab_size=128, num_layers=4,
                                  target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4,
                                  **({"num_kv_shared_layers": 0} if kind == "gemma4" else {}), **kw)
-    with_chat_template(target)
-    common = ["--model", str(target), "--max-tokens", "16", "--temp", "0.0"]
-
-    def drafted(turn, got):
-        assert got["usage"]["speculative"]["rounds"] > 0
-
-    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
-        converse(spec, plain, "the river runs past the old mill", 2, 16, "what next", repeat=True, check=drafted)
+    check_server_conversation(target, drafter)

@@ -8,22 +8,19 @@ tokens and states always come from the plain target itself.
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
-from mlx_lm_dspark import last_stats, load_drafter, recurrent
+from mlx_lm_dspark import recurrent
 from mlx_lm_dspark.speculative import speculative_generate_step
 from mlx_lm_dspark.target import TargetAdapter, UnsupportedCacheError, cache_length, check_rollback, rollback, text_args
 from conftest import _host_loads, plain_tokens
 from mlx_lm_dspark_tools.oracle import OracleDrafter
 from mlx_lm_dspark_tools.tiny import HYBRID_MODEL_TYPES, build_pair, make_hybrid_target
-
-PROMPT_LONG = [(7 * i + 3) % 300 + 5 for i in range(21)]
-PROMPT_SHORT = [42]
-MAX = 40
-BLOCK = 7
+from decoding_checks import (BLOCK, MAX, PROMPT_LONG, PROMPT_SHORT, check_caps_and_max_tokens,
+                             check_closed_generator_and_next_turn, check_oracle_pattern, check_random_drafter,
+                             check_server_conversation, check_stream_generate_with_the_automatic_cap,
+                             check_trained_drafter, oracle, speculative)
 
 FAMILIES = [
     pytest.param(t, marks=pytest.mark.skipif(not _host_loads(t), reason=f"the installed mlx-lm has no {t} model"))
@@ -54,16 +51,6 @@ def pairs(tmp_path_factory):
         return built[family]
 
     return get
-
-
-def oracle(model, prompt, right=lambda pos: True, block=BLOCK):
-    sequence = list(prompt) + plain_tokens(model, prompt, 3 * MAX)
-    return OracleDrafter(text_args(model), sequence, block_size=block, right=right)
-
-
-def speculative(model, drafter, prompt, max_tokens, **kw):
-    kw.setdefault("num_draft_tokens", drafter.max_drafts)
-    return [t for t, _, _ in speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens, **kw)]
 
 
 def states(cache) -> list:
@@ -180,74 +167,33 @@ def test_without_the_rollback_the_output_changes(pairs, monkeypatch):
 @pytest.mark.parametrize("prompt", [pytest.param(PROMPT_SHORT, marks=slow), PROMPT_LONG], ids=["prompt1", "prompt21"])
 def test_random_drafter_exact(pairs, family, prompt):
     model, drafter_dir, _ = pairs(family)
-    drafter = load_drafter(drafter_dir, bits=None)
-    assert speculative(model, drafter, prompt, MAX) == plain_tokens(model, prompt, MAX)
-    stats = last_stats(drafter)
-    assert stats.rounds > 0 and stats.accepted + stats.rounds + 1 == MAX
+    check_random_drafter(model, drafter_dir, prompt)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pattern", [pytest.param("perfect", marks=slow), "partial"])
 def test_oracle_drafters_exact(pairs, family, pattern, design):
-    model, _, _ = pairs(family)
-    right = (lambda pos: True) if pattern == "perfect" else (lambda pos: pos % 5 != 0)
-    for prompt in (PROMPT_SHORT, PROMPT_LONG):
-        drafter = oracle(model, prompt, right)
-        assert speculative(model, drafter, prompt, MAX) == plain_tokens(model, prompt, MAX)
-        stats = last_stats(drafter)
-        if pattern == "perfect":
-            assert stats.accepted == stats.drafted and stats.rounds == -(-(MAX - 1) // (BLOCK + 1))
-        else:
-            assert 0 < stats.accepted < stats.drafted
+    check_oracle_pattern(pairs(family)[0], pattern)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("caps,lengths", [((1, 4, 7), (9,)), pytest.param(range(1, BLOCK + 1), (1, 9, 17), marks=slow)],
                          ids=["some", "all"])
 def test_caps_and_max_tokens(pairs, family, caps, lengths):
-    model, _, _ = pairs(family)
-    for cap in caps:
-        for max_tokens in lengths:
-            drafter = oracle(model, PROMPT_LONG, lambda pos: pos % 4 != 1)
-            got = speculative(model, drafter, PROMPT_LONG, max_tokens, num_draft_tokens=cap)
-            assert got == plain_tokens(model, PROMPT_LONG, max_tokens), (cap, max_tokens)
-            assert all(n <= cap for n in last_stats(drafter).proposal_lengths)
+    check_caps_and_max_tokens(pairs(family)[0], caps, lengths)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("stop", [pytest.param(1, marks=slow), 5, pytest.param(9, marks=slow), pytest.param(16, marks=slow)])
 def test_closed_generator_and_the_next_turn(pairs, family, stop):
-    """Multi-turn prompt-cache reuse: closing after ``stop`` tokens (mid-round
-    too) leaves prompt + yielded tokens, and the next turn continues from the
-    cache exactly like plain decoding does."""
-    model, _, _ = pairs(family)
-    first, second = PROMPT_LONG, [17, 99, 23]
-    plain_cache = make_prompt_cache(model)
-    expected_first = [t for t, _ in generate_step(mx.array(first), model, max_tokens=stop, prompt_cache=plain_cache)]
-    expected_second = [t for t, _ in generate_step(mx.array(second), model, max_tokens=20, prompt_cache=plain_cache)]
-    cache = make_prompt_cache(model)
-    gen = speculative_generate_step(mx.array(first), model, oracle(model, first, lambda pos: pos % 3 != 0),
-                                    max_tokens=MAX, num_draft_tokens=BLOCK, prompt_cache=cache)
-    got = [next(gen)[0] for _ in range(stop)]
-    gen.close()
-    assert got == expected_first
-    assert cache_length(cache) == len(first) + stop
-    sequence = [0] * (len(first) + stop) + second + expected_second
-    second_drafter = OracleDrafter(text_args(model), sequence, right=lambda pos: pos % 4 != 0, block_size=BLOCK)
-    assert speculative(model, second_drafter, second, 20, prompt_cache=cache) == expected_second
-    assert last_stats(second_drafter).accepted > 0
+    """Multi-turn prompt-cache reuse on a hybrid target."""
+    check_closed_generator_and_next_turn(pairs(family)[0], stop)
 
 
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stream_generate_with_the_automatic_cap(pairs, family):
-    """mlx-lm's own stream_generate with a drafter and no fixed cap."""
-    model, drafter_dir, tokenizer = pairs(family)
-    drafter = load_drafter(drafter_dir, bits=None)
-    out = [r.token for r in mlx_lm.stream_generate(model, tokenizer, mx.array(PROMPT_LONG), max_tokens=24,
-                                                     draft_model=drafter)]
-    assert out == plain_tokens(model, PROMPT_LONG, 24)
-    assert last_stats(drafter).cap is None
+    check_stream_generate_with_the_automatic_cap(*pairs(family))
 
 
 # ---------------------------------------------------------------- refusals
@@ -302,23 +248,8 @@ def test_a_target_of_recurrent_state_only_is_refused():
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_a_drafter_end_to_end(family, tmp_path):
-    """mlx_lm_dspark.train on a hybrid target: a Qwen3-style drafter that
-    reloads and decodes exactly."""
-    import json
-
-    from mlx_lm_dspark import train as T
-
-    model, _ = make_hybrid_target(family)
-    corpus = np.random.default_rng(0).integers(3, 500, (12, 16)).tolist()
-    args = T.TrainingArgs(markov_rank=8, num_layers=1, target_layer_ids=None, block_size=4, iters=2,
-                          batch_size=2, anchors_per_seq=4, seq_length=32, learning_rate=3e-3, eval_every=2,
-                          eval_sequences=2, eval_tokens=6, save_every=0, progress=False)
-    out = T.train(model, corpus, args, output=tmp_path)
-    history = json.loads((out / "trainer_state.json").read_text())["history"]
-    assert all(np.isfinite(h.get("loss", h.get("val_loss"))) for h in history)
-    drafter = load_drafter(out, bits=None)
-    assert drafter.args.family == "qwen3"
-    assert speculative(model, drafter, PROMPT_LONG, 12) == plain_tokens(model, PROMPT_LONG, 12)
+    """mlx_lm_dspark.train on a hybrid target: a Qwen3-style drafter."""
+    check_trained_drafter(make_hybrid_target(family)[0], tmp_path, "qwen3")
 
 
 # ---------------------------------------------------------------- server
@@ -326,18 +257,7 @@ def test_train_a_drafter_end_to_end(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_server_repeat_requests_and_a_conversation(family, tmp_path_factory):
-    """mlx_lm.server with a drafter on a hybrid target: a repeated request
-    (served from the prompt cache) and a continued conversation equal a
-    server without drafter."""
-    from test_server import converse, server_pair, with_chat_template
-
+    """mlx_lm.server with a drafter on a hybrid target."""
     target, drafter = build_pair(tmp_path_factory.mktemp(f"server-{family}"), family, vocab_size=128,
                                  num_layers=4, target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4)
-    with_chat_template(target)
-    common = ["--model", str(target), "--max-tokens", "16", "--temp", "0.0"]
-
-    def drafted(turn, got):
-        assert got["usage"]["speculative"]["rounds"] > 0
-
-    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
-        converse(spec, plain, "the river runs past the old mill", 2, 16, "what next", repeat=True, check=drafted)
+    check_server_conversation(target, drafter)
