@@ -423,14 +423,11 @@ def text_config_of(config):
 DECODER_MODEL_TYPES = ("llama", "qwen2", "qwen3_moe", "gpt_oss")
 
 
-def decoder_config(model_type, *, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
-                   head_dim=16, intermediate_size=128, sliding_window=8, tie_word_embeddings=False):
-    """A flat config of one of mlx-lm's attention decoders: Llama, Qwen2,
-    Qwen3-MoE (4 experts, 2 per token) or gpt-oss (4 experts, attention
-    sinks, sliding and full layers alternating, the sliding window shorter
-    than a 40-token generation).  Their drafters are Qwen3-style networks
-    of the target's width, so the Qwen3 attention fields are in every one."""
-    config = {
+def _common_config(model_type, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
+                   intermediate_size, tie_word_embeddings) -> dict:
+    """The fields every tiny non-Gemma target's config has: its drafter is a
+    Qwen3-style network of the target's width, which reads them."""
+    return {
         "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -441,11 +438,22 @@ def decoder_config(model_type, *, vocab_size=512, hidden_size=64, num_layers=8, 
         "intermediate_size": intermediate_size,
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
         "tie_word_embeddings": tie_word_embeddings,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
     }
+
+
+def decoder_config(model_type, *, vocab_size=512, hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+                   head_dim=16, intermediate_size=128, sliding_window=8, tie_word_embeddings=False):
+    """A flat config of one of mlx-lm's attention decoders: Llama, Qwen2,
+    Qwen3-MoE (4 experts, 2 per token) or gpt-oss (4 experts, attention
+    sinks, sliding and full layers alternating, the sliding window shorter
+    than a 40-token generation).  Their drafters are Qwen3-style networks
+    of the target's width, so the Qwen3 attention fields are in every one."""
+    config = _common_config(model_type, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
+                            intermediate_size, tie_word_embeddings)
+    config["rope_theta"] = 10000.0
     if model_type == "qwen2":
         config["head_dim"] = hidden_size // num_heads  # Qwen2 derives it; the drafter must agree
     elif model_type == "qwen3_moe":
@@ -494,22 +502,9 @@ def hybrid_config(model_type, *, vocab_size=512, hidden_size=64, num_layers=8, n
     The Qwen3 attention fields (``rms_norm_eps``, ``head_dim``, ...) are
     present in every flavour: the drafter of a hybrid target is a Qwen3-style
     network of the target's width.  LFM2's embedding is always tied."""
-    config = {
-        "model_type": model_type,
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": head_dim,
-        "intermediate_size": intermediate_size,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": tie_word_embeddings,
-        "attention_bias": False,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
-    }
+    config = _common_config(model_type, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
+                            intermediate_size, tie_word_embeddings)
+    config["attention_bias"] = False
     if model_type in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
         config.update({
             "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
