@@ -490,13 +490,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
-def test_a_signal_mid_stream_shuts_the_server_down(pair, signum):
-    """``mlx_lm.server --draft-model`` as users run it: a signal while it
-    streams a long answer ends the process within seconds."""
+@contextlib.contextmanager
+def server_process(pair):
+    """``mlx_lm.server --draft-model`` as users run it, in its own process:
+    yields (process, port) once it answers."""
     import os
-    import signal
     import subprocess
     import time
 
@@ -511,23 +509,65 @@ def test_a_signal_mid_stream_shuts_the_server_down(pair, signum):
         while True:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                conn.request("POST", TEXT, body=json.dumps(request(TEXT, "a long story", max_tokens=4000,
-                                                                   stream=True)).encode(),
-                             headers={"Content-Type": "application/json"})
-                response = conn.getresponse()
+                conn.request("GET", "/health")
+                conn.getresponse().read()
                 break
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
                 time.sleep(0.5)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_mid_stream_shuts_the_server_down(pair, signum):
+    """A signal while the server streams a long answer ends the process
+    within seconds."""
+    import signal
+    import time
+
+    with server_process(pair) as (process, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", TEXT, body=json.dumps(request(TEXT, "a long story", max_tokens=4000,
+                                                           stream=True)).encode(),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
         assert response.status == 200 and response.fp.readline()  # streaming
         process.send_signal(getattr(signal, signum))
         started = time.monotonic()
         process.wait(timeout=15)
         assert time.monotonic() - started < 10
+
+
+def test_a_burst_of_16_connections_completes_before_any_is_accepted():
+    """The server mlx_lm.server runs, not yet accepting: 16 clients
+    connecting at once all complete their handshake (with the stock backlog
+    of 5 only 6 do; the kernel drops or resets the rest)."""
+    import inspect
+    import select
+    import socket
+    import time
+
+    server_class = inspect.signature(server._run_http_server, follow_wrapped=False).parameters["server_class"].default
+    httpd = server_class(("127.0.0.1", 0), server.APIHandler)
+    sockets = [socket.socket() for _ in range(16)]
+    try:
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(httpd.server_address)
+        waiting, deadline = set(sockets), time.monotonic() + 2
+        while waiting and time.monotonic() < deadline:
+            _, ready, _ = select.select([], list(waiting), [], 0.05)
+            waiting -= {sock for sock in ready if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0}
+        assert not waiting, f"{len(waiting)} of 16 connections did not complete"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        for sock in sockets:
+            sock.close()
+        httpd.server_close()
 
 
 def test_a_prompt_the_cache_holds_exactly_gets_the_plain_answer(servers, pair):
