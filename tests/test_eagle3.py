@@ -484,6 +484,19 @@ def bigram_server_pair(root):
     return target, EAGLE3_FIXTURES / "e2e_bigram" / "draft_qwen3"
 
 
+@pytest.mark.slow
+def test_server_sampled_answers_are_distributed_like_plain_sampling(tmp_path):
+    """mlx_lm.server --draft-model <EAGLE3> with temperature, top-p and a
+    repetition penalty, on the bigram pair (drafts get accepted): the p/q
+    rule's answers follow plain sampling's conditionals."""
+    from test_server import assert_served_samples_follow_plain, server_pair
+
+    target, drafter = bigram_server_pair(tmp_path)
+    with server_pair(["--model", str(target)], ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, _):
+        stats = assert_served_samples_follow_plain(spec, target)
+    assert all(s["accepted_tokens"] > 0 for s in stats), stats
+
+
 @pytest.mark.parametrize("family", ["qwen3", "gemma4", "bigram"])
 def test_server_greedy_repeat_and_conversation(family, tmp_path_factory):
     """mlx_lm.server --draft-model <EAGLE3>: a repeated request (served from

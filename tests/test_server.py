@@ -285,28 +285,29 @@ def test_malformed_requests_get_a_4xx_and_the_server_stays_up(servers, bad, monk
     assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
 
 
-@pytest.mark.slow
-def test_sampled_answers_are_distributed_like_plain_sampling(servers, pair):
-    """Tokens of long sampled answers (temperature, top-p, repetition
-    penalty; returned through ``logprobs``) against the conditionals of plain
-    decoding, with the statistics of test_speculative_sampling (PIT only: the
-    128-token vocabulary is too sparse for per-token counts)."""
+def assert_served_samples_follow_plain(spec, target_dir):
+    """Tokens of long sampled answers of ``spec`` (temperature, top-p,
+    repetition penalty; returned through ``logprobs``) against the
+    conditionals of plain decoding of the target at ``target_dir``, with the
+    statistics of test_speculative_sampling (PIT only: tiny vocabularies are
+    too sparse for per-token counts).  Returns the answers' speculative
+    statistics."""
     from mlx_lm.sample_utils import make_logits_processors
     from mlx_lm.utils import load
 
     from mlx_lm_dspark.sampling import SamplerSettings
     from test_speculative_sampling import Sample, assert_plain_distribution, conditionals
 
-    spec, _ = servers
     knobs = dict(temperature=0.9, top_p=0.95, repetition_penalty=1.3, repetition_context_size=8)
-    runs, prompts = [], []
+    runs, prompts, stats = [], [], []
     for seed in range(2):
         body = request(TEXT, "the quick brown fox", max_tokens=1000, logprobs=True, seed=seed, **knobs)
         got = spec.post(TEXT, body)[1]
-        assert got["usage"]["speculative"]["acceptance_rule"] == "p/q"
+        stats.append(got["usage"]["speculative"])
+        assert stats[-1]["acceptance_rule"] == "p/q"
         runs.append(np.array([t["id"] for t in got["choices"][0]["logprobs"]["content"]]))
         prompts.append(got["usage"]["prompt_tokens"])
-    model, tokenizer = load(str(pair[0]))
+    model, tokenizer = load(str(target_dir))
     prompt = tokenizer.encode("the quick brown fox")
     assert prompts == [len(prompt)] * 2
     breaks = list(np.cumsum([len(r) for r in runs])[:-1])
@@ -314,6 +315,12 @@ def test_sampled_answers_are_distributed_like_plain_sampling(servers, pair):
     processors = make_logits_processors(repetition_penalty=1.3, repetition_context_size=8)
     probs = conditionals(model, sample, SamplerSettings(temp=0.9, top_p=0.95), processors, prompt=prompt)
     assert_plain_distribution(probs, sample, per_token=False)
+    return stats
+
+
+@pytest.mark.slow
+def test_sampled_answers_are_distributed_like_plain_sampling(servers, pair):
+    assert_served_samples_follow_plain(servers[0], pair[0])
 
 
 def _fake_server(serve_single=None, validate=True):
