@@ -33,11 +33,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(argv, timeout=300):
-    """``mlx_lm.server`` with ``argv`` in its own process; yields its port once it answers."""
+def running_server(argv, timeout=300, env=None):
+    """``mlx_lm.server`` with ``argv`` in its own process; yields (the
+    process, its port) once it answers."""
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", *argv, "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or dict(os.environ))
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -50,7 +51,7 @@ def running_server(argv, timeout=300):
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise SystemExit(f"mlx_lm.server {' '.join(argv)} did not start")
                 time.sleep(0.5)
-        yield port
+        yield process, port
     finally:
         process.terminate()
         try:
@@ -119,7 +120,7 @@ def main(argv=None):
     prompts = [p for category in PROMPTS.values() for p in category]
     common = ["--model", args.model, *args.server_args.split()]
     rows = []
-    with running_server(common) as plain, running_server(common + ["--draft-model", args.draft_model]) as spec:
+    with running_server(common) as (_, plain), running_server(common + ["--draft-model", args.draft_model]) as (_, spec):
         complete(plain, prompts[0], 4), complete(spec, prompts[0], 4)  # warm-up
         for n in clients:
             plain_answers, plain_rate, plain_lat = load(plain, n, prompts, args.requests, args.max_tokens)

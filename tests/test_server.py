@@ -489,44 +489,17 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(servers, caplog
     assert len(rounds) == 2 and rounds[0] < 1000, rounds  # stopped, not 4000 tokens of ~1 per round
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def server_process(pair):
     """``mlx_lm.server --draft-model`` as users run it, in its own process:
-    yields (process, port) once it answers."""
+    a context of (process, port) once it answers."""
     import os
-    import subprocess
-    import time
+
+    from mlx_lm_dspark_tools.serve_benchmark import running_server
 
     target, drafter = pair
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(target), "--draft-model",
-                                str(drafter), "--draft-bits", "none", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                conn.request("GET", "/health")
-                conn.getresponse().read()
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
-                time.sleep(0.5)
-        yield process, port
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    return running_server(["--model", str(target), "--draft-model", str(drafter), "--draft-bits", "none"],
+                          timeout=120, env=env)
 
 
 @pytest.mark.slow
