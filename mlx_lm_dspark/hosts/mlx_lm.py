@@ -45,6 +45,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import types
 import weakref
 from pathlib import Path
@@ -568,7 +569,7 @@ def patch_server(server) -> None:
             raise _InvalidRequest(str(e)) from e
 
     @functools.wraps(do_post)
-    def do_post_refusing_undecodable(self):
+    def do_post_answering_every_request(self):
         _handler_request.connection = self.connection
         try:
             return do_post(self)
@@ -612,7 +613,7 @@ def patch_server(server) -> None:
     responder.generate = generate_remembering_context
     handler.validate_model_parameters = validate_model_parameters
     lru.fetch_nearest_cache = fetch_nearest_leaving_a_token
-    handler.do_POST = do_post_refusing_undecodable
+    handler.do_POST = do_post_answering_every_request
     server._run_http_server = _with_server_class(run_http_server, _backlogged(stock_server_class))
     handler.generate_response = generate_response_with_usage
     handler.completion_usage_response = usage_response_with_speculative
@@ -712,15 +713,22 @@ def _client_gone(connection) -> bool:
         return True
 
 
+CLIENT_CHECK_S = 0.05  # how often a generating request looks at its client's socket
+
+
 def _until_client_leaves(context, responses, connection):
     """``responses``, stopping the request's generation when its client
     disconnects: a non-streaming client that gives up is otherwise noticed
     only when its answer is written, after generating every token, while
-    requests with a drafter wait behind it."""
+    requests with a drafter wait behind it.  The socket is looked at every
+    ``CLIENT_CHECK_S`` seconds, not on every token."""
+    checked = time.monotonic()
     for response in responses:
-        if connection is not None and _client_gone(connection):
-            context.stop()
-            raise _ClientLeft()
+        if connection is not None and time.monotonic() - checked >= CLIENT_CHECK_S:
+            checked = time.monotonic()
+            if _client_gone(connection):
+                context.stop()
+                raise _ClientLeft()
         yield response
 
 
