@@ -1008,10 +1008,10 @@ def run(argv=None) -> dict:
     try:
         for spec in args.compare_lookup or ():
             parse_lookup(spec)
-        if drafter is not None:
-            configurations(args, drafter.max_drafts)  # --caps beyond the drafter's block: say so, no traceback
     except ValueError as e:
         parser.error(str(e))
+    if drafter is not None:
+        check_caps(parser, args, drafter)
     if args.compare_lookup:
         return compare_lookup(model, tokenizer, drafter, prompts, args)
     results = benchmark(model, tokenizer, drafter, prompts, args)
