@@ -350,10 +350,13 @@ class Drafter(nn.Module):
 
     # Embeddings ------------------------------------------------------------
 
-    def borrow_embeddings(self, embed, head) -> None:
+    def borrow_embeddings(self, embed, head, factors: Optional[dict] = None) -> None:
         """Use the target's embedding and LM head (z-lab drafters ship none).
-        Kept outside the module tree so they are neither saved nor quantized."""
-        object.__setattr__(self, "_borrowed", (embed, head))
+        ``factors``: what the target applies around them itself
+        (``input_embedding_scale``, ``final_logit_softcapping``), used where
+        the drafter's config names none.  Kept outside the module tree so
+        they are neither saved nor quantized."""
+        object.__setattr__(self, "_borrowed", (embed, head, dict(factors or {})))
 
     def _embed_and_head(self):
         if self.args.has_embeddings:
@@ -363,11 +366,19 @@ class Drafter(nn.Module):
                 "This drafter borrows its target's embeddings and LM head; bind it to a target "
                 "first (speculative generation does this) or call borrow_embeddings()."
             )
-        return self._borrowed
+        return self._borrowed[:2]
+
+    def factor(self, name: str) -> Optional[float]:
+        """``input_embedding_scale`` or ``final_logit_softcapping``: the
+        config's value, else (a borrowing drafter) the target's."""
+        value = getattr(self.args, name)
+        if value is None and not self.args.has_embeddings and self._borrowed is not None:
+            value = self._borrowed[2].get(name)
+        return value
 
     def embed(self, ids: mx.array) -> mx.array:
         h = self._embed_and_head()[0](ids)
-        scale = math.sqrt(self.args.hidden_size) if self.args.family == "gemma4" else self.args.input_embedding_scale
+        scale = math.sqrt(self.args.hidden_size) if self.args.family == "gemma4" else self.factor("input_embedding_scale")
         if scale is not None:
             h = h * mx.array(scale, dtype=h.dtype)
         return h
@@ -379,7 +390,7 @@ class Drafter(nn.Module):
         logits = self._embed_and_head()[1](normed)
         if self.args.output_multiplier is not None:
             logits = logits * self.args.output_multiplier
-        cap = self.args.final_logit_softcapping
+        cap = self.factor("final_logit_softcapping")
         if cap:
             logits = mx.tanh(logits / cap) * cap
         return self.full_vocabulary(logits)

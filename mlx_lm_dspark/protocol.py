@@ -21,7 +21,8 @@ class DrafterProtocol(Protocol):
     ``args`` holds what ``bind`` and ``validate_pair`` read: ``family``
     ("qwen3" or "gemma4"), ``vocab_size``, ``hidden_size``,
     ``num_target_layers`` (None: any), ``has_embeddings`` (False: the
-    drafter borrows the target's through ``borrow_embeddings(embed, head)``)
+    drafter borrows the target's through ``borrow_embeddings(embed, head,
+    factors)``, factors being what the target applies around them)
     and ``block_size`` (the trained block).
     """
 

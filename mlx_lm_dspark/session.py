@@ -113,7 +113,8 @@ def find(drafter, model) -> Optional[Session]:
 def session_for(drafter, model) -> Session:
     """The pair's session, binding the pair on first use: tap ``model`` at
     the drafter's layers, validate the pair (``DrafterMismatchError`` names
-    what differs) and lend the target's embeddings to a drafter without."""
+    what differs) and lend the target's embeddings (with the factors the
+    target applies around them) to a drafter without."""
     session = find(drafter, model)
     if session is not None:
         return session
@@ -122,7 +123,7 @@ def session_for(drafter, model) -> Session:
     target = TargetAdapter(model, drafter.target_layer_ids)
     validate_pair(drafter, target)
     if not drafter.args.has_embeddings:
-        drafter.borrow_embeddings(*target.embedding_functions())
+        drafter.borrow_embeddings(*target.embedding_functions(), target.lent_factors())
     session = Session(drafter, target)
     _sessions_of(model, create=True)[drafter] = session
     return session

@@ -14,6 +14,7 @@ tap ``-1`` is the embedding output, i.e. the input of layer 0 (DeepSpec's
 """
 
 import contextlib
+import math
 import threading
 from typing import List, Optional
 
@@ -231,6 +232,20 @@ class TargetAdapter:
             )
         head = getattr(inner, "lm_head", None)
         return embed, head if head is not None else embed.as_linear
+
+    def lent_factors(self) -> dict:
+        """What the target applies around the embedding and head it lends
+        beyond the modules themselves: Gemma-4 scales ``embed_tokens``'
+        output by √hidden_size and soft-caps its logits.  z-lab's reference
+        applies both to its drafts (Hugging Face's Gemma-4 embedding carries
+        the scale; their vLLM path passes the soft-cap)."""
+        factors = {}
+        if self.family == "gemma4":
+            factors["input_embedding_scale"] = math.sqrt(self.hidden_size)
+        cap = text_args(self.model).get("final_logit_softcapping")
+        if cap:
+            factors["final_logit_softcapping"] = cap
+        return factors
 
 
 def validate_pair(drafter, target: TargetAdapter) -> None:

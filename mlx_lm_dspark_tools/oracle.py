@@ -153,8 +153,8 @@ class OracleDrafter:
             q = mx.where(point, 0.0, -mx.inf)
         return tokens, confidence, q
 
-    def borrow_embeddings(self, embed, head) -> None:
-        self.inner.borrow_embeddings(embed, head)
+    def borrow_embeddings(self, embed, head, factors=None) -> None:
+        self.inner.borrow_embeddings(embed, head, factors)
 
     def parameters(self) -> dict:
         return self.inner.parameters() if self.inner is not None else {}

@@ -611,10 +611,9 @@ def _drafter_config(target_config, *, layout, markov_rank, block_size, target_la
         rope = config.pop("rope_parameters", None) or {}
         nested = {"target_layer_ids": list(target_layer_ids), "mask_token_id": mask_token_id}
         if _family_of(target_config) == "gemma4":
-            # A Qwen3-style backbone reading Gemma-4's raw embedding: the scale
-            # Gemma applies goes in the config (the soft-cap is the target's,
-            # copied with its text config).
-            nested["input_embedding_scale"] = text["hidden_size"] ** 0.5
+            # A Qwen3-style backbone reading Gemma-4's embedding: the config
+            # names no embedding scale (binding takes the target's, as z-lab's
+            # reference does); the soft-cap comes with the copied text config.
             for key in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v"):
                 config.pop(key, None)
         config.update({

@@ -9,6 +9,9 @@ expected tokens always come from running the plain target.  (Hybrid
 recurrent families: tests/test_recurrent.py.)
 """
 
+import json
+import shutil
+
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -17,6 +20,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from conftest import _host_loads, plain_tokens
 from mlx_lm_dspark import last_stats, load_drafter
+from mlx_lm_dspark.session import session_for
 from mlx_lm_dspark.target import TargetAdapter, validate_pair
 from mlx_lm_dspark_tools.tiny import DECODER_MODEL_TYPES, build_pair, make_decoder_target, make_gemma4_target
 from decoding_checks import (BLOCK, MAX, PROMPT_LONG, PROMPT_SHORT, check_caps_and_max_tokens,
@@ -105,10 +109,46 @@ def test_zlab_drafter_borrowing_the_targets_embeddings_exact(pairs, family):
     drafter = load_drafter(drafter_dir, bits=None)
     assert drafter.args.family == "qwen3" and not drafter.args.has_embeddings
     assert [layer.self_attn.causal for layer in drafter.layers] == [True, True, False]
-    if family.startswith("gemma4"):  # Gemma's embedding scale and soft-cap, from the target
-        assert (drafter.args.input_embedding_scale, drafter.args.final_logit_softcapping) == (8.0, 30.0)
     assert speculative(model, drafter, PROMPT_LONG, MAX) == plain_tokens(model, PROMPT_LONG, MAX)
     assert last_stats(drafter).rounds > 0
+    if family.startswith("gemma4"):  # bound: Gemma's embedding scale √64 from the target
+        assert drafter.args.input_embedding_scale is None and drafter.factor("input_embedding_scale") == 8.0
+
+
+def _zlab_gemma4_drafter(pairs, tmp_path, **fields):
+    """The z-lab drafter of the tiny Gemma-4 MoE target, its config without
+    an embedding scale or soft-cap unless ``fields`` sets them."""
+    model, drafter_dir, _ = pairs("gemma4_moe", "zlab")
+    config = json.loads((drafter_dir / "config.json").read_text())
+    config.pop("final_logit_softcapping")
+    assert "input_embedding_scale" not in config and "input_embedding_scale" not in config["dflash_config"]
+    config["dflash_config"].update(fields)
+    shutil.copytree(drafter_dir, tmp_path / "drafter")
+    (tmp_path / "drafter" / "config.json").write_text(json.dumps(config))
+    return model, load_drafter(tmp_path / "drafter", bits=None)
+
+
+def test_zlab_drafter_of_a_gemma4_target_takes_its_embedding_scale_and_soft_cap(pairs, tmp_path):
+    """z-lab's reference embeds through the Gemma-4 target's scaled
+    embedding (√hidden_size, here √64) and soft-caps like the target (30):
+    a config that names neither gets both from the target when bound."""
+    model, drafter = _zlab_gemma4_drafter(pairs, tmp_path)
+    session_for(drafter, model)
+    inner = model.language_model.model
+    ids = mx.array([[3, 17, 40]])
+    assert (drafter.factor("input_embedding_scale"), drafter.factor("final_logit_softcapping")) == (8.0, 30.0)
+    assert mx.allclose(drafter.embed(ids), inner.embed_tokens(ids) * 8.0)
+    h = 50 * mx.random.normal((1, 3, 64), key=mx.random.key(0))
+    assert mx.allclose(drafter.base_logits(h), 30.0 * mx.tanh(inner.embed_tokens.as_linear(h) / 30.0))
+    assert speculative(model, drafter, PROMPT_LONG, MAX) == plain_tokens(model, PROMPT_LONG, MAX)
+
+
+def test_zlab_drafter_config_values_win_over_the_targets(pairs, tmp_path):
+    model, drafter = _zlab_gemma4_drafter(pairs, tmp_path, input_embedding_scale=2.0, final_logit_softcapping=10.0)
+    session_for(drafter, model)
+    assert (drafter.factor("input_embedding_scale"), drafter.factor("final_logit_softcapping")) == (2.0, 10.0)
+    ids = mx.array([[3, 17]])
+    assert mx.allclose(drafter.embed(ids), model.language_model.model.embed_tokens(ids) * 2.0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
