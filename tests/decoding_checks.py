@@ -6,6 +6,7 @@ plain target's, token for token; expected tokens come from running it.
 """
 
 import json
+import threading
 
 import mlx.core as mx
 import mlx_lm
@@ -123,3 +124,37 @@ def check_server_conversation(target, drafter):
 
     with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
         converse(spec, plain, "the river runs past the old mill", 2, 16, "what next", repeat=True, check=drafted)
+
+
+def check_concurrent_clients(target, drafter, clients=4):
+    """``clients`` clients sending different greedy requests at once (half
+    streamed) to mlx_lm.server with the drafter: each answer equals a server
+    without drafter's answer to the same request, sent alone."""
+    from test_server import TEXT, server_pair, text_of
+
+    common = ["--model", str(target), "--max-tokens", "16", "--temp", "0.0"]
+    bodies = [{"prompt": f"client {i} asks about the weather in town {3 * i + 1}", "max_tokens": 10 + i,
+               "temperature": 0.0, "stream": i % 2 == 1} for i in range(clients)]
+    results, errors = {}, []
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none"]) as (spec, plain):
+        want = [text_of(TEXT, b, plain.post(TEXT, b)[1]) for b in bodies]
+        start = threading.Barrier(clients)
+
+        def client(i):
+            try:
+                start.wait(timeout=60)
+                results[i] = spec.post(TEXT, bodies[i])
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append((i, repr(e)))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors, errors
+    assert sorted(results) == list(range(clients))
+    for i, (status, got) in results.items():
+        assert status == 200 and text_of(TEXT, bodies[i], got) == want[i], f"client {i}"
+        if not bodies[i]["stream"]:
+            assert got["usage"]["speculative"]["rounds"] > 0, f"client {i} drafted nothing"

@@ -24,9 +24,9 @@ from mlx_lm_dspark.session import session_for
 from mlx_lm_dspark.target import TargetAdapter, validate_pair
 from mlx_lm_dspark_tools.tiny import DECODER_MODEL_TYPES, build_pair, make_decoder_target, make_gemma4_target
 from decoding_checks import (BLOCK, MAX, PROMPT_LONG, PROMPT_SHORT, check_caps_and_max_tokens,
-                             check_closed_generator_and_next_turn, check_oracle_pattern, check_random_drafter,
-                             check_server_conversation, check_stream_generate_with_the_automatic_cap,
-                             check_trained_drafter, speculative)
+                             check_closed_generator_and_next_turn, check_concurrent_clients, check_oracle_pattern,
+                             check_random_drafter, check_server_conversation,
+                             check_stream_generate_with_the_automatic_cap, check_trained_drafter, speculative)
 
 slow = pytest.mark.slow
 
@@ -215,12 +215,22 @@ def test_train_a_drafter_end_to_end(family, tmp_path):
     check_trained_drafter(model, tmp_path, "gemma4" if family == "gemma4_moe" else "qwen3")
 
 
+def _server_pair(tmp_path_factory, family):
+    kind, kw = BUILDS[family]
+    return build_pair(tmp_path_factory.mktemp(f"server-{family}"), kind, vocab_size=128, num_layers=4,
+                      target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4,
+                      **({"num_kv_shared_layers": 0} if kind == "gemma4" else {}), **kw)
+
+
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_server_repeat_requests_and_a_conversation(family, tmp_path_factory):
     """mlx_lm.server with a drafter on each family."""
-    kind, kw = BUILDS[family]
-    target, drafter = build_pair(tmp_path_factory.mktemp(f"server-{family}"), kind, vocab_size=128, num_layers=4,
-                                 target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4,
-                                 **({"num_kv_shared_layers": 0} if kind == "gemma4" else {}), **kw)
-    check_server_conversation(target, drafter)
+    check_server_conversation(*_server_pair(tmp_path_factory, family))
+
+
+@slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_server_concurrent_clients(family, tmp_path_factory):
+    """Four clients at once through mlx_lm.server with a drafter on each family."""
+    check_concurrent_clients(*_server_pair(tmp_path_factory, family))

@@ -18,7 +18,8 @@ from conftest import _host_loads, plain_tokens
 from mlx_lm_dspark_tools.oracle import OracleDrafter
 from mlx_lm_dspark_tools.tiny import HYBRID_MODEL_TYPES, build_pair, make_hybrid_target
 from decoding_checks import (BLOCK, MAX, PROMPT_LONG, PROMPT_SHORT, check_caps_and_max_tokens,
-                             check_closed_generator_and_next_turn, check_oracle_pattern, check_random_drafter,
+                             check_closed_generator_and_next_turn, check_concurrent_clients, check_oracle_pattern,
+                             check_random_drafter,
                              check_server_conversation, check_stream_generate_with_the_automatic_cap,
                              check_trained_drafter, oracle, speculative)
 
@@ -255,9 +256,19 @@ def test_train_a_drafter_end_to_end(family, tmp_path):
 # ---------------------------------------------------------------- server
 
 
+def _server_pair(tmp_path_factory, family):
+    return build_pair(tmp_path_factory.mktemp(f"server-{family}"), family, vocab_size=128, num_layers=4,
+                      target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_server_repeat_requests_and_a_conversation(family, tmp_path_factory):
     """mlx_lm.server with a drafter on a hybrid target."""
-    target, drafter = build_pair(tmp_path_factory.mktemp(f"server-{family}"), family, vocab_size=128,
-                                 num_layers=4, target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4)
-    check_server_conversation(target, drafter)
+    check_server_conversation(*_server_pair(tmp_path_factory, family))
+
+
+@slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_server_concurrent_clients(family, tmp_path_factory):
+    """Four clients at once through mlx_lm.server with a drafter on a hybrid target."""
+    check_concurrent_clients(*_server_pair(tmp_path_factory, family))
