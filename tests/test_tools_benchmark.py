@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import mlx_lm_dspark_tools.benchmark as bench
+from conftest import _host_loads
 from mlx_lm_dspark.cost import CostModel
 from mlx_lm_dspark_tools.oracle import uniform
 from mlx_lm_dspark_tools.tiny import build_pair
@@ -57,6 +58,32 @@ def test_end_to_end_writes_the_documented_json(pair, tmp_path, capsys):
         assert entry["best_fixed_cap"]["cap"] in range(8)
     # Every round of a fixed cap verifies exactly that many drafts (fewer only near the end).
     assert results["overall"]["sweep"]["3"]["cap_counts"]["3"] >= 4
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=[pytest.mark.skipif(not _host_loads(f), reason=f"the installed mlx-lm has no {f} model"),
+                           *([] if f == "qwen3_5" else [pytest.mark.slow])])
+    for f in ("gpt_oss", "qwen3_5", "nemotron_h")])
+def test_end_to_end_on_other_families(family, tmp_path, capsys):
+    """The benchmark on a tiny pair of an MoE/sliding target and two hybrid
+    recurrent ones: its greedy check passes (every speculative run equals
+    the plain run, with the automatic cap and with an oracle's drafts kept
+    and rejected) and it reports τ and the speed-up."""
+    target, drafter = build_pair(tmp_path, family=family, vocab_size=128, num_layers=4, target_layer_ids=(0, 2),
+                                 num_drafter_layers=1, block_size=4)
+    results = run((str(target), str(drafter)), tokens=10)
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("prompt"))
+    assert "speedup" in header and "τ" in header and "overall" in printed
+    assert results["greedy_checked"] is True and results["config"]["max_drafts"] == 4
+    for entry in results["prompts"] + [results["overall"]]:
+        spec = entry["speculative"]
+        assert spec["generated_tokens"] == entry["plain"]["generated_tokens"] >= 10
+        assert spec["speedup"] > 0 and spec["rounds"] > 0 and spec["tau"] >= 1.0
+    # An oracle around the drafter, right 4 times in 5: drafts kept and rejected, outputs still checked equal.
+    oracle = run((str(target), str(drafter)), "--oracle-acceptance", "0.8", "--num-draft-tokens", "3", tokens=16)
+    spec = oracle["overall"]["speculative"]
+    assert oracle["greedy_checked"] is True and 1.0 < spec["tau"] < 4.0 and spec["accepted"] < spec["drafted"]
 
 
 def test_caps_runs_only_the_candidates(pair):
