@@ -42,7 +42,9 @@ HOSTS = {
 
 # Hooked host module (a key of HOST_PATCHES) -> host attribute its patcher
 # replaces -> (the diff making that unnecessary, {host file: [functions or
-# classes the diff must change there]}).  Paths are relative to site-packages.
+# classes the diff must change there]}), or a list of them where the hook
+# replaces the attribute for more than one reason.  Paths are relative to
+# site-packages.
 COVERAGE = {
     "mlx_lm.utils": {
         "load_model": ("0002-load-registered-drafters.diff", {"mlx_lm/utils.py": ["load_model"]}),
@@ -74,11 +76,14 @@ COVERAGE = {
             "0004-server-draft-kinds.diff",
             {"mlx_lm/server.py": ["ResponseGenerator._serve_single"]},
         ),
-        # the hook remembers the request context; the host carries the statistics in it
-        "generate": (
-            "0004-server-draft-kinds.diff",
-            {"mlx_lm/server.py": ["GenerationContext", "APIHandler.handle_completion"]},
-        ),
+        "generate": [
+            # the hook remembers the request context; the host carries the statistics in it
+            ("0004-server-draft-kinds.diff",
+             {"mlx_lm/server.py": ["GenerationContext", "APIHandler.handle_completion"]}),
+            # the hook watches the client's socket while the request generates
+            ("0012-server-stops-for-disconnected-clients.diff",
+             {"mlx_lm/server.py": ["APIHandler.handle_completion", "APIHandler._client_disconnected"]}),
+        ],
         "validate_model_parameters": (
             "0004-server-draft-kinds.diff",
             {"mlx_lm/server.py": ["APIHandler.validate_model_parameters"]},
@@ -91,10 +96,19 @@ COVERAGE = {
             "0004-server-draft-kinds.diff",
             {"mlx_lm/server.py": ["APIHandler.completion_usage_response"]},
         ),
-        # a body that is not UTF-8 answered 400, like one that is not JSON
-        "do_POST": ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["APIHandler.do_POST"]}),
-        # a listen backlog that takes a burst of clients
-        "_run_http_server": ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["ThreadingHTTPServer"]}),
+        "do_POST": [
+            # a body that is not UTF-8 answered 400, like one that is not JSON
+            ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["APIHandler.do_POST"]}),
+            # a client that disconnected ends its request quietly
+            ("0012-server-stops-for-disconnected-clients.diff", {"mlx_lm/server.py": ["APIHandler.handle_completion"]}),
+        ],
+        "_run_http_server": [
+            # a listen backlog that takes a burst of clients
+            ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["ThreadingHTTPServer"]}),
+            # SIGINT/SIGTERM stop the generation in flight and shut the server down
+            ("0013-server-shuts-down-mid-generation.diff",
+             {"mlx_lm/server.py": ["_run_http_server", "ResponseGenerator._serve_single"]}),
+        ],
         # an exact prompt-cache hit leaves the last token to feed
         "fetch_nearest_cache": (
             "0011-prompt-cache-exact-hit.diff",
@@ -162,6 +176,17 @@ OTHER_DIFFS = {
 
 class DiffDoesNotApply(Exception):
     pass
+
+
+def _rows(entry) -> list:
+    """A COVERAGE entry's (diff, files) rows."""
+    return entry if isinstance(entry, list) else [entry]
+
+
+def _all_rows() -> list:
+    """(hooked module or None, what, (diff, files)) of COVERAGE and OTHER_DIFFS."""
+    rows = [(m, a, row) for m, table in COVERAGE.items() for a, entry in table.items() for row in _rows(entry)]
+    return rows + [(None, what, row) for what, row in OTHER_DIFFS.items()]
 
 
 def _host_of(path_or_module: str) -> str:
@@ -366,9 +391,7 @@ def coverage_problems(patch_dirs: dict) -> list:
         missing = attributes - set(COVERAGE.get(module, {}))
         if missing:
             problems.append(f"{module}: the runtime hook replaces {sorted(missing)}, which no diff covers")
-    rows = [(m, a, row) for m, table in COVERAGE.items() for a, row in table.items()]
-    rows += [(None, what, row) for what, row in OTHER_DIFFS.items()]
-    for module, what, (diff, files) in rows:
+    for module, what, (diff, files) in _all_rows():
         host = _host_of(next(iter(files)))
         if not (patch_dirs[host] / diff).is_file():
             problems.append(f"{module or what} ({what}): patches/{host}/{diff} is missing")
@@ -386,8 +409,7 @@ def test_every_hooked_host_attribute_has_a_diff():
 
 
 def test_every_diff_is_accounted_for_and_documented():
-    rows = [row for table in COVERAGE.values() for row in table.values()] + list(OTHER_DIFFS.values())
-    claimed = {(_host_of(next(iter(files))), diff) for diff, files in rows}
+    claimed = {(_host_of(next(iter(files))), diff) for _, _, (diff, files) in _all_rows()}
     for host in HOSTS:
         readme = (PATCHES / host / "README.md").read_text()
         for diff in _diffs(host):
@@ -407,8 +429,7 @@ def test_coverage_check_fails_when_a_diff_is_removed(tmp_path):
 
 def test_diffs_change_what_they_claim(applied):
     host, _, changes = applied
-    rows = [row for table in COVERAGE.values() for row in table.values()] + list(OTHER_DIFFS.values())
-    for diff, files in rows:
+    for _, _, (diff, files) in _all_rows():
         if _host_of(next(iter(files))) != host:
             continue
         for path, qualnames in files.items():
