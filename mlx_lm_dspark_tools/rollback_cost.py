@@ -6,7 +6,10 @@ through the bare host model (no recording), the same through the target
 adapter under each rollback design, and the rollback itself from ``width``
 tokens back to ``kept`` ones (evaluated).  The overhead of a round is the
 design's verify beyond the bare verify plus its rollback; it is printed in
-milliseconds and as shares of a plain step and of a bare verify.
+milliseconds and as shares of a plain step and of a bare verify.  The verify's
+extra is the median of each repetition's difference (paired: both verifies ran
+in the same repetition), with its quartiles, so drift across repetitions
+cancels.
 
     python -m mlx_lm_dspark_tools.rollback_cost --shape tiny --width 8 --reps 30
 """
@@ -104,18 +107,30 @@ def measure(family, shape, width, kept, reps, context=64):
                     if rep >= 2:
                         samples[f"{design} rollback to {a}"].append(t)
     recurrent.use(recurrent.Replay)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    m = {k: statistics.median(v) for k, v in samples.items()}
+    for name in DESIGNS:
+        m[f"{name} verify extra"] = paired(samples[f"{name} verify"], samples["bare verify"])
+    return m
+
+
+def paired(a, b) -> tuple:
+    """Median and quartiles of the per-repetition differences ``a - b``."""
+    d = sorted(x - y for x, y in zip(a, b))
+    if len(d) < 2:
+        return d[0], d[0], d[0]
+    q1, q2, q3 = statistics.quantiles(d, n=4, method="inclusive")
+    return q2, q1, q3
 
 
 def report(family, m, width, kept) -> list:
     step, verify = m["bare step"], m["bare verify"]
     lines = [f"{family}: plain step {step:.2f} ms, verify of {width} {verify:.2f} ms (bare host model)"]
     for name in DESIGNS:
-        extra_verify = m[f"{name} verify"] - verify
+        extra_verify, q1, q3 = m[f"{name} verify extra"]
         for a in kept:
             overhead = extra_verify + m[f"{name} rollback to {a}"]
             lines.append(
-                f"  {name:8s} keep {a:2d}: verify +{extra_verify:6.2f} ms, rollback {m[f'{name} rollback to {a}']:6.2f} ms"
+                f"  {name:8s} keep {a:2d}: verify {extra_verify:+6.2f} ms ({q1:+.2f}..{q3:+.2f}), rollback {m[f'{name} rollback to {a}']:6.2f} ms"
                 f" -> {overhead:6.2f} ms/round = {overhead / step:5.2f} plain steps, {overhead / verify:6.1%} of a verify"
             )
     return lines
