@@ -1,0 +1,133 @@
+"""Batched speculative rounds (``mlx_lm_dspark.batch``): every row's tokens
+equal plain greedy decoding of its prompt alone, whatever the acceptance of
+each row, the caps, the prompt lengths and when rows join or leave."""
+
+import random
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+
+from mlx_lm_dspark.batch import BatchSpeculative, batch_generate, unbatchable
+from mlx_lm_dspark.loader import load_drafter
+from mlx_lm_dspark.target import UnsupportedCacheError
+from mlx_lm_dspark_tools.tiny import build_pair
+from tests.drafters import ContinuationDrafter
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    target_dir, drafter_dir = build_pair(tmp_path_factory.mktemp("batch"), "qwen3")
+    model, _ = load(str(target_dir))
+    return model, load_drafter(str(drafter_dir))
+
+
+def plain(model, prompt, max_tokens):
+    return [int(y) for y, _ in generate_step(mx.array(prompt, mx.uint32), model, max_tokens=max_tokens)]
+
+
+def oracle(model, prompts, expected, acceptance, block_size=7, seed=0):
+    continuations = [p + e for p, e in zip(prompts, expected)]
+    return ContinuationDrafter(continuations, model.args.__dict__, acceptance, block_size=block_size, seed=seed)
+
+
+def random_prompts(rng, n):
+    return [[rng.randrange(2, 500) for _ in range(rng.choice([1, 2, 7, 16, 33]))] for _ in range(n)]
+
+
+def test_random_drafter_rows_equal_plain_decoding(pair):
+    model, drafter = pair
+    prompts = [[5, 6, 7], [9] * 17, [3], list(range(10, 50))]
+    got = batch_generate(model, drafter, prompts, max_tokens=[20, 9, 1, 14], num_draft_tokens=3)
+    assert got == [plain(model, p, m) for p, m in zip(prompts, [20, 9, 1, 14])]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rows_of_different_acceptance_equal_plain_decoding(pair, seed):
+    """Seeded: 2-5 rows, each its own prompt length and max_tokens, drafts
+    right at random (rows reject different tails in the same round), any cap."""
+    model, _ = pair
+    rng = random.Random(seed)
+    prompts = random_prompts(rng, rng.randint(2, 5))
+    limits = [rng.choice([1, 5, 13, 30]) for _ in prompts[2:]] + [30, 30]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    acceptance = rng.choice([0.0, 0.5, 0.7, 0.9, 1.0])
+    drafter = oracle(model, prompts, expected, acceptance, seed=seed)
+    cap = rng.choice([None, 2, 3, 7])
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=cap)
+    assert batch_generate_with(batch, prompts, limits) == expected
+    if 0 < acceptance < 1:  # the per-row rollback ran: one round kept different counts
+        assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
+def batch_generate_with(batch, prompts, limits, join_at=None, leave=None):
+    """Drive ``batch``: prompt i joins before round ``join_at[i]``; rows in
+    ``leave`` (uid -> round) are removed before that round."""
+    join_at = join_at or [0] * len(prompts)
+    leave = leave or {}
+    out, uids, rnd = {}, {}, 0
+    batch.accepted_log = []
+    while True:
+        for i, p in enumerate(prompts):
+            if join_at[i] == rnd:
+                uids[i] = batch.insert(p, limits[i])
+                out[uids[i]] = []
+        for i, r in leave.items():
+            if r == rnd and i in uids:
+                batch.remove(uids[i])
+        if not len(batch) and all(j < rnd for j in join_at):
+            break
+        for emitted in batch.step():
+            out[emitted.uid].extend(emitted.tokens)
+        batch.accepted_log.append([a for row in batch.rows for a in row.accepted[-1:]])
+        rnd += 1
+    return [out[uids[i]] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rows_joining_and_leaving_between_rounds(pair, seed):
+    model, _ = pair
+    rng = random.Random(100 + seed)
+    prompts = random_prompts(rng, 4)
+    limits = [rng.choice([3, 8, 20]) for _ in prompts]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    drafter = oracle(model, prompts, expected, 0.7, seed=seed)
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=rng.choice([2, 5]))
+    join_at = [0] + [rng.randint(0, 6) for _ in prompts[1:]]
+    left = rng.randrange(len(prompts))
+    leave = {left: join_at[left] + 2}
+    got = batch_generate_with(batch, prompts, limits, join_at, leave)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if i == left:
+            assert g == e[: len(g)]  # cut short, never wrong
+        else:
+            assert g == e
+
+
+def test_a_perfect_drafter_keeps_whole_blocks(pair):
+    model, _ = pair
+    prompts = [[4, 5], [7] * 9, list(range(30, 41))]
+    expected = [plain(model, p, 22) for p in prompts]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 1.0), num_draft_tokens=7)
+    assert batch_generate_with(batch, prompts, [22] * 3) == expected
+    assert max(max(r) for r in batch.accepted_log if r) == 7
+
+
+def test_a_sliding_window_target_is_refused_with_the_reason(tmp_path):
+    target_dir, drafter_dir = build_pair(tmp_path, "gemma4")
+    model, _ = load(str(target_dir))
+    with pytest.raises(UnsupportedCacheError, match="RotatingKVCache"):
+        BatchSpeculative(model, load_drafter(str(drafter_dir)))
+    assert unbatchable(model.make_cache()) is not None
+
+
+def test_a_lookup_proposer_that_finds_fewer_drafts(pair):
+    """The n-gram lookup proposes fewer drafts than asked (or none) on some
+    rows: the rows still equal plain decoding."""
+    from mlx_lm_dspark.loader import load_lookup
+
+    model, _ = pair
+    prompts = [[5, 6, 7, 8] * 6, [3], list(range(40, 60)) * 2]
+    expected = [plain(model, p, 24) for p in prompts]
+    assert batch_generate(model, load_lookup("ngram:n=2,min=1,k=4"), prompts, max_tokens=24) == expected
