@@ -768,3 +768,70 @@ def test_load_of_mixed_concurrent_clients(servers, pair, monkeypatch):
         measured = f"resident MiB at start, after the warm-up, the first and the second half: {rss}"
         print(f"{measured}; conversation turns reusing the cache: {reused}")
         assert rss[3] - rss[2] < LOAD_GROWTH_MIB, measured
+
+
+BATCHED_HOST = "stop_sequences" in __import__("inspect").signature(
+    importlib.import_module("mlx_lm.generate").BatchGenerator.insert_segments).parameters
+
+
+@pytest.mark.skipif(not BATCHED_HOST, reason="mlx-lm 0.31's batch loop drives state machines, not stop sequences: "
+                                              "requests with a drafter are served one at a time there")
+def test_concurrent_greedy_requests_with_a_drafter_share_batched_rounds(servers, monkeypatch):
+    """Greedy requests arriving together are decoded in the same rounds
+    (several rows per verify), each answered as the plain server answers it
+    and with its own acceptance statistics; a sampled request among them is
+    served on its own and still answered."""
+    from mlx_lm_dspark import batch
+
+    spec, plain = servers
+    widest = []
+    step = batch.BatchSpeculative.step
+
+    def counting_step(self):
+        widest.append(len(self.rows) + len(self.joining))
+        return step(self)
+
+    monkeypatch.setattr(batch.BatchSpeculative, "step", counting_step)
+    bodies = [request(CHAT if i % 2 else TEXT, f"tale {i} of a patient heron", max_tokens=18 + 2 * i, stream=i == 2)
+              for i in range(6)]
+    sampled = request(TEXT, "tale of a sampled heron", temperature=0.8, seed=3)
+    paths = [CHAT if i % 2 else TEXT for i in range(6)]
+    want = [text_of(p, b, plain.post(p, b)[1]) for p, b in zip(paths, bodies)]
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            body, path = (sampled, TEXT) if i == len(bodies) else (bodies[i], paths[i])
+            results[i] = spec.post(path, body)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies) + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i, (body, path) in enumerate(zip(bodies, paths)):
+        status, got = results[i]
+        assert status == 200 and text_of(path, body, got) == want[i], f"client {i}"
+        if not body.get("stream"):
+            assert got["usage"]["speculative"]["rounds"] > 0
+    assert results[len(bodies)][0] == 200
+    assert max(widest) >= 2, widest  # rows decoded together
+
+
+@pytest.mark.skipif(not BATCHED_HOST, reason="mlx-lm 0.31 serves requests with a drafter one at a time")
+def test_a_batched_conversation_reuses_its_prompt_cache(servers):
+    """A second turn after a batched first turn starts from the cache the
+    batch handed back (it holds every token but the answer's last)."""
+    spec, plain = servers
+    first = request(CHAT, "remember the word lantern")
+    answer = text_of(CHAT, first, spec.post(CHAT, first)[1])
+    assert answer == text_of(CHAT, first, plain.post(CHAT, first)[1])
+    second = {**first, "messages": first["messages"] + [{"role": "assistant", "content": answer},
+                                                        {"role": "user", "content": "and now?"}]}
+    status, got = spec.post(CHAT, second)
+    assert status == 200
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert text_of(CHAT, second, got) == text_of(CHAT, second, plain.post(CHAT, second)[1])
