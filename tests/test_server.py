@@ -215,6 +215,22 @@ def test_gemma4_sliding_window_target_repeat_and_conversation(tmp_path_factory):
         converse(spec, plain, "the river runs past the old mill", 3, 20, "what next", repeat=True)
 
 
+def test_a_gemma4_target_loaded_at_start_up_decodes_in_the_generation_thread(tmp_path_factory):
+    """With --num-draft-tokens nothing measures the pair at start-up, so
+    nothing there evaluates Gemma-4's lazily built RoPE frequencies: the
+    generation thread must not be the first to (it does not own the stream
+    they were built on)."""
+    target, drafter = build_pair(tmp_path_factory.mktemp("server-gemma4-cap"), "gemma4", vocab_size=128,
+                                 num_layers=4, sliding_window_pattern=2, target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4)
+    common = ["--model", str(target), "--max-tokens", "12", "--temp", "0.0"]
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none",
+                              "--num-draft-tokens", "2"]) as (spec, plain):
+        body = request(TEXT, "the lazy frequencies")
+        status, got = spec.post(TEXT, body)
+        assert status == 200, got
+        assert text_of(TEXT, body, got) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+
+
 def test_num_draft_tokens_per_request(servers):
     spec, plain = servers
     body = request(TEXT, "one two three four five six", num_draft_tokens=1)

@@ -596,6 +596,7 @@ def patch_server(server) -> None:
             # pair's checks and measuring the machine's costs (the
             # generation thread's own load_default then finds it loaded).
             self.load_default()
+            _materialize(self.model, self.draft_model)
             _prepare_drafter(self.model, self.draft_model, cli_args)
 
     @functools.wraps(generate_response)
@@ -845,6 +846,22 @@ def _pair_refusal(provider):
     except loader.user_errors() as e:
         return e
     return None
+
+
+def _materialize(*models) -> None:
+    """Evaluate every array the models hold, parameters or not (Gemma-4's
+    RoPE keeps its frequencies as a private member, computed lazily when the
+    model is built).  Loaded at start-up, in the main thread, they would
+    otherwise be first evaluated in the server's generation thread, which
+    does not own the stream they were built on ("There is no Stream(cpu, 0)
+    in current thread")."""
+    import mlx.core as mx
+
+    arrays = []
+    for model in models:
+        if hasattr(model, "named_modules"):
+            arrays += [v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)]
+    mx.eval(arrays)
 
 
 def _prepare_drafter(model, draft_model, cli_args) -> None:
