@@ -11,14 +11,16 @@ the batch cache is trimmed by the smallest tail and every other row is
 shifted right by what it has beyond (mlx-lm's ``right_padding`` +
 ``finalize``), which keeps the rows right-aligned.  Sequences join after
 their own prefill (as ``BatchGenerator`` merges prompt caches) and leave
-between rounds (``filter``).  Each row's tokens equal plain greedy decoding
-of that prompt alone.
+between rounds (``filter``).  Each row's tokens are what plain decoding of
+that prompt alone gives: the same tokens greedily, the same distribution
+when sampling.
 
 Batched rounds need caches every row can roll back on its own: plain KV
 caches; sliding-window (rotating), quantized and recurrent caches are
-refused (``unbatchable``).  The rounds draft at a fixed cap (the drafter's
-block unless given), decode greedily, and run each row's drafter forward
-in the round's one graph rather than as one batched drafter forward.
+refused (``unbatchable``).  Each row keeps drafts by its own sampler's rule
+(greedy matching, DSpark's p/q rule, sample-and-match); logits processors
+are not applied.  Each row's drafter forward is built into the round's one
+graph rather than as one batched drafter forward.
 """
 
 import itertools
@@ -31,7 +33,8 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .session import session_for
-from .speculative import DEFAULT_PREFILL_STEP_SIZE, SpeculativeStats, cost_model
+from .sampling import greedy_sampler
+from .speculative import DEFAULT_PREFILL_STEP_SIZE, Acceptor, SpeculativeStats, TokenHistory, cost_model
 from .target import UnsupportedCacheError
 
 
@@ -99,6 +102,7 @@ class Row:
     position: int  # committed positions (the anchor's position)
     max_tokens: int
     logprobs: mx.array  # [1, V] the anchor's distribution (handed out with it)
+    acceptor: Acceptor  # the row's sampler and its acceptance rule
     produced: int = 0  # tokens handed out
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
@@ -161,11 +165,13 @@ class BatchSpeculative:
     # Joining and leaving ---------------------------------------------------
 
     def insert(self, prompt: List[int], max_tokens: int = 256, cache: Optional[list] = None, cached: int = 0,
-               uid: Optional[int] = None) -> int:
+               uid: Optional[int] = None, sampler=None) -> int:
         """Prefill ``prompt`` (as ``generate_step`` does: all but the last
         token in chunks, then the last alone) and queue it to join.  ``cache``:
         a prompt cache (the target's entries, then the drafter's) already
-        holding ``cached`` positions before ``prompt``."""
+        holding ``cached`` positions before ``prompt``.  ``sampler``: the
+        row's (greedy when None); its drafts are kept by the rule the
+        one-sequence loop applies for it (``Acceptor``)."""
         if not prompt:
             raise ValueError("prompt must hold at least one token.")
         if max_tokens < 1:
@@ -185,10 +191,12 @@ class BatchSpeculative:
             logits, features = target(last[None], cache)
             drafter.add_context(draft_cache, features, cached + done, last)
             logprobs = logits[0, -1:] - mx.logsumexp(logits[0, -1:], axis=-1, keepdims=True)
-            anchor = mx.argmax(logprobs, axis=-1).astype(mx.uint32)
+            acceptor = Acceptor(sampler or greedy_sampler)
+            anchor = acceptor.sampler(logprobs).astype(mx.uint32)
             mx.eval(anchor, logprobs, [c.state for c in cache] + [c.state for c in draft_cache])
-        row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, cached + tokens.size, max_tokens, logprobs)
-        row.stats.cap = self.cap
+        row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, cached + tokens.size, max_tokens,
+                  logprobs, acceptor)
+        row.stats.cap, row.stats.rule = self.cap, acceptor.rule
         self.joining.append((row, cache))
         return row.uid
 
@@ -277,21 +285,26 @@ class BatchSpeculative:
 
     # One round -------------------------------------------------------------
 
-    def _propose(self) -> Tuple[List[int], List[Optional[mx.array]]]:
-        """Each row's number of drafts and drafts (lazy)."""
+    def _propose(self) -> Tuple[List[int], List[Optional[mx.array]], List[Optional[mx.array]]]:
+        """Each row's number of drafts, drafts and (a sampling row) the
+        distributions they were sampled from, lazily."""
         cap = self.cap
         if cap is None:
             cap = self.auto.choose(len(self.rows), sum(row.position for row in self.rows) // len(self.rows))
-        counts, drafts = [], []
+        counts, drafts, qs = [], [], []
         for row in self.rows:
             n = min(cap, row.remaining() - 1)
-            d = self.drafter.propose(row.draft_cache, row.anchor, row.position, n)[0] if n > 0 else None
+            d = q = None
+            if n > 0:
+                choose = row.acceptor.drafter_sampling(TokenHistory(None), row.anchor)
+                d, _, q = self.drafter.propose(row.draft_cache, row.anchor, row.position, n, choose)
             if d is not None and d.shape[0] < n:  # a proposer may find fewer (a lookup without a long match)
                 n = d.shape[0]
-                d = d if n else None
+                d, q = (d, q) if n else (None, None)
             counts.append(n)
             drafts.append(d)
-        return counts, drafts
+            qs.append(q)
+        return counts, drafts, qs
 
     def _blocks(self, counts: List[int], drafts: List[Optional[mx.array]]) -> mx.array:
         """[B, W] rows [anchor, drafts, padding]: W = most drafts + 1 (a row
@@ -305,17 +318,17 @@ class BatchSpeculative:
             blocks.append(mx.concatenate(pieces))
         return mx.stack(blocks)
 
-    def _verify(self, blocks: mx.array, counts: List[int]):
-        """The batch's forward; per row the drafts kept (greedy matching) and
-        the target's token after them, evaluated."""
+    def _verify(self, blocks: mx.array, counts: List[int], drafts: list, qs: list):
+        """The batch's forward; per row the drafts its rule keeps and the
+        target's token after them, evaluated."""
         logits, features = self.target(blocks, self.cache)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        chosen = mx.argmax(logits, axis=-1).astype(mx.uint32)  # [B, W]
-        width = blocks.shape[1]
-        valid = mx.arange(width - 1)[None] < mx.array(counts)[:, None]
-        matches = (chosen[:, : width - 1] == blocks[:, 1:]) & valid
-        accepted = mx.cumprod(matches.astype(mx.int32), axis=1).sum(axis=1)
-        following = mx.take_along_axis(chosen, accepted[:, None], axis=1)[:, 0]
+        kept, following = [], []
+        for i, (row, n) in enumerate(zip(self.rows, counts)):
+            a, token = row.acceptor.accept(logprobs[i, : n + 1], drafts[i], qs[i])
+            kept.append(a.reshape(1))
+            following.append(token.reshape(1).astype(mx.uint32))
+        accepted, following = mx.concatenate(kept), mx.concatenate(following)
         mx.eval(accepted, following, blocks)
         return accepted.tolist(), following, features, logprobs
 
@@ -340,9 +353,9 @@ class BatchSpeculative:
                 self._keep([i for i in range(len(self.rows)) if i not in done])
             if not self.rows:
                 return events
-            counts, drafts = self._propose()
+            counts, drafts, qs = self._propose()
             blocks = self._blocks(counts, drafts)
-            accepted, following, features, logprobs = self._verify(blocks, counts)
+            accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)
             width = blocks.shape[1]
             self._roll_back([width - 1 - a for a in accepted])
             rows_tokens = blocks.tolist()
@@ -362,12 +375,13 @@ class BatchSpeculative:
 
 
 def batch_generate(model, drafter, prompts: List[List[int]], *, max_tokens=256,
-                   num_draft_tokens: Optional[int] = None) -> List[List[int]]:
-    """Greedy tokens of each prompt (``max_tokens`` one number or one per
-    prompt), decoded together in batched speculative rounds."""
+                   num_draft_tokens: Optional[int] = None, sampler=None) -> List[List[int]]:
+    """The tokens of each prompt (``max_tokens`` one number or one per
+    prompt), decoded together in batched speculative rounds (greedy, or with
+    ``sampler`` for every row)."""
     limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     batch = BatchSpeculative(model, drafter, num_draft_tokens=num_draft_tokens)
-    uids = [batch.insert(p, m) for p, m in zip(prompts, limits)]
+    uids = [batch.insert(p, m, sampler=sampler) for p, m in zip(prompts, limits)]
     out: Dict[int, List[int]] = {uid: [] for uid in uids}
     while len(batch):
         for emitted in batch.step():
@@ -395,7 +409,7 @@ class ServerBatch:
         self.engine = BatchSpeculative(model, drafter, num_draft_tokens=num_draft_tokens,
                                        prefill_step_size=prefill_step_size, stream=stream or generation_stream)
         self.stream = self.engine.stream
-        self.pending = deque()  # (uid, prompt rest, max_tokens, cache, cached count)
+        self.pending = deque()  # (uid, prompt rest, max_tokens, cache, cached count, sampler)
         self.requests: Dict[int, _Request] = {}
         self._uids = itertools.count()
         self.inserted: Optional[Callable[[int], None]] = None  # told each uid as it is inserted
@@ -411,19 +425,23 @@ class ServerBatch:
         caches = caches or [None] * n
         all_tokens = all_tokens or [[] for _ in range(n)]
         stop_sequences = stop_sequences or [None] * n
+        samplers = samplers or [None] * n
         for name, values in (("max_tokens", max_tokens), ("caches", caches), ("all_tokens", all_tokens),
-                             ("stop_sequences", stop_sequences)):
+                             ("stop_sequences", stop_sequences), ("samplers", samplers)):
             if len(values) != n:
                 raise ValueError(f"Option {name} must have one entry per segment: expected {n}, got {len(values)}.")
         uids = []
-        for parts, m, cache, before, stops in zip(segments, max_tokens, caches, all_tokens, stop_sequences):
+        if any(logits_processors or []):
+            raise ValueError("batched speculative rounds apply no logits processors")
+        for parts, m, cache, before, stops, sampler in zip(segments, max_tokens, caches, all_tokens, stop_sequences,
+                                                           samplers):
             rest = [t for part in parts for t in part]
             if not rest:
                 raise ValueError("A sequence has an empty prompt.")
             if m <= 0:
                 raise ValueError("A sequence's max_tokens must be > 0.")
             uid = next(self._uids)
-            self.pending.append((uid, rest, m, cache, len(before)))
+            self.pending.append((uid, rest, m, cache, len(before), sampler))
             self.requests[uid] = _Request(list(before) + rest, stops.matcher() if stops is not None else None)
             if self.inserted is not None:
                 self.inserted(uid)
@@ -454,8 +472,8 @@ class ServerBatch:
         prompt_responses, responses = [], []
         with mx.stream(self.stream):
             while self.pending:
-                uid, rest, m, cache, cached = self.pending.popleft()
-                self.engine.insert(rest, m, cache, cached, uid=uid)
+                uid, rest, m, cache, cached, sampler = self.pending.popleft()
+                self.engine.insert(rest, m, cache, cached, uid=uid, sampler=sampler)
                 total = len(self.requests[uid].prompt)
                 prompt_responses.append(PromptProcessingBatch.Response(uid, (total, total), True, True))
             for emitted in self.engine.step():

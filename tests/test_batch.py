@@ -4,6 +4,8 @@ each row, the caps, the prompt lengths and when rows join or leave."""
 
 import random
 
+import numpy as np
+
 import mlx.core as mx
 import pytest
 from mlx_lm import load
@@ -13,7 +15,7 @@ from mlx_lm_dspark.batch import BatchSpeculative, batch_generate, unbatchable
 from mlx_lm_dspark.loader import load_drafter
 from mlx_lm_dspark.target import UnsupportedCacheError
 from mlx_lm_dspark_tools.tiny import build_pair
-from tests.drafters import ContinuationDrafter
+from tests.drafters import ContinuationDrafter, TableDrafter
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,41 @@ def test_a_lookup_proposer_that_finds_fewer_drafts(pair):
     prompts = [[5, 6, 7, 8] * 6, [3], list(range(40, 60)) * 2]
     expected = [plain(model, p, 24) for p in prompts]
     assert batch_generate(model, load_lookup("ngram:n=2,min=1,k=4"), prompts, max_tokens=24) == expected
+
+
+@pytest.mark.slow  # draws thousands of sampled tokens
+@pytest.mark.parametrize("sampler_kw", [dict(temp=0.8), dict(temp=1.0, top_p=0.8)], ids=["temperature", "top_p"])
+def test_sampled_rows_are_distributed_like_plain_sampling(sampler_kw):
+    """Four rows at a time sample through DSpark's p/q rule with a drafter
+    whose q overlaps p partly (the target's next-token logits after the
+    previous token alone, a bigram table): every row's tokens follow plain
+    sampling's conditionals (the goodness-of-fit tests of
+    test_speculative_sampling, stratified by slot in the round)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_lm_dspark.sampling import SamplerSettings
+    from tests import test_speculative_sampling as S
+
+    model = S.make_qwen3_target(vocab_size=S.VOCAB, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=16, intermediate_size=64, seed=3)[0]
+    table = model(mx.arange(S.VOCAB)[:, None])[:, -1]
+    drafter = TableDrafter(table, model.args.__dict__, block_size=3)
+    mx.random.seed(31)
+    runs, slots, accepted, drafted = [], [], 0, 0
+    while sum(map(len, runs)) < S.FEWER:
+        batch = BatchSpeculative(model, drafter, num_draft_tokens=drafter.max_drafts)
+        uids = [batch.insert(S.PROMPT, S.RUN_LENGTH, sampler=make_sampler(**sampler_kw)) for _ in range(4)]
+        out = {uid: [] for uid in uids}
+        while len(batch):
+            for emitted in batch.step():
+                out[emitted.uid].extend(emitted.tokens)
+        for uid in uids:
+            stats = batch.stats_of(uid)
+            assert stats.rule == "p/q"
+            runs.append(out[uid])
+            slots += [0] + [k for a in stats.accepted_lengths for k in range(a + 1)]
+            accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    breaks = list(np.cumsum([len(r) for r in runs])[:-1])
+    sample = S.Sample(np.concatenate(runs), np.array(slots), breaks, accepted, drafted)
+    assert 0.1 < accepted / drafted < 0.95  # kept and replaced drafts are both common
+    S.assert_plain_distribution(S.conditionals(model, sample, SamplerSettings(**sampler_kw)), sample)

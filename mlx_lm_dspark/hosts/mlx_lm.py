@@ -631,11 +631,11 @@ def _batched_drafting_host(server) -> bool:
 
 
 def _patch_batched_drafting(server, responder, provider) -> None:
-    """Concurrent greedy requests with a drafter join one batch
+    """Concurrent requests with a drafter join one batch
     (``batch.ServerBatch``) instead of queueing for one at a time: the
     provider calls a batchable pair batchable, ``_is_batchable`` lets in the
-    requests the batched rounds decode exactly as served alone (greedy, no
-    logits processors, the server's draft count), and the loop's
+    requests the batched rounds decode exactly as served alone (no logits
+    processors, the server's draft count, no seed), and the loop's
     ``BatchGenerator`` is ours for such a pair.  Each request's statistics
     reach its context as in the one-at-a-time path."""
     if not _batched_drafting_host(server):
@@ -670,8 +670,7 @@ def _patch_batched_drafting(server, responder, provider) -> None:
             return True
         cli = provider_.cli_args
         return (
-            args.sampling.temperature == 0
-            and not server._make_logits_processors(args)
+            not server._make_logits_processors(args)
             and args.num_draft_tokens in (None, getattr(cli, "num_draft_tokens", None))
             and getattr(cli, "kv_bits", None) is None
         )
