@@ -107,6 +107,27 @@ def test_rows_joining_and_leaving_between_rounds(pair, seed):
             assert g == e
 
 
+@pytest.mark.parametrize("precision", ["4-bit", "bfloat16"])
+def test_quantized_and_half_precision_targets(tmp_path, precision):
+    """Rows of a 4-bit and of a bfloat16 target, with different rejected
+    tails each round, equal plain decoding of each prompt alone."""
+    import mlx.nn as nn
+
+    target_dir, _ = build_pair(tmp_path, "qwen3", bits=4 if precision == "4-bit" else None)
+    model, _ = load(str(target_dir))
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    assert quantized == (precision == "4-bit")
+    if precision == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    rng = random.Random(7)
+    prompts = random_prompts(rng, 4)
+    limits = [24, 17, 30, 9]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 0.6, seed=3), num_draft_tokens=4)
+    assert batch_generate_with(batch, prompts, limits) == expected
+    assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
 def test_a_perfect_drafter_keeps_whole_blocks(pair):
     model, _ = pair
     prompts = [[4, 5], [7] * 9, list(range(30, 41))]
