@@ -27,7 +27,9 @@
   streaming or not; SIGINT and SIGTERM stop the generations in flight and
   shut the server down. A prompt the prompt cache holds exactly (an earlier prompt
   and its answer) is served from it less its last token, which is fed again
-  (mlx-lm fed an empty remainder).
+  (mlx-lm fed an empty remainder). Concurrent requests with a drafter that
+  batched rounds decode exactly share them (``batch.ServerBatch`` as the
+  batch loop's ``BatchGenerator``; mlx-lm 0.32) instead of queueing.
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
