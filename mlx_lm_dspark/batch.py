@@ -17,9 +17,9 @@ when sampling.
 
 Batched rounds need caches every row can roll back on its own: plain KV
 caches; sliding-window (rotating), quantized and recurrent caches are
-refused (``unbatchable``).  Each row keeps drafts by its own sampler's rule
-(greedy matching, DSpark's p/q rule, sample-and-match); logits processors
-are not applied.  Each row's drafter forward is built into the round's one
+refused (``unbatchable``).  Each row has its own logits processors (their
+history grown per row) and keeps drafts by its own sampler's rule (greedy
+matching, DSpark's p/q rule, sample-and-match).  Each row's drafter forward is built into the round's one
 graph rather than as one batched drafter forward.
 """
 
@@ -103,6 +103,7 @@ class Row:
     max_tokens: int
     logprobs: mx.array  # [1, V] the anchor's distribution (handed out with it)
     acceptor: Acceptor  # the row's sampler and its acceptance rule
+    history: TokenHistory  # what its logits processors see
     produced: int = 0  # tokens handed out
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
@@ -165,37 +166,44 @@ class BatchSpeculative:
     # Joining and leaving ---------------------------------------------------
 
     def insert(self, prompt: List[int], max_tokens: int = 256, cache: Optional[list] = None, cached: int = 0,
-               uid: Optional[int] = None, sampler=None) -> int:
+               uid: Optional[int] = None, sampler=None, logits_processors=None,
+               before: Optional[List[int]] = None) -> int:
         """Prefill ``prompt`` (as ``generate_step`` does: all but the last
         token in chunks, then the last alone) and queue it to join.  ``cache``:
         a prompt cache (the target's entries, then the drafter's) already
-        holding ``cached`` positions before ``prompt``.  ``sampler``: the
-        row's (greedy when None); its drafts are kept by the rule the
-        one-sequence loop applies for it (``Acceptor``)."""
+        holding ``cached`` positions before ``prompt`` (the tokens
+        ``before``, which ``logits_processors`` see).  ``sampler``: the row's
+        (greedy when None); its drafts are kept by the rule the one-sequence
+        loop applies for it (``Acceptor``), after the processors."""
         if not prompt:
             raise ValueError("prompt must hold at least one token.")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
         target, drafter = self.target, self.drafter
         cache, draft_cache = self._split(cache, cached)
+        if logits_processors and before is None and cached:
+            raise ValueError("logits processors need the tokens before the prompt (before=)")
         tokens = mx.array(prompt, mx.uint32)
+        history = TokenHistory(logits_processors, mx.array(before, mx.uint32) if before else None)
         with mx.stream(self.stream):
             done = 0
             while tokens.size - done > 1:
                 chunk = tokens[done : done + min(self.prefill_step_size, tokens.size - done - 1)]
                 _, features = target(chunk[None], cache)
                 drafter.add_context(draft_cache, features, cached + done, chunk)
+                history.extend(chunk)
                 mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
                 done += chunk.size
             last = tokens[done:]
             logits, features = target(last[None], cache)
             drafter.add_context(draft_cache, features, cached + done, last)
-            logprobs = logits[0, -1:] - mx.logsumexp(logits[0, -1:], axis=-1, keepdims=True)
+            logits = history.process(logits[0], last)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             acceptor = Acceptor(sampler or greedy_sampler)
             anchor = acceptor.sampler(logprobs).astype(mx.uint32)
             mx.eval(anchor, logprobs, [c.state for c in cache] + [c.state for c in draft_cache])
         row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, cached + tokens.size, max_tokens,
-                  logprobs, acceptor)
+                  logprobs, acceptor, history)
         row.stats.cap, row.stats.rule = self.cap, acceptor.rule
         self.joining.append((row, cache))
         return row.uid
@@ -296,7 +304,7 @@ class BatchSpeculative:
             n = min(cap, row.remaining() - 1)
             d = q = None
             if n > 0:
-                choose = row.acceptor.drafter_sampling(TokenHistory(None), row.anchor)
+                choose = row.acceptor.drafter_sampling(row.history, row.anchor)
                 d, _, q = self.drafter.propose(row.draft_cache, row.anchor, row.position, n, choose)
             if d is not None and d.shape[0] < n:  # a proposer may find fewer (a lookup without a long match)
                 n = d.shape[0]
@@ -322,15 +330,17 @@ class BatchSpeculative:
         """The batch's forward; per row the drafts its rule keeps and the
         target's token after them, evaluated."""
         logits, features = self.target(blocks, self.cache)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        kept, following = [], []
+        kept, following, rows_logprobs = [], [], []
         for i, (row, n) in enumerate(zip(self.rows, counts)):
-            a, token = row.acceptor.accept(logprobs[i, : n + 1], drafts[i], qs[i])
+            processed = row.history.process(logits[i, : n + 1], blocks[i, : n + 1])
+            logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+            a, token = row.acceptor.accept(logprobs, drafts[i], qs[i])
             kept.append(a.reshape(1))
             following.append(token.reshape(1).astype(mx.uint32))
+            rows_logprobs.append(logprobs)
         accepted, following = mx.concatenate(kept), mx.concatenate(following)
         mx.eval(accepted, following, blocks)
-        return accepted.tolist(), following, features, logprobs
+        return accepted.tolist(), following, features, rows_logprobs
 
     def _roll_back(self, rejected: List[int]) -> None:
         """Remove each row's last ``rejected[i]`` positions from the batch
@@ -365,23 +375,24 @@ class BatchSpeculative:
                 row.anchor = following[i : i + 1]
                 row.position += a + 1
                 row.produced += len(tokens)
+                row.history.drop(n - a)
                 row.stats.proposal_lengths.append(n)
                 row.stats.accepted_lengths.append(a)
                 if self.auto is not None:
                     self.auto.update(n, a)
-                events.append(Emitted(row.uid, tokens, logprobs[i, : a + 1], row.remaining() == 0))
+                events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
             mx.eval([c.state for row in self.rows for c in row.draft_cache])
         return events
 
 
 def batch_generate(model, drafter, prompts: List[List[int]], *, max_tokens=256,
-                   num_draft_tokens: Optional[int] = None, sampler=None) -> List[List[int]]:
+                   num_draft_tokens: Optional[int] = None, sampler=None, logits_processors=None) -> List[List[int]]:
     """The tokens of each prompt (``max_tokens`` one number or one per
     prompt), decoded together in batched speculative rounds (greedy, or with
-    ``sampler`` for every row)."""
+    ``sampler`` for every row; ``logits_processors`` for every row)."""
     limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     batch = BatchSpeculative(model, drafter, num_draft_tokens=num_draft_tokens)
-    uids = [batch.insert(p, m, sampler=sampler) for p, m in zip(prompts, limits)]
+    uids = [batch.insert(p, m, sampler=sampler, logits_processors=logits_processors) for p, m in zip(prompts, limits)]
     out: Dict[int, List[int]] = {uid: [] for uid in uids}
     while len(batch):
         for emitted in batch.step():
@@ -409,7 +420,7 @@ class ServerBatch:
         self.engine = BatchSpeculative(model, drafter, num_draft_tokens=num_draft_tokens,
                                        prefill_step_size=prefill_step_size, stream=stream or generation_stream)
         self.stream = self.engine.stream
-        self.pending = deque()  # (uid, prompt rest, max_tokens, cache, cached count, sampler)
+        self.pending = deque()  # (uid, prompt rest, max_tokens, cache, cached tokens, sampler, processors)
         self.requests: Dict[int, _Request] = {}
         self._uids = itertools.count()
         self.inserted: Optional[Callable[[int], None]] = None  # told each uid as it is inserted
@@ -431,17 +442,18 @@ class ServerBatch:
             if len(values) != n:
                 raise ValueError(f"Option {name} must have one entry per segment: expected {n}, got {len(values)}.")
         uids = []
-        if any(logits_processors or []):
-            raise ValueError("batched speculative rounds apply no logits processors")
-        for parts, m, cache, before, stops, sampler in zip(segments, max_tokens, caches, all_tokens, stop_sequences,
-                                                           samplers):
+        processors = logits_processors or [None] * n
+        if len(processors) != n:
+            raise ValueError(f"Option logits_processors must have one entry per segment: expected {n}.")
+        for parts, m, cache, before, stops, sampler, procs in zip(segments, max_tokens, caches, all_tokens,
+                                                                  stop_sequences, samplers, processors):
             rest = [t for part in parts for t in part]
             if not rest:
                 raise ValueError("A sequence has an empty prompt.")
             if m <= 0:
                 raise ValueError("A sequence's max_tokens must be > 0.")
             uid = next(self._uids)
-            self.pending.append((uid, rest, m, cache, len(before), sampler))
+            self.pending.append((uid, rest, m, cache, list(before), sampler, procs or None))
             self.requests[uid] = _Request(list(before) + rest, stops.matcher() if stops is not None else None)
             if self.inserted is not None:
                 self.inserted(uid)
@@ -472,8 +484,9 @@ class ServerBatch:
         prompt_responses, responses = [], []
         with mx.stream(self.stream):
             while self.pending:
-                uid, rest, m, cache, cached, sampler = self.pending.popleft()
-                self.engine.insert(rest, m, cache, cached, uid=uid, sampler=sampler)
+                uid, rest, m, cache, before, sampler, procs = self.pending.popleft()
+                self.engine.insert(rest, m, cache, len(before), uid=uid, sampler=sampler, logits_processors=procs,
+                                   before=before)
                 total = len(self.requests[uid].prompt)
                 prompt_responses.append(PromptProcessingBatch.Response(uid, (total, total), True, True))
             for emitted in self.engine.step():

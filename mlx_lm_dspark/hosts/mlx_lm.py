@@ -636,8 +636,8 @@ def _patch_batched_drafting(server, responder, provider) -> None:
     """Concurrent requests with a drafter join one batch
     (``batch.ServerBatch``) instead of queueing for one at a time: the
     provider calls a batchable pair batchable, ``_is_batchable`` lets in the
-    requests the batched rounds decode exactly as served alone (no logits
-    processors, the server's draft count, no seed), and the loop's
+    requests the batched rounds decode exactly as served alone (the
+    server's draft count, no seed), and the loop's
     ``BatchGenerator`` is ours for such a pair.  Each request's statistics
     reach its context as in the one-at-a-time path."""
     if not _batched_drafting_host(server):
@@ -645,7 +645,6 @@ def _patch_batched_drafting(server, responder, provider) -> None:
     is_batchable = _expect_method(responder, "_is_batchable", ["args"])
     load = _expect_method(provider, "_load", ["model_path", "adapter_path", "draft_model_path"])
     _expect_calls(responder, "_generate", ["BatchGenerator", "insert_segments", "next", "remove"])
-    _expect_params(server, "_make_logits_processors", ["args"])
     context_init = server.GenerationContext.__init__
     stock_generator = server.BatchGenerator
     providers = weakref.WeakSet()
@@ -672,8 +671,7 @@ def _patch_batched_drafting(server, responder, provider) -> None:
             return True
         cli = provider_.cli_args
         return (
-            not server._make_logits_processors(args)
-            and args.num_draft_tokens in (None, getattr(cli, "num_draft_tokens", None))
+            args.num_draft_tokens in (None, getattr(cli, "num_draft_tokens", None))
             and getattr(cli, "kv_bits", None) is None
         )
 
