@@ -106,3 +106,56 @@ class TableDrafter(OracleDrafter):
             tokens.append(prev)
         tokens = mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.uint32)
         return tokens, None, (mx.concatenate(q_rows) if q_rows else None)
+
+
+class TokenLog:
+    """A drafter context that records the tokens it was given."""
+
+    def __init__(self):
+        self.tokens = []
+
+    @property
+    def offset(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def state(self):
+        return []
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(len(self.tokens), n)
+        del self.tokens[len(self.tokens) - n :]
+        return n
+
+
+class ContinuationDrafter(OracleDrafter):
+    """An oracle for several sequences at once: it knows each prompt's plain
+    continuation, recognises the sequence from the tokens its context was
+    given, and drafts the true next tokens, each right with probability
+    ``acceptance`` (seeded per sequence and position)."""
+
+    kind = "continuation-oracle"
+    auto_draft_length = False
+
+    def __init__(self, continuations, target_args: dict, acceptance: float, block_size=7, seed=0):
+        super().__init__(target_args, acceptance=acceptance, block_size=block_size, seed=seed)
+        self.continuations = [[int(t) for t in c] for c in continuations]
+
+    def make_cache(self) -> list:
+        return [TokenLog()]
+
+    def add_context(self, cache, features, start, tokens=None) -> None:
+        log = cache[0]
+        assert start == log.offset, (start, log.offset)
+        log.tokens.extend(tokens.tolist())
+
+    def propose(self, cache, anchor, start, num_drafts, choose=None):
+        seen = cache[0].tokens + anchor.tolist()
+        matches = [i for i, c in enumerate(self.continuations) if c[: len(seen)] == seen]
+        assert matches, "a sequence the drafter was not given"
+        self.continuation = self.continuations[matches[0]]
+        self.salt = matches[0] + 1
+        return mx.array(self.drafts(start, num_drafts), dtype=mx.uint32), None, None

@@ -114,6 +114,22 @@ COVERAGE = {
             "0011-prompt-cache-exact-hit.diff",
             {"mlx_lm/models/cache.py": ["LRUPromptCache.fetch_nearest_cache"]},
         ),
+        # concurrent greedy requests with a drafter share batched rounds: the
+        # host's batch loop builds the batch generator the draft kind supplies
+        # for a pair the provider calls batchable, for the requests it admits
+        "BatchGenerator": (
+            "0014-server-batched-draft-models.diff",
+            {"mlx_lm/server.py": ["ModelProvider._load", "ResponseGenerator._is_batchable",
+                                  "ResponseGenerator._generate"],
+             "mlx_lm/draft_kinds.py": ["DraftKind", "draft_batch_generator"]},
+        ),
+        # the hook finds each batched request's context to attach its
+        # statistics; the host copies them from the finished response
+        "__init__": (
+            "0014-server-batched-draft-models.diff",
+            {"mlx_lm/server.py": ["ResponseGenerator._generate"],
+             "mlx_lm/generate.py": ["GenerationBatch.Response"]},
+        ),
     },
     "mlx_vlm.speculative.drafters": {
         "load_drafter": (

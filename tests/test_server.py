@@ -215,6 +215,22 @@ def test_gemma4_sliding_window_target_repeat_and_conversation(tmp_path_factory):
         converse(spec, plain, "the river runs past the old mill", 3, 20, "what next", repeat=True)
 
 
+def test_a_gemma4_target_loaded_at_start_up_decodes_in_the_generation_thread(tmp_path_factory):
+    """With --num-draft-tokens nothing measures the pair at start-up, so
+    nothing there evaluates Gemma-4's lazily built RoPE frequencies: the
+    generation thread must not be the first to (it does not own the stream
+    they were built on)."""
+    target, drafter = build_pair(tmp_path_factory.mktemp("server-gemma4-cap"), "gemma4", vocab_size=128,
+                                 num_layers=4, sliding_window_pattern=2, target_layer_ids=(0, 2), num_drafter_layers=1, block_size=4)
+    common = ["--model", str(target), "--max-tokens", "12", "--temp", "0.0"]
+    with server_pair(common, ["--draft-model", str(drafter), "--draft-bits", "none",
+                              "--num-draft-tokens", "2"]) as (spec, plain):
+        body = request(TEXT, "the lazy frequencies")
+        status, got = spec.post(TEXT, body)
+        assert status == 200, got
+        assert text_of(TEXT, body, got) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+
+
 def test_num_draft_tokens_per_request(servers):
     spec, plain = servers
     body = request(TEXT, "one two three four five six", num_draft_tokens=1)
@@ -480,8 +496,9 @@ def test_a_drafter_that_does_not_match_the_target_gets_a_4xx(servers, tmp_path):
 
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(servers, caplog):
-    """Requests with a drafter are served one at a time: a client that gives
-    up must not keep the next one waiting behind its whole answer."""
+    """A client that gives up stops its generation: served one at a time it
+    would keep the next request waiting behind its whole answer, batched it
+    would keep taking a row of every round."""
     import re
     import time
 
@@ -494,8 +511,12 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(servers, caplog
         conn.close()
         body = request(TEXT, "hello there")
         assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+        # Batched, the two are decoded together and the second may end first.
+        deadline = time.monotonic() + 30
+        while caplog.text.count("Speculative: τ=") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     rounds = [int(r) for r in re.findall(r"Speculative: τ=[0-9.]+ over (\d+) rounds", caplog.text)]
-    assert len(rounds) == 2 and rounds[0] < 1000, rounds  # stopped, not 4000 tokens of ~1 per round
+    assert len(rounds) == 2 and max(rounds) < 1000, rounds  # stopped, not 4000 tokens of ~1 per round
 
 
 def server_process(pair, *argv):
@@ -768,3 +789,70 @@ def test_load_of_mixed_concurrent_clients(servers, pair, monkeypatch):
         measured = f"resident MiB at start, after the warm-up, the first and the second half: {rss}"
         print(f"{measured}; conversation turns reusing the cache: {reused}")
         assert rss[3] - rss[2] < LOAD_GROWTH_MIB, measured
+
+
+BATCHED_HOST = "stop_sequences" in __import__("inspect").signature(
+    importlib.import_module("mlx_lm.generate").BatchGenerator.insert_segments).parameters
+
+
+@pytest.mark.skipif(not BATCHED_HOST, reason="mlx-lm 0.31's batch loop drives state machines, not stop sequences: "
+                                              "requests with a drafter are served one at a time there")
+def test_concurrent_greedy_requests_with_a_drafter_share_batched_rounds(servers, monkeypatch):
+    """Greedy requests arriving together are decoded in the same rounds
+    (several rows per verify), each answered as the plain server answers it
+    and with its own acceptance statistics; a sampled request among them
+    with a seed is served on its own and still answered."""
+    from mlx_lm_dspark import batch
+
+    spec, plain = servers
+    widest = []
+    step = batch.BatchSpeculative.step
+
+    def counting_step(self):
+        widest.append(len(self.rows) + len(self.joining))
+        return step(self)
+
+    monkeypatch.setattr(batch.BatchSpeculative, "step", counting_step)
+    bodies = [request(CHAT if i % 2 else TEXT, f"tale {i} of a patient heron", max_tokens=18 + 2 * i, stream=i == 2)
+              for i in range(6)]
+    sampled = request(TEXT, "tale of a sampled heron", temperature=0.8, seed=3)
+    paths = [CHAT if i % 2 else TEXT for i in range(6)]
+    want = [text_of(p, b, plain.post(p, b)[1]) for p, b in zip(paths, bodies)]
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            body, path = (sampled, TEXT) if i == len(bodies) else (bodies[i], paths[i])
+            results[i] = spec.post(path, body)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies) + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i, (body, path) in enumerate(zip(bodies, paths)):
+        status, got = results[i]
+        assert status == 200 and text_of(path, body, got) == want[i], f"client {i}"
+        if not body.get("stream"):
+            assert got["usage"]["speculative"]["rounds"] > 0
+    assert results[len(bodies)][0] == 200
+    assert max(widest) >= 2, widest  # rows decoded together
+
+
+@pytest.mark.skipif(not BATCHED_HOST, reason="mlx-lm 0.31 serves requests with a drafter one at a time")
+def test_a_batched_conversation_reuses_its_prompt_cache(servers):
+    """A second turn after a batched first turn starts from the cache the
+    batch handed back (it holds every token but the answer's last)."""
+    spec, plain = servers
+    first = request(CHAT, "remember the word lantern")
+    answer = text_of(CHAT, first, spec.post(CHAT, first)[1])
+    assert answer == text_of(CHAT, first, plain.post(CHAT, first)[1])
+    second = {**first, "messages": first["messages"] + [{"role": "assistant", "content": answer},
+                                                        {"role": "user", "content": "and now?"}]}
+    status, got = spec.post(CHAT, second)
+    assert status == 200
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert text_of(CHAT, second, got) == text_of(CHAT, second, plain.post(CHAT, second)[1])

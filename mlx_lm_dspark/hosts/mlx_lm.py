@@ -27,7 +27,9 @@
   streaming or not; SIGINT and SIGTERM stop the generations in flight and
   shut the server down. A prompt the prompt cache holds exactly (an earlier prompt
   and its answer) is served from it less its last token, which is fed again
-  (mlx-lm fed an empty remainder).
+  (mlx-lm fed an empty remainder). Concurrent requests with a drafter that
+  batched rounds decode exactly share them (``batch.ServerBatch`` as the
+  batch loop's ``BatchGenerator``; mlx-lm 0.32) instead of queueing.
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
@@ -596,6 +598,7 @@ def patch_server(server) -> None:
             # pair's checks and measuring the machine's costs (the
             # generation thread's own load_default then finds it loaded).
             self.load_default()
+            _materialize(self.model, self.draft_model)
             _prepare_drafter(self.model, self.draft_model, cli_args)
 
     @functools.wraps(generate_response)
@@ -617,6 +620,103 @@ def patch_server(server) -> None:
     server._run_http_server = _with_server_class(run_http_server, _backlogged(stock_server_class))
     handler.generate_response = generate_response_with_usage
     handler.completion_usage_response = usage_response_with_speculative
+    _patch_batched_drafting(server, responder, provider)
+
+
+def _batched_drafting_host(server) -> bool:
+    """Whether this mlx-lm's batch loop drives ``BatchGenerator`` the way
+    ``batch.ServerBatch`` answers (stop sequences given per sequence: mlx-lm
+    0.32); older ones serve requests with a drafter one at a time."""
+    generator = getattr(server, "BatchGenerator", None)
+    insert = getattr(generator, "insert_segments", None)
+    return callable(insert) and "stop_sequences" in inspect.signature(insert).parameters
+
+
+def _patch_batched_drafting(server, responder, provider) -> None:
+    """Concurrent requests with a drafter join one batch
+    (``batch.ServerBatch``) instead of queueing for one at a time: the
+    provider calls a batchable pair batchable, ``_is_batchable`` lets in the
+    requests the batched rounds decode exactly as served alone (the
+    server's draft count, no seed), and the loop's
+    ``BatchGenerator`` is ours for such a pair.  Each request's statistics
+    reach its context as in the one-at-a-time path."""
+    if not _batched_drafting_host(server):
+        return
+    is_batchable = _expect_method(responder, "_is_batchable", ["args"])
+    load = _expect_method(provider, "_load", ["model_path", "adapter_path", "draft_model_path"])
+    _expect_calls(responder, "_generate", ["BatchGenerator", "insert_segments", "next", "remove"])
+    context_init = server.GenerationContext.__init__
+    stock_generator = server.BatchGenerator
+    providers = weakref.WeakSet()
+    contexts = threading.local()  # the generation thread's newest GenerationContext
+
+    @functools.wraps(context_init)
+    def remembered_context(self, *args, **kwargs):
+        context_init(self, *args, **kwargs)
+        contexts.newest = self
+
+    @functools.wraps(load)
+    def load_judging_batchability(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        providers.add(self)
+        if _batchable_pair(self):
+            self.is_batchable = True
+
+    @functools.wraps(is_batchable)
+    def is_batchable_with_drafter(self, args):
+        if not is_batchable(self, args):
+            return False
+        provider_ = self.model_provider
+        if getattr(provider_, "draft_model", None) is None:
+            return True
+        cli = provider_.cli_args
+        return (
+            args.num_draft_tokens in (None, getattr(cli, "num_draft_tokens", None))
+            and getattr(cli, "kv_bits", None) is None
+        )
+
+    def batch_generator(model, *args, **kwargs):
+        from ..batch import ServerBatch
+
+        owner = next((p for p in providers if p.model is model), None)
+        if owner is None or not _batchable_pair(owner):
+            return stock_generator(model, *args, **kwargs)
+        batch = ServerBatch(model, owner.draft_model, num_draft_tokens=getattr(owner.cli_args, "num_draft_tokens", None),
+                            prefill_step_size=kwargs.get("prefill_step_size", 2048), stream=kwargs.get("stream"))
+        requests = {}
+
+        def inserted(uid):
+            requests[uid] = getattr(contexts, "newest", None)
+
+        def finished(uid, stats):
+            context = requests.pop(uid, None)
+            if context is not None:
+                context.dspark_usage = stats.as_dict()
+            logging.info(stats.summary())
+
+        batch.inserted, batch.finished = inserted, finished
+        return batch
+
+    server.GenerationContext.__init__ = remembered_context
+    provider._load = load_judging_batchability
+    responder._is_batchable = is_batchable_with_drafter
+    server.BatchGenerator = batch_generator
+
+
+def _batchable_pair(provider) -> bool:
+    """Whether the provider's loaded pair decodes in batched rounds: one of
+    our drafters, a pair that binds, plain KV caches, no KV quantization."""
+    from ..batch import unbatchable
+    from ..speculative import is_drafter
+
+    draft = getattr(provider, "draft_model", None)
+    if not is_drafter(draft) or getattr(provider.cli_args, "kv_bits", None) is not None:
+        return False
+    if _pair_refusal(provider) is not None:
+        return False
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return unbatchable(make_prompt_cache(provider.model)) is None
 
 
 LISTEN_BACKLOG = 128  # socketserver's default of 5 resets a burst of simultaneous clients
@@ -745,6 +845,22 @@ def _pair_refusal(provider):
     except loader.user_errors() as e:
         return e
     return None
+
+
+def _materialize(*models) -> None:
+    """Evaluate every array the models hold, parameters or not (Gemma-4's
+    RoPE keeps its frequencies as a private member, computed lazily when the
+    model is built).  Loaded at start-up, in the main thread, they would
+    otherwise be first evaluated in the server's generation thread, which
+    does not own the stream they were built on ("There is no Stream(cpu, 0)
+    in current thread")."""
+    import mlx.core as mx
+
+    arrays = []
+    for model in models:
+        if hasattr(model, "named_modules"):
+            arrays += [v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)]
+    mx.eval(arrays)
 
 
 def _prepare_drafter(model, draft_model, cli_args) -> None:

@@ -1,0 +1,513 @@
+"""Speculative decoding of several sequences together: one target verify
+per round for the whole batch.
+
+``BatchSpeculative`` keeps the target's caches as mlx-lm's batch caches
+(``BatchKVCache``: rows left-padded, so each row's newest position sits at
+the same column) and each sequence's drafter context apart.  A round
+proposes drafts for every row, verifies the rows' blocks [anchor, drafts,
+padding] in one forward of width max(drafts) + 1, keeps each row's accepted
+drafts by greedy matching, and rolls each row back by its own rejected tail:
+the batch cache is trimmed by the smallest tail and every other row is
+shifted right by what it has beyond (mlx-lm's ``right_padding`` +
+``finalize``), which keeps the rows right-aligned.  Sequences join after
+their own prefill (as ``BatchGenerator`` merges prompt caches) and leave
+between rounds (``filter``).  Each row's tokens are what plain decoding of
+that prompt alone gives: the same tokens greedily, the same distribution
+when sampling.
+
+Batched rounds need caches every row can roll back on its own: plain KV
+caches; sliding-window (rotating), quantized and recurrent caches are
+refused (``unbatchable``).  Each row has its own logits processors (their
+history grown per row) and keeps drafts by its own sampler's rule (greedy
+matching, DSpark's p/q rule, sample-and-match).  Each row's drafter forward is built into the round's one
+graph rather than as one batched drafter forward.
+"""
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from .session import session_for
+from .sampling import greedy_sampler
+from .speculative import DEFAULT_PREFILL_STEP_SIZE, Acceptor, SpeculativeStats, TokenHistory, cost_model
+from .target import UnsupportedCacheError
+
+
+def unbatchable(target_cache: list) -> Optional[str]:
+    """Why a target whose prompt cache is ``target_cache`` cannot decode in
+    batched rounds (None: it can)."""
+    for i, c in enumerate(target_cache):
+        if type(c) is not KVCache:
+            return (f"cache entry {i} is a {type(c).__name__}; batched speculative rounds roll back "
+                    "plain KV caches (KVCache) only")
+    return None
+
+
+class BatchCap:
+    """The batch's drafts per round when none is given: the number K that
+    gives the most expected tokens per millisecond for B rows, a round
+    costing a verify of B x (K + 1) rows (the pair's cost model, extrapolated
+    linearly past the widths it measured) plus one drafter round per row.
+    Each draft is taken as kept with the probability the batch's rounds
+    show (a draft kept given the ones before it were); rounds that draft
+    nothing try one draft every ``PROBE_EVERY`` so that estimate can rise."""
+
+    PROBE_EVERY = 16
+
+    def __init__(self, cost, max_drafts: int):
+        self.cost, self.max_drafts = cost, max_drafts
+        self.kept, self.missed = 1.0, 1.0  # a prior of one half
+        self.undrafted = 0
+
+    def verify_ms(self, cost, rows: int) -> float:
+        widths = cost.verify_ms
+        if rows <= len(widths):
+            return widths[rows - 1]
+        slope = widths[-1] - widths[-2] if len(widths) > 1 else widths[-1]
+        return widths[-1] + slope * (rows - len(widths))
+
+    def choose(self, rows: int, context: int) -> int:
+        cost = self.cost.at(context)
+        accept = self.kept / (self.kept + self.missed)
+        best, best_rate = 0, rows / self.verify_ms(cost, rows)
+        for k in range(1, self.max_drafts + 1):
+            tokens = rows * cost.expected_tokens([accept] * k, k)
+            rate = tokens / (self.verify_ms(cost, rows * (k + 1)) + rows * cost.draft_ms_for(k))
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0:
+            self.undrafted += 1
+            if self.undrafted % self.PROBE_EVERY == 0:
+                return 1
+        return best
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """A row's round: ``accepted`` of ``drafted`` drafts kept."""
+        self.kept += accepted
+        self.missed += 1 if accepted < drafted else 0
+
+
+@dataclass
+class Row:
+    """One sequence of the batch."""
+
+    uid: int
+    draft_cache: list  # the drafter context (positions before the anchor)
+    anchor: mx.array  # [1] the token after the committed positions, not yet fed to the target
+    position: int  # committed positions (the anchor's position)
+    max_tokens: int
+    logprobs: mx.array  # [1, V] the anchor's distribution (handed out with it)
+    acceptor: Acceptor  # the row's sampler and its acceptance rule
+    history: TokenHistory  # what its logits processors see
+    produced: int = 0  # tokens handed out
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+
+    @property
+    def drafted(self) -> List[int]:
+        return self.stats.proposal_lengths
+
+    @property
+    def accepted(self) -> List[int]:
+        return self.stats.accepted_lengths
+
+    def remaining(self) -> int:
+        return self.max_tokens - self.produced
+
+
+@dataclass
+class Emitted:
+    """A sequence's tokens from one round, with their log-probabilities."""
+
+    uid: int
+    tokens: List[int]
+    logprobs: mx.array  # [len(tokens), V]
+    finished: bool  # max_tokens reached (the sequence has left the batch)
+
+
+class BatchSpeculative:
+    """Greedy speculative decoding of a changing batch of prompts.
+
+    ``insert`` prefills a prompt alone and returns its uid; ``step`` runs one
+    round for every sequence and returns what each produced (a new
+    sequence's first token comes from its prefill); a sequence that reached
+    its ``max_tokens`` leaves at the next step; ``remove`` drops one between
+    rounds (a stop word, a client gone) and ``extract`` takes its cache out."""
+
+    def __init__(self, model, drafter, *, num_draft_tokens: Optional[int] = None,
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE, stream=generation_stream):
+        self.session = session_for(drafter, model)
+        self.target, self.drafter, self.stream = self.session.target, drafter, stream
+        problem = unbatchable(self.target.make_cache())
+        if problem is not None:
+            raise UnsupportedCacheError(f"This target cannot decode in batched speculative rounds: {problem}.")
+        if num_draft_tokens is not None and num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
+        self.cap = None if num_draft_tokens is None else min(int(num_draft_tokens), drafter.max_drafts)
+        self.auto = None
+        if self.cap is None and not getattr(drafter, "auto_draft_length", True):
+            self.cap = drafter.max_drafts  # a drafter the cost model cannot price
+        if self.cap is None:
+            self.auto = BatchCap(cost_model(drafter, self.target), drafter.max_drafts)
+        self.prefill_step_size = prefill_step_size
+        self.rows: List[Row] = []
+        self.cache: Optional[List[BatchKVCache]] = None
+        self.joining: List[Tuple[Row, list]] = []  # prefilled, merged at the next round
+        self._uids = itertools.count()
+        self._left: List[Row] = []  # rows that left lately (their statistics stay readable)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    # Joining and leaving ---------------------------------------------------
+
+    def insert(self, prompt: List[int], max_tokens: int = 256, cache: Optional[list] = None, cached: int = 0,
+               uid: Optional[int] = None, sampler=None, logits_processors=None,
+               before: Optional[List[int]] = None) -> int:
+        """Prefill ``prompt`` (as ``generate_step`` does: all but the last
+        token in chunks, then the last alone) and queue it to join.  ``cache``:
+        a prompt cache (the target's entries, then the drafter's) already
+        holding ``cached`` positions before ``prompt`` (the tokens
+        ``before``, which ``logits_processors`` see).  ``sampler``: the row's
+        (greedy when None); its drafts are kept by the rule the one-sequence
+        loop applies for it (``Acceptor``), after the processors."""
+        if not prompt:
+            raise ValueError("prompt must hold at least one token.")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
+        target, drafter = self.target, self.drafter
+        cache, draft_cache = self._split(cache, cached)
+        if logits_processors and before is None and cached:
+            raise ValueError("logits processors need the tokens before the prompt (before=)")
+        tokens = mx.array(prompt, mx.uint32)
+        history = TokenHistory(logits_processors, mx.array(before, mx.uint32) if before else None)
+        with mx.stream(self.stream):
+            done = 0
+            while tokens.size - done > 1:
+                chunk = tokens[done : done + min(self.prefill_step_size, tokens.size - done - 1)]
+                _, features = target(chunk[None], cache)
+                drafter.add_context(draft_cache, features, cached + done, chunk)
+                history.extend(chunk)
+                mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
+                done += chunk.size
+            last = tokens[done:]
+            logits, features = target(last[None], cache)
+            drafter.add_context(draft_cache, features, cached + done, last)
+            logits = history.process(logits[0], last)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            acceptor = Acceptor(sampler or greedy_sampler)
+            anchor = acceptor.sampler(logprobs).astype(mx.uint32)
+            mx.eval(anchor, logprobs, [c.state for c in cache] + [c.state for c in draft_cache])
+        row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, cached + tokens.size, max_tokens,
+                  logprobs, acceptor, history)
+        row.stats.cap, row.stats.rule = self.cap, acceptor.rule
+        self.joining.append((row, cache))
+        return row.uid
+
+    def _split(self, cache: Optional[list], cached: int):
+        """(target entries, drafter context) of a prompt cache holding ``cached`` positions."""
+        n = self.target.num_cache_entries
+        if cache is None:
+            if cached:
+                raise ValueError("cached positions without a cache")
+            return self.target.make_cache(), self.drafter.make_cache()
+        if len(cache) != n + len(self.drafter.make_cache()):
+            raise ValueError(f"the prompt cache has {len(cache)} entries: expected the target's {n} and the drafter's.")
+        target_cache, draft_cache = list(cache[:n]), list(cache[n:])
+        problem = unbatchable(target_cache)
+        if problem is not None:
+            raise UnsupportedCacheError(f"This prompt cache cannot decode in batched speculative rounds: {problem}.")
+        for c in target_cache:
+            if c.offset != cached:
+                raise ValueError(f"the prompt cache holds {c.offset} positions, not {cached}.")
+        excess = draft_cache[0].offset - cached
+        if excess < 0:
+            raise ValueError(f"the drafter context holds {draft_cache[0].offset} positions, fewer than {cached}.")
+        if excess:
+            for c in draft_cache:
+                c.trim(excess)
+        return target_cache, draft_cache
+
+    def extract(self, uid: int, length: int) -> list:
+        """Sequence ``uid``'s prompt cache (the target's entries, then the
+        drafter's) holding its first ``length`` positions; it leaves the batch."""
+        index = next(i for i, row in enumerate(self.rows) if row.uid == uid)
+        row = self.rows[index]
+        excess = row.position - length
+        if excess < 0:
+            raise ValueError(f"sequence {uid} holds {row.position} positions, fewer than {length}.")
+        caches = [c.extract(index) for c in self.cache] + list(row.draft_cache)
+        for c in caches:
+            if excess:
+                c.trim(excess)
+        self._keep([i for i in range(len(self.rows)) if i != index])
+        return caches
+
+    def stats_of(self, uid: int) -> Optional[SpeculativeStats]:
+        for row in self.rows + [r for r, _ in self.joining] + self._left:
+            if row.uid == uid:
+                return row.stats
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(c.nbytes for c in self.cache or [])
+        total += sum(getattr(c, "nbytes", 0) for row in self.rows for c in row.draft_cache)
+        return total + sum(c.nbytes for _, cache in self.joining for c in cache)
+
+    def remove(self, uid: int) -> None:
+        """Drop sequence ``uid`` from the batch (between rounds)."""
+        self.joining = [(row, c) for row, c in self.joining if row.uid != uid]
+        keep = [i for i, row in enumerate(self.rows) if row.uid != uid]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+
+    def _keep(self, indices: List[int]) -> None:
+        self._left = ([self.rows[i] for i in range(len(self.rows)) if i not in indices] + self._left)[:64]
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            self.cache = None
+            return
+        for c in self.cache:
+            c.filter(mx.array(indices))
+
+    def _join(self) -> List[Emitted]:
+        """Merge the prefilled sequences into the batch; their first tokens."""
+        events = []
+        for row, cache in self.joining:
+            merged = [BatchKVCache.merge([c]) for c in cache]
+            if self.cache is None:
+                self.cache = merged
+            else:
+                for c, new in zip(self.cache, merged):
+                    c.extend(new)
+            self.rows.append(row)
+            row.produced = 1
+            events.append(Emitted(row.uid, row.anchor.tolist(), row.logprobs, row.remaining() == 0))
+        self.joining = []
+        return events
+
+    # One round -------------------------------------------------------------
+
+    def _propose(self) -> Tuple[List[int], List[Optional[mx.array]], List[Optional[mx.array]]]:
+        """Each row's number of drafts, drafts and (a sampling row) the
+        distributions they were sampled from, lazily."""
+        cap = self.cap
+        if cap is None:
+            cap = self.auto.choose(len(self.rows), sum(row.position for row in self.rows) // len(self.rows))
+        counts, drafts, qs = [], [], []
+        for row in self.rows:
+            n = min(cap, row.remaining() - 1)
+            d = q = None
+            if n > 0:
+                choose = row.acceptor.drafter_sampling(row.history, row.anchor)
+                d, _, q = self.drafter.propose(row.draft_cache, row.anchor, row.position, n, choose)
+            if d is not None and d.shape[0] < n:  # a proposer may find fewer (a lookup without a long match)
+                n = d.shape[0]
+                d, q = (d, q) if n else (None, None)
+            counts.append(n)
+            drafts.append(d)
+            qs.append(q)
+        return counts, drafts, qs
+
+    def _blocks(self, counts: List[int], drafts: List[Optional[mx.array]]) -> mx.array:
+        """[B, W] rows [anchor, drafts, padding]: W = most drafts + 1 (a row
+        with fewer drafts repeats its anchor; what follows them is rejected)."""
+        width = max(counts) + 1
+        blocks = []
+        for row, n, d in zip(self.rows, counts, drafts):
+            pieces = [row.anchor] + ([d] if n > 0 else [])
+            if width - 1 - n > 0:
+                pieces.append(mx.repeat(row.anchor, width - 1 - n))
+            blocks.append(mx.concatenate(pieces))
+        return mx.stack(blocks)
+
+    def _verify(self, blocks: mx.array, counts: List[int], drafts: list, qs: list):
+        """The batch's forward; per row the drafts its rule keeps and the
+        target's token after them, evaluated."""
+        logits, features = self.target(blocks, self.cache)
+        kept, following, rows_logprobs = [], [], []
+        for i, (row, n) in enumerate(zip(self.rows, counts)):
+            processed = row.history.process(logits[i, : n + 1], blocks[i, : n + 1])
+            logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+            a, token = row.acceptor.accept(logprobs, drafts[i], qs[i])
+            kept.append(a.reshape(1))
+            following.append(token.reshape(1).astype(mx.uint32))
+            rows_logprobs.append(logprobs)
+        accepted, following = mx.concatenate(kept), mx.concatenate(following)
+        mx.eval(accepted, following, blocks)
+        return accepted.tolist(), following, features, rows_logprobs
+
+    def _roll_back(self, rejected: List[int]) -> None:
+        """Remove each row's last ``rejected[i]`` positions from the batch
+        cache: trim the common part, shift the rest out to the left padding."""
+        common = min(rejected)
+        for c in self.cache:
+            if common:
+                c.trim(common)
+            extra = [r - common for r in rejected]
+            if max(extra) > 0:
+                c.prepare(right_padding=extra)
+                c.finalize()
+
+    def step(self) -> List[Emitted]:
+        """One round for every sequence: what each produced."""
+        with mx.stream(self.stream):
+            events = self._join()
+            done = [i for i, row in enumerate(self.rows) if row.remaining() == 0]
+            if done:
+                self._keep([i for i in range(len(self.rows)) if i not in done])
+            if not self.rows:
+                return events
+            counts, drafts, qs = self._propose()
+            blocks = self._blocks(counts, drafts)
+            accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)
+            width = blocks.shape[1]
+            self._roll_back([width - 1 - a for a in accepted])
+            rows_tokens = blocks.tolist()
+            for i, (row, n, a) in enumerate(zip(self.rows, counts, accepted)):
+                self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position, blocks[i, : a + 1])
+                tokens = rows_tokens[i][1 : a + 1] + following[i : i + 1].tolist()
+                row.anchor = following[i : i + 1]
+                row.position += a + 1
+                row.produced += len(tokens)
+                row.history.drop(n - a)
+                row.stats.proposal_lengths.append(n)
+                row.stats.accepted_lengths.append(a)
+                if self.auto is not None:
+                    self.auto.update(n, a)
+                events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
+            mx.eval([c.state for row in self.rows for c in row.draft_cache])
+        return events
+
+
+def batch_generate(model, drafter, prompts: List[List[int]], *, max_tokens=256,
+                   num_draft_tokens: Optional[int] = None, sampler=None, logits_processors=None) -> List[List[int]]:
+    """The tokens of each prompt (``max_tokens`` one number or one per
+    prompt), decoded together in batched speculative rounds (greedy, or with
+    ``sampler`` for every row; ``logits_processors`` for every row)."""
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=num_draft_tokens)
+    uids = [batch.insert(p, m, sampler=sampler, logits_processors=logits_processors) for p, m in zip(prompts, limits)]
+    out: Dict[int, List[int]] = {uid: [] for uid in uids}
+    while len(batch):
+        for emitted in batch.step():
+            out[emitted.uid].extend(emitted.tokens)
+    return [out[uid] for uid in uids]
+
+
+@dataclass
+class _Request:
+    prompt: List[int]  # every prompt token (cached ones included)
+    matcher: Any  # its stop sequences' matcher
+    emitted: List[int] = field(default_factory=list)
+
+
+class ServerBatch:
+    """mlx-lm's ``BatchGenerator`` as ``mlx_lm.server`` drives it
+    (``insert_segments``, ``next``, ``remove``, ``extract_cache``,
+    ``prompt_cache_nbytes``, ``close``), decoding with a drafter in batched
+    rounds.  Prompt caches in and out hold the target's entries, then the
+    drafter's (the server's layout for draft models); a finished sequence's
+    cache holds every token but its last, named by ``all_tokens``."""
+
+    def __init__(self, model, drafter, *, num_draft_tokens: Optional[int] = None,
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE, stream=None, **_batch_options):
+        self.engine = BatchSpeculative(model, drafter, num_draft_tokens=num_draft_tokens,
+                                       prefill_step_size=prefill_step_size, stream=stream or generation_stream)
+        self.stream = self.engine.stream
+        self.pending = deque()  # (uid, prompt rest, max_tokens, cache, cached tokens, sampler, processors)
+        self.requests: Dict[int, _Request] = {}
+        self._uids = itertools.count()
+        self.inserted: Optional[Callable[[int], None]] = None  # told each uid as it is inserted
+        self.finished: Optional[Callable[[int, SpeculativeStats], None]] = None  # told each uid's statistics at its end
+
+    def close(self) -> None:
+        self.pending.clear()
+
+    def insert_segments(self, segments, max_tokens=None, caches=None, all_tokens=None, samplers=None,
+                        logits_processors=None, stop_sequences=None) -> List[int]:
+        n = len(segments)
+        max_tokens = max_tokens or [256] * n
+        caches = caches or [None] * n
+        all_tokens = all_tokens or [[] for _ in range(n)]
+        stop_sequences = stop_sequences or [None] * n
+        samplers = samplers or [None] * n
+        for name, values in (("max_tokens", max_tokens), ("caches", caches), ("all_tokens", all_tokens),
+                             ("stop_sequences", stop_sequences), ("samplers", samplers)):
+            if len(values) != n:
+                raise ValueError(f"Option {name} must have one entry per segment: expected {n}, got {len(values)}.")
+        uids = []
+        processors = logits_processors or [None] * n
+        if len(processors) != n:
+            raise ValueError(f"Option logits_processors must have one entry per segment: expected {n}.")
+        for parts, m, cache, before, stops, sampler, procs in zip(segments, max_tokens, caches, all_tokens,
+                                                                  stop_sequences, samplers, processors):
+            rest = [t for part in parts for t in part]
+            if not rest:
+                raise ValueError("A sequence has an empty prompt.")
+            if m <= 0:
+                raise ValueError("A sequence's max_tokens must be > 0.")
+            uid = next(self._uids)
+            self.pending.append((uid, rest, m, cache, list(before), sampler, procs or None))
+            self.requests[uid] = _Request(list(before) + rest, stops.matcher() if stops is not None else None)
+            if self.inserted is not None:
+                self.inserted(uid)
+            uids.append(uid)
+        return uids
+
+    def extract_cache(self, uids) -> dict:
+        return {}  # prompts are prefilled whole: no segment ends to cache
+
+    def remove(self, uids, return_prompt_caches: bool = False) -> dict:
+        for uid in uids:
+            self.pending = deque(p for p in self.pending if p[0] != uid)
+            stats = self.engine.stats_of(uid)
+            self.engine.remove(uid)
+            if self.requests.pop(uid, None) is not None and self.finished is not None and stats is not None:
+                self.finished(uid, stats)
+        return {}
+
+    @property
+    def prompt_cache_nbytes(self) -> int:
+        held = sum(c.nbytes for p in self.pending if p[3] is not None for c in p[3] if hasattr(c, "nbytes"))
+        return self.engine.nbytes + held
+
+    def next(self):
+        """(prompt responses, generation responses), as ``BatchGenerator.next``."""
+        from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+
+        prompt_responses, responses = [], []
+        with mx.stream(self.stream):
+            while self.pending:
+                uid, rest, m, cache, before, sampler, procs = self.pending.popleft()
+                self.engine.insert(rest, m, cache, len(before), uid=uid, sampler=sampler, logits_processors=procs,
+                                   before=before)
+                total = len(self.requests[uid].prompt)
+                prompt_responses.append(PromptProcessingBatch.Response(uid, (total, total), True, True))
+            for emitted in self.engine.step():
+                request = self.requests.get(emitted.uid)
+                if request is None:
+                    continue
+                last = len(emitted.tokens) - 1
+                for k, token in enumerate(emitted.tokens):
+                    request.emitted.append(token)
+                    reason = "length" if emitted.finished and k == last else None
+                    if request.matcher is not None and request.matcher.advance(token):
+                        reason = "stop"
+                    if reason is None:
+                        responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], None, None, None))
+                        continue
+                    kept = request.prompt + request.emitted[:-1]  # what the cache holds
+                    cache = self.engine.extract(emitted.uid, len(kept))
+                    responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], reason, cache, kept))
+                    stats = self.engine.stats_of(emitted.uid)
+                    del self.requests[emitted.uid]
+                    if self.finished is not None and stats is not None:
+                        self.finished(emitted.uid, stats)
+                    break
+        return prompt_responses, responses

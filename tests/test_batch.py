@@ -1,0 +1,219 @@
+"""Batched speculative rounds (``mlx_lm_dspark.batch``): every row's tokens
+equal plain greedy decoding of its prompt alone, whatever the acceptance of
+each row, the caps, the prompt lengths and when rows join or leave."""
+
+import random
+
+import numpy as np
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+
+from mlx_lm_dspark.batch import BatchSpeculative, batch_generate, unbatchable
+from mlx_lm_dspark.loader import load_drafter
+from mlx_lm_dspark.target import UnsupportedCacheError
+from mlx_lm_dspark_tools.tiny import build_pair
+from tests.drafters import ContinuationDrafter, TableDrafter
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    target_dir, drafter_dir = build_pair(tmp_path_factory.mktemp("batch"), "qwen3")
+    model, _ = load(str(target_dir))
+    return model, load_drafter(str(drafter_dir))
+
+
+def plain(model, prompt, max_tokens):
+    return [int(y) for y, _ in generate_step(mx.array(prompt, mx.uint32), model, max_tokens=max_tokens)]
+
+
+def oracle(model, prompts, expected, acceptance, block_size=7, seed=0):
+    continuations = [p + e for p, e in zip(prompts, expected)]
+    return ContinuationDrafter(continuations, model.args.__dict__, acceptance, block_size=block_size, seed=seed)
+
+
+def random_prompts(rng, n):
+    return [[rng.randrange(2, 500) for _ in range(rng.choice([1, 2, 7, 16, 33]))] for _ in range(n)]
+
+
+def test_random_drafter_rows_equal_plain_decoding(pair):
+    model, drafter = pair
+    prompts = [[5, 6, 7], [9] * 17, [3], list(range(10, 50))]
+    got = batch_generate(model, drafter, prompts, max_tokens=[20, 9, 1, 14], num_draft_tokens=3)
+    assert got == [plain(model, p, m) for p, m in zip(prompts, [20, 9, 1, 14])]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rows_of_different_acceptance_equal_plain_decoding(pair, seed):
+    """Seeded: 2-5 rows, each its own prompt length and max_tokens, drafts
+    right at random (rows reject different tails in the same round), any cap."""
+    model, _ = pair
+    rng = random.Random(seed)
+    prompts = random_prompts(rng, rng.randint(2, 5))
+    limits = [rng.choice([1, 5, 13, 30]) for _ in prompts[2:]] + [30, 30]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    acceptance = rng.choice([0.0, 0.5, 0.7, 0.9, 1.0])
+    drafter = oracle(model, prompts, expected, acceptance, seed=seed)
+    cap = rng.choice([None, 2, 3, 7])
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=cap)
+    assert batch_generate_with(batch, prompts, limits) == expected
+    if 0 < acceptance < 1:  # the per-row rollback ran: one round kept different counts
+        assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
+def batch_generate_with(batch, prompts, limits, join_at=None, leave=None):
+    """Drive ``batch``: prompt i joins before round ``join_at[i]``; rows in
+    ``leave`` (uid -> round) are removed before that round."""
+    join_at = join_at or [0] * len(prompts)
+    leave = leave or {}
+    out, uids, rnd = {}, {}, 0
+    batch.accepted_log = []
+    while True:
+        for i, p in enumerate(prompts):
+            if join_at[i] == rnd:
+                uids[i] = batch.insert(p, limits[i])
+                out[uids[i]] = []
+        for i, r in leave.items():
+            if r == rnd and i in uids:
+                batch.remove(uids[i])
+        if not len(batch) and all(j < rnd for j in join_at):
+            break
+        for emitted in batch.step():
+            out[emitted.uid].extend(emitted.tokens)
+        batch.accepted_log.append([a for row in batch.rows for a in row.accepted[-1:]])
+        rnd += 1
+    return [out[uids[i]] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rows_joining_and_leaving_between_rounds(pair, seed):
+    model, _ = pair
+    rng = random.Random(100 + seed)
+    prompts = random_prompts(rng, 4)
+    limits = [rng.choice([3, 8, 20]) for _ in prompts]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    drafter = oracle(model, prompts, expected, 0.7, seed=seed)
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=rng.choice([2, 5]))
+    join_at = [0] + [rng.randint(0, 6) for _ in prompts[1:]]
+    left = rng.randrange(len(prompts))
+    leave = {left: join_at[left] + 2}
+    got = batch_generate_with(batch, prompts, limits, join_at, leave)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if i == left:
+            assert g == e[: len(g)]  # cut short, never wrong
+        else:
+            assert g == e
+
+
+@pytest.mark.parametrize("precision", ["4-bit", "bfloat16"])
+def test_quantized_and_half_precision_targets(tmp_path, precision):
+    """Rows of a 4-bit and of a bfloat16 target, with different rejected
+    tails each round, equal plain decoding of each prompt alone."""
+    import mlx.nn as nn
+
+    target_dir, _ = build_pair(tmp_path, "qwen3", bits=4 if precision == "4-bit" else None)
+    model, _ = load(str(target_dir))
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    assert quantized == (precision == "4-bit")
+    if precision == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    rng = random.Random(7)
+    prompts = random_prompts(rng, 4)
+    limits = [24, 17, 30, 9]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 0.6, seed=3), num_draft_tokens=4)
+    assert batch_generate_with(batch, prompts, limits) == expected
+    assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
+def test_logits_processors_per_row(pair):
+    """Repetition penalty and logit bias, each row's history its own: rows
+    equal plain decoding with the same processors."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, _ = pair
+    processors = make_logits_processors(logit_bias={7: 2.0}, repetition_penalty=1.6, repetition_context_size=5)
+    prompts = [[5, 6, 7], [9] * 11, list(range(20, 33)), [4]]
+    limits = [26, 14, 30, 21]
+    expected = [[int(y) for y, _ in generate_step(mx.array(p, mx.uint32), model, max_tokens=m,
+                                                  logits_processors=processors)] for p, m in zip(prompts, limits)]
+    assert expected != [plain(model, p, m) for p, m in zip(prompts, limits)]  # the processors matter
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 0.7, seed=2), num_draft_tokens=4)
+    out = {}
+    for p, m in zip(prompts, limits):
+        out[batch.insert(p, m, logits_processors=processors)] = []
+    while len(batch):
+        for emitted in batch.step():
+            out[emitted.uid].extend(emitted.tokens)
+    assert list(out.values()) == expected
+
+
+def test_a_perfect_drafter_keeps_whole_blocks(pair):
+    model, _ = pair
+    prompts = [[4, 5], [7] * 9, list(range(30, 41))]
+    expected = [plain(model, p, 22) for p in prompts]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 1.0), num_draft_tokens=7)
+    assert batch_generate_with(batch, prompts, [22] * 3) == expected
+    assert max(max(r) for r in batch.accepted_log if r) == 7
+
+
+def test_a_sliding_window_target_is_refused_with_the_reason(tmp_path):
+    target_dir, drafter_dir = build_pair(tmp_path, "gemma4")
+    model, _ = load(str(target_dir))
+    with pytest.raises(UnsupportedCacheError, match="RotatingKVCache"):
+        BatchSpeculative(model, load_drafter(str(drafter_dir)))
+    assert unbatchable(model.make_cache()) is not None
+
+
+def test_a_lookup_proposer_that_finds_fewer_drafts(pair):
+    """The n-gram lookup proposes fewer drafts than asked (or none) on some
+    rows: the rows still equal plain decoding."""
+    from mlx_lm_dspark.loader import load_lookup
+
+    model, _ = pair
+    prompts = [[5, 6, 7, 8] * 6, [3], list(range(40, 60)) * 2]
+    expected = [plain(model, p, 24) for p in prompts]
+    assert batch_generate(model, load_lookup("ngram:n=2,min=1,k=4"), prompts, max_tokens=24) == expected
+
+
+@pytest.mark.slow  # draws thousands of sampled tokens
+@pytest.mark.parametrize("knob", ["temperature", "top_p", "repetition_penalty"])
+def test_sampled_rows_are_distributed_like_plain_sampling(knob):
+    """Four rows at a time sample through DSpark's p/q rule with a drafter
+    whose q overlaps p partly (the target's next-token logits after the
+    previous token alone, a bigram table): every row's tokens follow plain
+    sampling's conditionals (the goodness-of-fit tests of
+    test_speculative_sampling, stratified by slot in the round)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_lm_dspark.sampling import SamplerSettings
+    from tests import test_speculative_sampling as S
+
+    sampler_kw, processor_spec = S.KNOBS[knob]
+    processors = S._processors(processor_spec)
+    model = S.make_qwen3_target(vocab_size=S.VOCAB, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=16, intermediate_size=64, seed=3)[0]
+    table = model(mx.arange(S.VOCAB)[:, None])[:, -1]
+    drafter = TableDrafter(table, model.args.__dict__, block_size=3)
+    mx.random.seed(31)
+    runs, slots, accepted, drafted = [], [], 0, 0
+    while sum(map(len, runs)) < S.FEWER:
+        batch = BatchSpeculative(model, drafter, num_draft_tokens=drafter.max_drafts)
+        uids = [batch.insert(S.PROMPT, S.RUN_LENGTH, sampler=make_sampler(**sampler_kw), logits_processors=processors)
+                for _ in range(4)]
+        out = {uid: [] for uid in uids}
+        while len(batch):
+            for emitted in batch.step():
+                out[emitted.uid].extend(emitted.tokens)
+        for uid in uids:
+            stats = batch.stats_of(uid)
+            assert stats.rule == "p/q"
+            runs.append(out[uid])
+            slots += [0] + [k for a in stats.accepted_lengths for k in range(a + 1)]
+            accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    breaks = list(np.cumsum([len(r) for r in runs])[:-1])
+    sample = S.Sample(np.concatenate(runs), np.array(slots), breaks, accepted, drafted)
+    assert 0.05 < accepted / drafted < 0.95  # kept and replaced drafts are both common
+    S.assert_plain_distribution(S.conditionals(model, sample, SamplerSettings(**sampler_kw), processors), sample)
