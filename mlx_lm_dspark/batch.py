@@ -16,8 +16,11 @@ that prompt alone gives: the same tokens greedily, the same distribution
 when sampling.
 
 Batched rounds need caches every row can roll back on its own: plain KV
-caches; sliding-window (rotating), quantized and recurrent caches are
-refused (``unbatchable``).  Each row has its own logits processors (their
+caches, and sliding windows (Gemma-4's ``RotatingKVCache`` without kept
+positions), which the batch holds as plain batch caches masked to the
+window (mlx-lm's windowed causal mask) and hands back as the rotating cache
+plain decoding holds; quantized, recurrent and other caches are refused
+(``unbatchable``).  Each row has its own logits processors (their
 history grown per row) and keeps drafts by its own sampler's rule (greedy
 matching, DSpark's p/q rule, sample-and-match).  Each row's drafter forward is built into the round's one
 graph rather than as one batched drafter forward.
@@ -30,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache
 
 from .session import session_for
 from .sampling import greedy_sampler
@@ -42,10 +45,57 @@ def unbatchable(target_cache: list) -> Optional[str]:
     """Why a target whose prompt cache is ``target_cache`` cannot decode in
     batched rounds (None: it can)."""
     for i, c in enumerate(target_cache):
-        if type(c) is not KVCache:
-            return (f"cache entry {i} is a {type(c).__name__}; batched speculative rounds roll back "
-                    "plain KV caches (KVCache) only")
+        if type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0):
+            continue
+        kind = f"a RotatingKVCache keeping {c.keep} positions" if type(c) is RotatingKVCache else f"a {type(c).__name__}"
+        return (f"cache entry {i} is {kind}; batched speculative rounds roll back plain KV caches and "
+                "sliding windows (RotatingKVCache without kept positions) only")
     return None
+
+
+def _oldest_first(c: RotatingKVCache, v: mx.array) -> mx.array:
+    """A rotating cache's (``keep`` = 0) keys or values, oldest first."""
+    if c._idx == v.shape[2]:
+        return v
+    if c._idx < c.offset:  # wrapped: the oldest entry sits at the write index
+        return mx.concatenate([v[..., c._idx :, :], v[..., : c._idx, :]], axis=2)
+    return v[..., : c._idx, :]
+
+
+def _batch_row(c) -> BatchKVCache:
+    """One sequence's cache entry as a one-row ``BatchKVCache``.  A sliding
+    window's entry keeps only its latest positions: the row's offset (its
+    positions, for RoPE) is then larger than its entries, which the left
+    padding records as negative (every entry valid)."""
+    if type(c) is KVCache:
+        return BatchKVCache.merge([c])
+    row = BatchKVCache([0])
+    if c.keys is not None:
+        row.keys, row.values = _oldest_first(c, c.keys), _oldest_first(c, c.values)
+        row._idx = row.keys.shape[2]
+    row.offset = mx.array([c.offset])
+    row.left_padding = mx.array([row._idx - c.offset])
+    return row
+
+
+def _sequence_entry(c: BatchKVCache, index: int, window: Optional[int], drop: int):
+    """Row ``index`` of a batch entry as one sequence's cache, less its last
+    ``drop`` positions: a ``KVCache``, or for a sliding window of ``window``
+    positions the ``RotatingKVCache`` plain decoding holds (its latest
+    ``window`` entries, oldest first)."""
+    padding = max(0, c.left_padding[index].item())
+    end = c._idx - drop
+    positions = c.offset[index].item() - drop
+    keys, values = c.keys[index : index + 1, :, padding:end], c.values[index : index + 1, :, padding:end]
+    if window is None:
+        entry = KVCache()
+        entry.keys, entry.values, entry.offset = mx.contiguous(keys), mx.contiguous(values), keys.shape[2]
+        return entry
+    entry = RotatingKVCache(max_size=window, keep=0)
+    kept = min(window, keys.shape[2])
+    entry.keys, entry.values = mx.contiguous(keys[..., keys.shape[2] - kept :, :]), mx.contiguous(values[..., values.shape[2] - kept :, :])
+    entry.offset, entry._idx = positions, kept
+    return entry
 
 
 class BatchCap:
@@ -156,6 +206,7 @@ class BatchSpeculative:
         self.prefill_step_size = prefill_step_size
         self.rows: List[Row] = []
         self.cache: Optional[List[BatchKVCache]] = None
+        self.windows: List[Optional[int]] = []  # per cache entry: its sliding window, or None
         self.joining: List[Tuple[Row, list]] = []  # prefilled, merged at the next round
         self._uids = itertools.count()
         self._left: List[Row] = []  # rows that left lately (their statistics stay readable)
@@ -240,12 +291,12 @@ class BatchSpeculative:
         excess = row.position - length
         if excess < 0:
             raise ValueError(f"sequence {uid} holds {row.position} positions, fewer than {length}.")
-        caches = [c.extract(index) for c in self.cache] + list(row.draft_cache)
-        for c in caches:
-            if excess:
+        caches = [_sequence_entry(c, index, w, excess) for c, w in zip(self.cache, self.windows)]
+        if excess:
+            for c in row.draft_cache:
                 c.trim(excess)
         self._keep([i for i in range(len(self.rows)) if i != index])
-        return caches
+        return caches + list(row.draft_cache)
 
     def stats_of(self, uid: int) -> Optional[SpeculativeStats]:
         for row in self.rows + [r for r, _ in self.joining] + self._left:
@@ -279,9 +330,10 @@ class BatchSpeculative:
         """Merge the prefilled sequences into the batch; their first tokens."""
         events = []
         for row, cache in self.joining:
-            merged = [BatchKVCache.merge([c]) for c in cache]
+            merged = [_batch_row(c) for c in cache]
             if self.cache is None:
                 self.cache = merged
+                self.windows = [c.max_size if type(c) is RotatingKVCache else None for c in cache]
             else:
                 for c, new in zip(self.cache, merged):
                     c.extend(new)
@@ -354,6 +406,19 @@ class BatchSpeculative:
                 c.prepare(right_padding=extra)
                 c.finalize()
 
+    def _forget_outside_windows(self) -> None:
+        """Drop the entries of sliding-window layers that no row's later
+        query can see (older than the window), once there are enough of them
+        to be worth a copy."""
+        for c, window in zip(self.cache, self.windows):
+            if window is None or c.keys is None:
+                continue
+            unseen = c._idx - window
+            if unseen >= BatchKVCache.step:
+                c.keys, c.values = c.keys[..., unseen:, :], c.values[..., unseen:, :]
+                c._idx -= unseen
+                c.left_padding = c.left_padding - unseen
+
     def step(self) -> List[Emitted]:
         """One round for every sequence: what each produced."""
         with mx.stream(self.stream):
@@ -368,6 +433,7 @@ class BatchSpeculative:
             accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)
             width = blocks.shape[1]
             self._roll_back([width - 1 - a for a in accepted])
+            self._forget_outside_windows()
             rows_tokens = blocks.tolist()
             for i, (row, n, a) in enumerate(zip(self.rows, counts, accepted)):
                 self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position, blocks[i, : a + 1])
