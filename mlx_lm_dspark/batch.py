@@ -5,8 +5,8 @@ per round for the whole batch.
 (``BatchKVCache``: rows left-padded, so each row's newest position sits at
 the same column) and each sequence's drafter context apart.  A round
 proposes drafts for every row, verifies the rows' blocks [anchor, drafts,
-padding] in one forward of width max(drafts) + 1, keeps each row's accepted
-drafts by greedy matching, and rolls each row back by its own rejected tail:
+padding] in one forward of width max(drafts) + 1, keeps each row's drafts
+by its own rule, and rolls each row back by its own rejected tail:
 the batch cache is trimmed by the smallest tail and every other row is
 shifted right by what it has beyond (mlx-lm's ``right_padding`` +
 ``finalize``), which keeps the rows right-aligned.  Sequences join after
@@ -22,8 +22,9 @@ window (mlx-lm's windowed causal mask) and hands back as the rotating cache
 plain decoding holds; quantized, recurrent and other caches are refused
 (``unbatchable``).  Each row has its own logits processors (their
 history grown per row) and keeps drafts by its own sampler's rule (greedy
-matching, DSpark's p/q rule, sample-and-match).  Each row's drafter forward is built into the round's one
-graph rather than as one batched drafter forward.
+matching, DSpark's p/q rule, sample-and-match).  Each row's drafter
+forward is built into the round's one graph rather than as one batched
+drafter forward.
 """
 
 import itertools
