@@ -155,6 +155,7 @@ class Row:
     logprobs: mx.array  # [1, V] the anchor's distribution (handed out with it)
     acceptor: Acceptor  # the row's sampler and its acceptance rule
     history: TokenHistory  # what its logits processors see
+    cap: Optional[int] = None  # its own drafts per round, or None: the batch's
     produced: int = 0  # tokens handed out
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
@@ -219,20 +220,23 @@ class BatchSpeculative:
 
     def insert(self, prompt: List[int], max_tokens: int = 256, cache: Optional[list] = None, cached: int = 0,
                uid: Optional[int] = None, sampler=None, logits_processors=None,
-               before: Optional[List[int]] = None) -> int:
+               before: Optional[List[int]] = None, num_draft_tokens: Optional[int] = None) -> int:
         """Prefill ``prompt`` (as ``generate_step`` does: all but the last
         token in chunks, then the last alone) and queue it to join.  ``cache``:
         a prompt cache (the target's entries, then the drafter's) already
         holding ``cached`` positions before ``prompt`` (the tokens
         ``before``, which ``logits_processors`` see).  ``sampler``: the row's
         (greedy when None); its drafts are kept by the rule the one-sequence
-        loop applies for it (``Acceptor``), after the processors."""
+        loop applies for it (``Acceptor``), after the processors.
+        ``num_draft_tokens``: the row's own cap (None: the batch's)."""
         if not prompt:
             raise ValueError("prompt must hold at least one token.")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
         target, drafter = self.target, self.drafter
         cache, draft_cache = self._split(cache, cached)
+        if num_draft_tokens is not None and num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
         if logits_processors and before is None and cached:
             raise ValueError("logits processors need the tokens before the prompt (before=)")
         tokens = mx.array(prompt, mx.uint32)
@@ -256,7 +260,10 @@ class BatchSpeculative:
             mx.eval(anchor, logprobs, [c.state for c in cache] + [c.state for c in draft_cache])
         row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, cached + tokens.size, max_tokens,
                   logprobs, acceptor, history)
-        row.stats.cap, row.stats.rule = self.cap, acceptor.rule
+        if num_draft_tokens is not None:
+            row.cap = min(int(num_draft_tokens), drafter.max_drafts)
+        row.stats.cap = row.cap if row.cap is not None else self.cap
+        row.stats.rule = acceptor.rule
         self.joining.append((row, cache))
         return row.uid
 
@@ -350,11 +357,11 @@ class BatchSpeculative:
         """Each row's number of drafts, drafts and (a sampling row) the
         distributions they were sampled from, lazily."""
         cap = self.cap
-        if cap is None:
+        if cap is None and any(row.cap is None for row in self.rows):
             cap = self.auto.choose(len(self.rows), sum(row.position for row in self.rows) // len(self.rows))
         counts, drafts, qs = [], [], []
         for row in self.rows:
-            n = min(cap, row.remaining() - 1)
+            n = min(cap if row.cap is None else row.cap, row.remaining() - 1)
             d = q = None
             if n > 0:
                 choose = row.acceptor.drafter_sampling(row.history, row.anchor)
@@ -445,7 +452,7 @@ class BatchSpeculative:
                 row.history.drop(n - a)
                 row.stats.proposal_lengths.append(n)
                 row.stats.accepted_lengths.append(a)
-                if self.auto is not None:
+                if self.auto is not None and row.cap is None:
                     self.auto.update(n, a)
                 events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
             mx.eval([c.state for row in self.rows for c in row.draft_cache])
@@ -491,6 +498,7 @@ class ServerBatch:
         self.requests: Dict[int, _Request] = {}
         self._uids = itertools.count()
         self.inserted: Optional[Callable[[int], None]] = None  # told each uid as it is inserted
+        self.caps: Dict[int, int] = {}  # a request's own num_draft_tokens, set by its uid before it is prefilled
         self.finished: Optional[Callable[[int, SpeculativeStats], None]] = None  # told each uid's statistics at its end
 
     def close(self) -> None:
@@ -533,6 +541,7 @@ class ServerBatch:
     def remove(self, uids, return_prompt_caches: bool = False) -> dict:
         for uid in uids:
             self.pending = deque(p for p in self.pending if p[0] != uid)
+            self.caps.pop(uid, None)
             stats = self.engine.stats_of(uid)
             self.engine.remove(uid)
             if self.requests.pop(uid, None) is not None and self.finished is not None and stats is not None:
@@ -553,7 +562,7 @@ class ServerBatch:
             while self.pending:
                 uid, rest, m, cache, before, sampler, procs = self.pending.popleft()
                 self.engine.insert(rest, m, cache, len(before), uid=uid, sampler=sampler, logits_processors=procs,
-                                   before=before)
+                                   before=before, num_draft_tokens=self.caps.pop(uid, None))
                 total = len(self.requests[uid].prompt)
                 prompt_responses.append(PromptProcessingBatch.Response(uid, (total, total), True, True))
             for emitted in self.engine.step():

@@ -150,6 +150,23 @@ def test_logits_processors_per_row(pair):
     assert list(out.values()) == expected
 
 
+def test_each_row_may_have_its_own_cap(pair):
+    """Caps 0, 1 and 5 and the batch's 3 side by side: each row drafts at
+    most its own, and every row equals plain decoding."""
+    model, _ = pair
+    prompts = [[4, 5, 6], [8] * 5, list(range(30, 39)), [2, 3]]
+    caps = [0, 1, 5, None]
+    expected = [plain(model, p, 25) for p in prompts]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 0.9, seed=6), num_draft_tokens=3)
+    out = {batch.insert(p, 25, num_draft_tokens=c): [] for p, c in zip(prompts, caps)}
+    while len(batch):
+        for emitted in batch.step():
+            out[emitted.uid].extend(emitted.tokens)
+    assert list(out.values()) == expected
+    for uid, cap in zip(out, caps):
+        assert max(batch.stats_of(uid).proposal_lengths) == (3 if cap is None else cap)
+
+
 def test_a_perfect_drafter_keeps_whole_blocks(pair):
     model, _ = pair
     prompts = [[4, 5], [7] * 9, list(range(30, 41))]
