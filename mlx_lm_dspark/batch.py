@@ -3,7 +3,7 @@ per round for the whole batch.
 
 ``BatchSpeculative`` keeps the target's caches as mlx-lm's batch caches
 (``BatchKVCache``: rows left-padded, so each row's newest position sits at
-the same column) and each sequence's drafter context apart.  A round
+the same column), and the drafter's contexts alike.  A round
 proposes drafts for every row, verifies the rows' blocks [anchor, drafts,
 padding] in one forward of width max(drafts) + 1, keeps each row's drafts
 by its own rule, and rolls each row back by its own rejected tail:
@@ -22,9 +22,10 @@ window (mlx-lm's windowed causal mask) and hands back as the rotating cache
 plain decoding holds; quantized, recurrent and other caches are refused
 (``unbatchable``).  Each row has its own logits processors (their
 history grown per row) and keeps drafts by its own sampler's rule (greedy
-matching, DSpark's p/q rule, sample-and-match).  Each row's drafter
-forward is built into the round's one graph rather than as one batched
-drafter forward.
+matching, DSpark's p/q rule, sample-and-match).  The DSpark/DFlash network
+drafts for every row in one forward over the rows' contexts, held as batch
+caches like the target's (``Drafter.propose_rows``); other proposers
+(EAGLE3, lookup) draft row by row within the round's graph.
 """
 
 import itertools
@@ -209,6 +210,10 @@ class BatchSpeculative:
         self.rows: List[Row] = []
         self.cache: Optional[List[BatchKVCache]] = None
         self.windows: List[Optional[int]] = []  # per cache entry: its sliding window, or None
+        # A drafter network that proposes for every row in one forward keeps
+        # the rows' contexts as batch caches too; other proposers keep one per row.
+        self.batched_drafter = callable(getattr(drafter, "propose_rows", None))
+        self.draft_cache: Optional[List[BatchKVCache]] = None
         self.joining: List[Tuple[Row, list]] = []  # prefilled, merged at the next round
         self._uids = itertools.count()
         self._left: List[Row] = []  # rows that left lately (their statistics stay readable)
@@ -300,11 +305,15 @@ class BatchSpeculative:
         if excess < 0:
             raise ValueError(f"sequence {uid} holds {row.position} positions, fewer than {length}.")
         caches = [_sequence_entry(c, index, w, excess) for c, w in zip(self.cache, self.windows)]
-        if excess:
-            for c in row.draft_cache:
-                c.trim(excess)
+        if self.batched_drafter:
+            draft_cache = [_sequence_entry(c, index, None, excess) for c in self.draft_cache]
+        else:
+            draft_cache = list(row.draft_cache)
+            if excess:
+                for c in draft_cache:
+                    c.trim(excess)
         self._keep([i for i in range(len(self.rows)) if i != index])
-        return caches + list(row.draft_cache)
+        return caches + draft_cache
 
     def stats_of(self, uid: int) -> Optional[SpeculativeStats]:
         for row in self.rows + [r for r, _ in self.joining] + self._left:
@@ -315,7 +324,8 @@ class BatchSpeculative:
     @property
     def nbytes(self) -> int:
         total = sum(c.nbytes for c in self.cache or [])
-        total += sum(getattr(c, "nbytes", 0) for row in self.rows for c in row.draft_cache)
+        total += sum(c.nbytes for c in self.draft_cache or [])
+        total += sum(getattr(c, "nbytes", 0) for row in self.rows for c in row.draft_cache or [])
         return total + sum(c.nbytes for _, cache in self.joining for c in cache)
 
     def remove(self, uid: int) -> None:
@@ -329,9 +339,9 @@ class BatchSpeculative:
         self._left = ([self.rows[i] for i in range(len(self.rows)) if i not in indices] + self._left)[:64]
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
-            self.cache = None
+            self.cache = self.draft_cache = None
             return
-        for c in self.cache:
+        for c in self.cache + (self.draft_cache or []):
             c.filter(mx.array(indices))
 
     def _join(self) -> List[Emitted]:
@@ -339,11 +349,14 @@ class BatchSpeculative:
         events = []
         for row, cache in self.joining:
             merged = [_batch_row(c) for c in cache]
+            drafter_rows = None
+            if self.batched_drafter:
+                drafter_rows, row.draft_cache = [_batch_row(c) for c in row.draft_cache], None
             if self.cache is None:
-                self.cache = merged
+                self.cache, self.draft_cache = merged, drafter_rows
                 self.windows = [c.max_size if type(c) is RotatingKVCache else None for c in cache]
             else:
-                for c, new in zip(self.cache, merged):
+                for c, new in zip(self.cache + (self.draft_cache or []), merged + (drafter_rows or [])):
                     c.extend(new)
             self.rows.append(row)
             row.produced = 1
@@ -359,6 +372,8 @@ class BatchSpeculative:
         cap = self.cap
         if cap is None and any(row.cap is None for row in self.rows):
             cap = self.auto.choose(len(self.rows), sum(row.position for row in self.rows) // len(self.rows))
+        if self.batched_drafter:
+            return self._propose_rows(cap)
         counts, drafts, qs = [], [], []
         for row in self.rows:
             n = min(cap if row.cap is None else row.cap, row.remaining() - 1)
@@ -372,6 +387,20 @@ class BatchSpeculative:
             counts.append(n)
             drafts.append(d)
             qs.append(q)
+        return counts, drafts, qs
+
+    def _propose_rows(self, cap: Optional[int]):
+        """``_propose`` with one drafter forward for every row."""
+        counts = [max(0, min(cap if row.cap is None else row.cap, row.remaining() - 1)) for row in self.rows]
+        widest = max(counts)
+        if widest == 0:
+            return counts, [None] * len(counts), [None] * len(counts)
+        chooses = [row.acceptor.drafter_sampling(row.history, row.anchor) for row in self.rows]
+        anchors = mx.concatenate([row.anchor for row in self.rows])
+        starts = mx.array([row.position for row in self.rows])
+        tokens, _, q = self.drafter.propose_rows(self.draft_cache, anchors, starts, widest, chooses)
+        drafts = [tokens[i, :n] if n else None for i, n in enumerate(counts)]
+        qs = [q[i, :n] if q is not None and n and chooses[i] is not None else None for i, n in enumerate(counts)]
         return counts, drafts, qs
 
     def _blocks(self, counts: List[int], drafts: List[Optional[mx.array]]) -> mx.array:
@@ -402,11 +431,12 @@ class BatchSpeculative:
         mx.eval(accepted, following, blocks)
         return accepted.tolist(), following, features, rows_logprobs
 
-    def _roll_back(self, rejected: List[int]) -> None:
+    @staticmethod
+    def _roll_back(caches: List[BatchKVCache], rejected: List[int]) -> None:
         """Remove each row's last ``rejected[i]`` positions from the batch
-        cache: trim the common part, shift the rest out to the left padding."""
+        caches: trim the common part, shift the rest out to the left padding."""
         common = min(rejected)
-        for c in self.cache:
+        for c in caches:
             if common:
                 c.trim(common)
             extra = [r - common for r in rejected]
@@ -440,11 +470,18 @@ class BatchSpeculative:
             blocks = self._blocks(counts, drafts)
             accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)
             width = blocks.shape[1]
-            self._roll_back([width - 1 - a for a in accepted])
+            rejected = [width - 1 - a for a in accepted]
+            self._roll_back(self.cache, rejected)
             self._forget_outside_windows()
+            if self.batched_drafter:  # every row's block enters the context, the rejected tails leave it
+                starts = mx.array([row.position for row in self.rows])
+                self.drafter.add_context(self.draft_cache, features, starts, blocks)
+                self._roll_back(self.draft_cache, rejected)
             rows_tokens = blocks.tolist()
             for i, (row, n, a) in enumerate(zip(self.rows, counts, accepted)):
-                self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position, blocks[i, : a + 1])
+                if not self.batched_drafter:
+                    self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position,
+                                             blocks[i, : a + 1])
                 tokens = rows_tokens[i][1 : a + 1] + following[i : i + 1].tolist()
                 row.anchor = following[i : i + 1]
                 row.position += a + 1
@@ -455,7 +492,10 @@ class BatchSpeculative:
                 if self.auto is not None and row.cap is None:
                     self.auto.update(n, a)
                 events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
-            mx.eval([c.state for row in self.rows for c in row.draft_cache])
+            if self.batched_drafter:
+                mx.eval([c.state for c in self.draft_cache or []])
+            else:
+                mx.eval([c.state for row in self.rows for c in row.draft_cache])
         return events
 
 

@@ -167,6 +167,28 @@ def test_each_row_may_have_its_own_cap(pair):
         assert max(batch.stats_of(uid).proposal_lengths) == (3 if cap is None else cap)
 
 
+def test_the_demo_pair_drafts_every_row_in_one_forward():
+    """The trained demo pair (4-bit target and drafter): the network drafts
+    for all rows in one forward, many drafts are kept, rows differ in what
+    they keep, and every row equals plain decoding."""
+    from pathlib import Path
+
+    import mlx_lm_dspark
+
+    root = Path(mlx_lm_dspark.__file__).parent / "demo_pair"
+    model, tokenizer = load(str(root / "target"))
+    drafter = load_drafter(str(root / "drafter"))
+    texts = ["def add(a, b):", "The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    limits = [40, 25, 40, 33]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=5)
+    assert batch.batched_drafter
+    assert batch_generate_with(batch, prompts, limits) == expected
+    assert sum(map(sum, batch.accepted_log)) > 20
+    assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
 def test_a_perfect_drafter_keeps_whole_blocks(pair):
     model, _ = pair
     prompts = [[4, 5], [7] * 9, list(range(30, 41))]
@@ -272,6 +294,43 @@ def test_a_lookup_proposer_that_finds_fewer_drafts(pair):
     prompts = [[5, 6, 7, 8] * 6, [3], list(range(40, 60)) * 2]
     expected = [plain(model, p, 24) for p in prompts]
     assert batch_generate(model, load_lookup("ngram:n=2,min=1,k=4"), prompts, max_tokens=24) == expected
+
+
+@pytest.mark.slow  # draws thousands of sampled tokens
+def test_sampled_rows_drafted_in_one_network_forward_follow_plain_sampling():
+    """The DSpark network samples every row's drafts in one forward (its q
+    per row) and a greedy row rides along: the sampled rows follow plain
+    sampling's conditionals, the greedy rows equal plain decoding."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_lm_dspark.sampling import SamplerSettings
+    from tests import test_speculative_sampling as S
+
+    model = S.make_qwen3_target(vocab_size=S.VOCAB, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=16, intermediate_size=64, seed=3)[0]
+    drafter = S.random_dspark_drafter(model)
+    greedy = plain(model, S.PROMPT, S.RUN_LENGTH)
+    mx.random.seed(41)
+    runs, slots, accepted, drafted = [], [], 0, 0
+    while sum(map(len, runs)) < S.FEWER:
+        batch = BatchSpeculative(model, drafter, num_draft_tokens=drafter.max_drafts)
+        assert batch.batched_drafter
+        uids = [batch.insert(S.PROMPT, S.RUN_LENGTH, sampler=make_sampler(temp=1.0)) for _ in range(3)]
+        greedy_uid = batch.insert(S.PROMPT, S.RUN_LENGTH)
+        out = {uid: [] for uid in uids + [greedy_uid]}
+        while len(batch):
+            for emitted in batch.step():
+                out[emitted.uid].extend(emitted.tokens)
+        assert out[greedy_uid] == greedy
+        for uid in uids:
+            stats = batch.stats_of(uid)
+            runs.append(out[uid])
+            slots += [0] + [k for a in stats.accepted_lengths for k in range(a + 1)]
+            accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    breaks = list(np.cumsum([len(r) for r in runs])[:-1])
+    sample = S.Sample(np.concatenate(runs), np.array(slots), breaks, accepted, drafted)
+    assert accepted > 0
+    S.assert_plain_distribution(S.conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
 
 
 @pytest.mark.slow  # draws thousands of sampled tokens
