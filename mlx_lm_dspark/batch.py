@@ -3,10 +3,10 @@ per round for the whole batch.
 
 ``BatchSpeculative`` keeps the target's caches as mlx-lm's batch caches
 (``BatchKVCache``: rows left-padded, so each row's newest position sits at
-the same column) and each sequence's drafter context apart.  A round
+the same column), and the drafter's contexts alike.  A round
 proposes drafts for every row, verifies the rows' blocks [anchor, drafts,
-padding] in one forward of width max(drafts) + 1, keeps each row's accepted
-drafts by greedy matching, and rolls each row back by its own rejected tail:
+padding] in one forward of width max(drafts) + 1, keeps each row's drafts
+by its own rule, and rolls each row back by its own rejected tail:
 the batch cache is trimmed by the smallest tail and every other row is
 shifted right by what it has beyond (mlx-lm's ``right_padding`` +
 ``finalize``), which keeps the rows right-aligned.  Sequences join after
@@ -16,11 +16,16 @@ that prompt alone gives: the same tokens greedily, the same distribution
 when sampling.
 
 Batched rounds need caches every row can roll back on its own: plain KV
-caches; sliding-window (rotating), quantized and recurrent caches are
-refused (``unbatchable``).  Each row has its own logits processors (their
+caches, and sliding windows (Gemma-4's ``RotatingKVCache`` without kept
+positions), which the batch holds as plain batch caches masked to the
+window (mlx-lm's windowed causal mask) and hands back as the rotating cache
+plain decoding holds; quantized, recurrent and other caches are refused
+(``unbatchable``).  Each row has its own logits processors (their
 history grown per row) and keeps drafts by its own sampler's rule (greedy
-matching, DSpark's p/q rule, sample-and-match).  Each row's drafter forward is built into the round's one
-graph rather than as one batched drafter forward.
+matching, DSpark's p/q rule, sample-and-match).  The DSpark/DFlash network
+drafts for every row in one forward over the rows' contexts, held as batch
+caches like the target's (``Drafter.propose_rows``); other proposers
+(EAGLE3, lookup) draft row by row within the round's graph.
 """
 
 import itertools
@@ -30,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache
 
 from .session import session_for
 from .sampling import greedy_sampler
@@ -42,10 +47,57 @@ def unbatchable(target_cache: list) -> Optional[str]:
     """Why a target whose prompt cache is ``target_cache`` cannot decode in
     batched rounds (None: it can)."""
     for i, c in enumerate(target_cache):
-        if type(c) is not KVCache:
-            return (f"cache entry {i} is a {type(c).__name__}; batched speculative rounds roll back "
-                    "plain KV caches (KVCache) only")
+        if type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0):
+            continue
+        kind = f"a RotatingKVCache keeping {c.keep} positions" if type(c) is RotatingKVCache else f"a {type(c).__name__}"
+        return (f"cache entry {i} is {kind}; batched speculative rounds roll back plain KV caches and "
+                "sliding windows (RotatingKVCache without kept positions) only")
     return None
+
+
+def _oldest_first(c: RotatingKVCache, v: mx.array) -> mx.array:
+    """A rotating cache's (``keep`` = 0) keys or values, oldest first."""
+    if c._idx == v.shape[2]:
+        return v
+    if c._idx < c.offset:  # wrapped: the oldest entry sits at the write index
+        return mx.concatenate([v[..., c._idx :, :], v[..., : c._idx, :]], axis=2)
+    return v[..., : c._idx, :]
+
+
+def _batch_row(c) -> BatchKVCache:
+    """One sequence's cache entry as a one-row ``BatchKVCache``.  A sliding
+    window's entry keeps only its latest positions: the row's offset (its
+    positions, for RoPE) is then larger than its entries, which the left
+    padding records as negative (every entry valid)."""
+    if type(c) is KVCache:
+        return BatchKVCache.merge([c])
+    row = BatchKVCache([0])
+    if c.keys is not None:
+        row.keys, row.values = _oldest_first(c, c.keys), _oldest_first(c, c.values)
+        row._idx = row.keys.shape[2]
+    row.offset = mx.array([c.offset])
+    row.left_padding = mx.array([row._idx - c.offset])
+    return row
+
+
+def _sequence_entry(c: BatchKVCache, index: int, window: Optional[int], drop: int):
+    """Row ``index`` of a batch entry as one sequence's cache, less its last
+    ``drop`` positions: a ``KVCache``, or for a sliding window of ``window``
+    positions the ``RotatingKVCache`` plain decoding holds (its latest
+    ``window`` entries, oldest first)."""
+    padding = max(0, c.left_padding[index].item())
+    end = c._idx - drop
+    positions = c.offset[index].item() - drop
+    keys, values = c.keys[index : index + 1, :, padding:end], c.values[index : index + 1, :, padding:end]
+    if window is None:
+        entry = KVCache()
+        entry.keys, entry.values, entry.offset = mx.contiguous(keys), mx.contiguous(values), keys.shape[2]
+        return entry
+    entry = RotatingKVCache(max_size=window, keep=0)
+    kept = min(window, keys.shape[2])
+    entry.keys, entry.values = mx.contiguous(keys[..., keys.shape[2] - kept :, :]), mx.contiguous(values[..., values.shape[2] - kept :, :])
+    entry.offset, entry._idx = positions, kept
+    return entry
 
 
 class BatchCap:
@@ -104,6 +156,7 @@ class Row:
     logprobs: mx.array  # [1, V] the anchor's distribution (handed out with it)
     acceptor: Acceptor  # the row's sampler and its acceptance rule
     history: TokenHistory  # what its logits processors see
+    cap: Optional[int] = None  # its own drafts per round, or None: the batch's
     produced: int = 0  # tokens handed out
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
@@ -156,6 +209,11 @@ class BatchSpeculative:
         self.prefill_step_size = prefill_step_size
         self.rows: List[Row] = []
         self.cache: Optional[List[BatchKVCache]] = None
+        self.windows: List[Optional[int]] = []  # per cache entry: its sliding window, or None
+        # A drafter network that proposes for every row in one forward keeps
+        # the rows' contexts as batch caches too; other proposers keep one per row.
+        self.batched_drafter = callable(getattr(drafter, "propose_rows", None))
+        self.draft_cache: Optional[List[BatchKVCache]] = None
         self.joining: List[Tuple[Row, list]] = []  # prefilled, merged at the next round
         self._uids = itertools.count()
         self._left: List[Row] = []  # rows that left lately (their statistics stay readable)
@@ -167,20 +225,23 @@ class BatchSpeculative:
 
     def insert(self, prompt: List[int], max_tokens: int = 256, cache: Optional[list] = None, cached: int = 0,
                uid: Optional[int] = None, sampler=None, logits_processors=None,
-               before: Optional[List[int]] = None) -> int:
+               before: Optional[List[int]] = None, num_draft_tokens: Optional[int] = None) -> int:
         """Prefill ``prompt`` (as ``generate_step`` does: all but the last
         token in chunks, then the last alone) and queue it to join.  ``cache``:
         a prompt cache (the target's entries, then the drafter's) already
         holding ``cached`` positions before ``prompt`` (the tokens
         ``before``, which ``logits_processors`` see).  ``sampler``: the row's
         (greedy when None); its drafts are kept by the rule the one-sequence
-        loop applies for it (``Acceptor``), after the processors."""
+        loop applies for it (``Acceptor``), after the processors.
+        ``num_draft_tokens``: the row's own cap (None: the batch's)."""
         if not prompt:
             raise ValueError("prompt must hold at least one token.")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
         target, drafter = self.target, self.drafter
         cache, draft_cache = self._split(cache, cached)
+        if num_draft_tokens is not None and num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
         if logits_processors and before is None and cached:
             raise ValueError("logits processors need the tokens before the prompt (before=)")
         tokens = mx.array(prompt, mx.uint32)
@@ -204,7 +265,10 @@ class BatchSpeculative:
             mx.eval(anchor, logprobs, [c.state for c in cache] + [c.state for c in draft_cache])
         row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, cached + tokens.size, max_tokens,
                   logprobs, acceptor, history)
-        row.stats.cap, row.stats.rule = self.cap, acceptor.rule
+        if num_draft_tokens is not None:
+            row.cap = min(int(num_draft_tokens), drafter.max_drafts)
+        row.stats.cap = row.cap if row.cap is not None else self.cap
+        row.stats.rule = acceptor.rule
         self.joining.append((row, cache))
         return row.uid
 
@@ -240,12 +304,16 @@ class BatchSpeculative:
         excess = row.position - length
         if excess < 0:
             raise ValueError(f"sequence {uid} holds {row.position} positions, fewer than {length}.")
-        caches = [c.extract(index) for c in self.cache] + list(row.draft_cache)
-        for c in caches:
+        caches = [_sequence_entry(c, index, w, excess) for c, w in zip(self.cache, self.windows)]
+        if self.batched_drafter:
+            draft_cache = [_sequence_entry(c, index, None, excess) for c in self.draft_cache]
+        else:
+            draft_cache = list(row.draft_cache)
             if excess:
-                c.trim(excess)
+                for c in draft_cache:
+                    c.trim(excess)
         self._keep([i for i in range(len(self.rows)) if i != index])
-        return caches
+        return caches + draft_cache
 
     def stats_of(self, uid: int) -> Optional[SpeculativeStats]:
         for row in self.rows + [r for r, _ in self.joining] + self._left:
@@ -256,7 +324,8 @@ class BatchSpeculative:
     @property
     def nbytes(self) -> int:
         total = sum(c.nbytes for c in self.cache or [])
-        total += sum(getattr(c, "nbytes", 0) for row in self.rows for c in row.draft_cache)
+        total += sum(c.nbytes for c in self.draft_cache or [])
+        total += sum(getattr(c, "nbytes", 0) for row in self.rows for c in row.draft_cache or [])
         return total + sum(c.nbytes for _, cache in self.joining for c in cache)
 
     def remove(self, uid: int) -> None:
@@ -270,20 +339,24 @@ class BatchSpeculative:
         self._left = ([self.rows[i] for i in range(len(self.rows)) if i not in indices] + self._left)[:64]
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
-            self.cache = None
+            self.cache = self.draft_cache = None
             return
-        for c in self.cache:
+        for c in self.cache + (self.draft_cache or []):
             c.filter(mx.array(indices))
 
     def _join(self) -> List[Emitted]:
         """Merge the prefilled sequences into the batch; their first tokens."""
         events = []
         for row, cache in self.joining:
-            merged = [BatchKVCache.merge([c]) for c in cache]
+            merged = [_batch_row(c) for c in cache]
+            drafter_rows = None
+            if self.batched_drafter:
+                drafter_rows, row.draft_cache = [_batch_row(c) for c in row.draft_cache], None
             if self.cache is None:
-                self.cache = merged
+                self.cache, self.draft_cache = merged, drafter_rows
+                self.windows = [c.max_size if type(c) is RotatingKVCache else None for c in cache]
             else:
-                for c, new in zip(self.cache, merged):
+                for c, new in zip(self.cache + (self.draft_cache or []), merged + (drafter_rows or [])):
                     c.extend(new)
             self.rows.append(row)
             row.produced = 1
@@ -297,11 +370,13 @@ class BatchSpeculative:
         """Each row's number of drafts, drafts and (a sampling row) the
         distributions they were sampled from, lazily."""
         cap = self.cap
-        if cap is None:
+        if cap is None and any(row.cap is None for row in self.rows):
             cap = self.auto.choose(len(self.rows), sum(row.position for row in self.rows) // len(self.rows))
+        if self.batched_drafter:
+            return self._propose_rows(cap)
         counts, drafts, qs = [], [], []
         for row in self.rows:
-            n = min(cap, row.remaining() - 1)
+            n = min(cap if row.cap is None else row.cap, row.remaining() - 1)
             d = q = None
             if n > 0:
                 choose = row.acceptor.drafter_sampling(row.history, row.anchor)
@@ -312,6 +387,20 @@ class BatchSpeculative:
             counts.append(n)
             drafts.append(d)
             qs.append(q)
+        return counts, drafts, qs
+
+    def _propose_rows(self, cap: Optional[int]):
+        """``_propose`` with one drafter forward for every row."""
+        counts = [max(0, min(cap if row.cap is None else row.cap, row.remaining() - 1)) for row in self.rows]
+        widest = max(counts)
+        if widest == 0:
+            return counts, [None] * len(counts), [None] * len(counts)
+        chooses = [row.acceptor.drafter_sampling(row.history, row.anchor) for row in self.rows]
+        anchors = mx.concatenate([row.anchor for row in self.rows])
+        starts = mx.array([row.position for row in self.rows])
+        tokens, _, q = self.drafter.propose_rows(self.draft_cache, anchors, starts, widest, chooses)
+        drafts = [tokens[i, :n] if n else None for i, n in enumerate(counts)]
+        qs = [q[i, :n] if q is not None and n and chooses[i] is not None else None for i, n in enumerate(counts)]
         return counts, drafts, qs
 
     def _blocks(self, counts: List[int], drafts: List[Optional[mx.array]]) -> mx.array:
@@ -342,17 +431,31 @@ class BatchSpeculative:
         mx.eval(accepted, following, blocks)
         return accepted.tolist(), following, features, rows_logprobs
 
-    def _roll_back(self, rejected: List[int]) -> None:
+    @staticmethod
+    def _roll_back(caches: List[BatchKVCache], rejected: List[int]) -> None:
         """Remove each row's last ``rejected[i]`` positions from the batch
-        cache: trim the common part, shift the rest out to the left padding."""
+        caches: trim the common part, shift the rest out to the left padding."""
         common = min(rejected)
-        for c in self.cache:
+        for c in caches:
             if common:
                 c.trim(common)
             extra = [r - common for r in rejected]
             if max(extra) > 0:
                 c.prepare(right_padding=extra)
                 c.finalize()
+
+    def _forget_outside_windows(self) -> None:
+        """Drop the entries of sliding-window layers that no row's later
+        query can see (older than the window), once there are enough of them
+        to be worth a copy."""
+        for c, window in zip(self.cache, self.windows):
+            if window is None or c.keys is None:
+                continue
+            unseen = c._idx - window
+            if unseen >= BatchKVCache.step:
+                c.keys, c.values = c.keys[..., unseen:, :], c.values[..., unseen:, :]
+                c._idx -= unseen
+                c.left_padding = c.left_padding - unseen
 
     def step(self) -> List[Emitted]:
         """One round for every sequence: what each produced."""
@@ -367,10 +470,18 @@ class BatchSpeculative:
             blocks = self._blocks(counts, drafts)
             accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)
             width = blocks.shape[1]
-            self._roll_back([width - 1 - a for a in accepted])
+            rejected = [width - 1 - a for a in accepted]
+            self._roll_back(self.cache, rejected)
+            self._forget_outside_windows()
+            if self.batched_drafter:  # every row's block enters the context, the rejected tails leave it
+                starts = mx.array([row.position for row in self.rows])
+                self.drafter.add_context(self.draft_cache, features, starts, blocks)
+                self._roll_back(self.draft_cache, rejected)
             rows_tokens = blocks.tolist()
             for i, (row, n, a) in enumerate(zip(self.rows, counts, accepted)):
-                self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position, blocks[i, : a + 1])
+                if not self.batched_drafter:
+                    self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position,
+                                             blocks[i, : a + 1])
                 tokens = rows_tokens[i][1 : a + 1] + following[i : i + 1].tolist()
                 row.anchor = following[i : i + 1]
                 row.position += a + 1
@@ -378,10 +489,13 @@ class BatchSpeculative:
                 row.history.drop(n - a)
                 row.stats.proposal_lengths.append(n)
                 row.stats.accepted_lengths.append(a)
-                if self.auto is not None:
+                if self.auto is not None and row.cap is None:
                     self.auto.update(n, a)
                 events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
-            mx.eval([c.state for row in self.rows for c in row.draft_cache])
+            if self.batched_drafter:
+                mx.eval([c.state for c in self.draft_cache or []])
+            else:
+                mx.eval([c.state for row in self.rows for c in row.draft_cache])
         return events
 
 
@@ -424,6 +538,7 @@ class ServerBatch:
         self.requests: Dict[int, _Request] = {}
         self._uids = itertools.count()
         self.inserted: Optional[Callable[[int], None]] = None  # told each uid as it is inserted
+        self.caps: Dict[int, int] = {}  # a request's own num_draft_tokens, set by its uid before it is prefilled
         self.finished: Optional[Callable[[int, SpeculativeStats], None]] = None  # told each uid's statistics at its end
 
     def close(self) -> None:
@@ -466,6 +581,7 @@ class ServerBatch:
     def remove(self, uids, return_prompt_caches: bool = False) -> dict:
         for uid in uids:
             self.pending = deque(p for p in self.pending if p[0] != uid)
+            self.caps.pop(uid, None)
             stats = self.engine.stats_of(uid)
             self.engine.remove(uid)
             if self.requests.pop(uid, None) is not None and self.finished is not None and stats is not None:
@@ -486,7 +602,7 @@ class ServerBatch:
             while self.pending:
                 uid, rest, m, cache, before, sampler, procs = self.pending.popleft()
                 self.engine.insert(rest, m, cache, len(before), uid=uid, sampler=sampler, logits_processors=procs,
-                                   before=before)
+                                   before=before, num_draft_tokens=self.caps.pop(uid, None))
                 total = len(self.requests[uid].prompt)
                 prompt_responses.append(PromptProcessingBatch.Response(uid, (total, total), True, True))
             for emitted in self.engine.step():

@@ -176,14 +176,36 @@ class Attention(nn.Module):
             mask = near if mask is None else mask & near
         return mask
 
-    def __call__(self, x: mx.array, cache: KVCache, start: int) -> mx.array:
+    def batch_visible(self, cache, L: int) -> mx.array:
+        """The [B, 1, L, K] mask of a block of L rows in a left-padded batch
+        cache (``BatchKVCache``, every row's newest entry in the same column):
+        a row's queries see its own entries, through this layer's causal and
+        window rules."""
+        first = cache._idx  # the block's first column
+        columns = mx.arange(first + L)[None, None, None]
+        queries = (first + mx.arange(L))[None, None, :, None]
+        mask = columns >= cache.left_padding[:, None, None, None]
+        if self.causal:
+            mask = mask & (columns <= queries)
+        if self.window is not None:
+            mask = mask & ((queries - columns) < self.window)
+        return mask
+
+    def __call__(self, x: mx.array, cache: KVCache, start) -> mx.array:
         """The block ``x`` at positions start… attending to the cached context
         and to itself.  The block's K/V are written after the context in the
         cache's spare room and left there uncommitted (``offset`` grows by L):
-        ``Drafter.block_hidden`` trims them, so no round copies the context."""
+        ``Drafter.block_hidden`` trims them, so no round copies the context.
+        Several sequences at once: ``start`` [B] their positions, ``cache`` a
+        left-padded batch cache."""
         B, L, _ = x.shape
         queries = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
         queries = self.rope(self.q_norm(queries).transpose(0, 2, 1, 3), offset=start)
+        if isinstance(start, mx.array):
+            mask = self.batch_visible(cache, L)
+            keys, values = cache.update_and_fetch(*self.keys_values(x, start))
+            out = scaled_dot_product_attention(queries, keys, values, cache=None, scale=self.scale, mask=mask)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         context = cache.offset
         keys, values = cache.update_and_fetch(*self.keys_values(x, start))
         mask = None
@@ -546,6 +568,53 @@ class Drafter(nn.Module):
             "tokens": tokens,
             "q_logprobs": mx.concatenate(q_rows) if q_rows else None,
         }
+
+    def propose_rows(self, cache: list, anchors: mx.array, starts: mx.array, num_drafts: int, chooses=None):
+        """``propose`` for several sequences in one forward: ``cache`` their
+        contexts as left-padded batch caches (``BatchKVCache`` per layer),
+        ``anchors`` and ``starts`` [B].  Returns drafts [B, num_drafts],
+        confidences [B, num_drafts] (or None) and, when ``chooses`` (one
+        ``choose`` or None per row) samples some rows, their q rows
+        [B, num_drafts, V] (a greedy row's are a point mass on its draft)."""
+        B, L = anchors.shape[0], self._block_size
+        ids = mx.concatenate(
+            [anchors.reshape(B, 1).astype(mx.uint32), mx.full((B, L - 1), self.args.mask_token_id, mx.uint32)], axis=1)
+        hidden = self.block_hidden(cache, ids, starts)
+        early.start(hidden)
+        slots = self.draft_rows(num_drafts)
+        slot_hidden = hidden[:, slots]
+        slot_logits = self.base_logits(slot_hidden)
+        markov = self.args.markov_rank > 0
+        chooses = chooses if chooses is not None and any(c is not None for c in chooses) else None
+        prev = anchors.reshape(B).astype(mx.uint32)
+        state, chosen, q_rows, embs = None, [], [], []
+        for k in range(num_drafts):
+            row = slot_logits[:, k]
+            if markov:
+                row, emb, state = self.markov_step(row, prev, slot_hidden[:, k], state)
+                embs.append(emb)
+            if chooses is None:
+                token = mx.argmax(row, axis=-1).astype(mx.uint32)
+            else:
+                tokens, qs = [], []
+                for b, choose in enumerate(chooses):
+                    if choose is None:
+                        t = mx.argmax(row[b : b + 1], axis=-1).astype(mx.uint32)
+                        q = mx.where(mx.arange(row.shape[-1])[None] == t[:, None], 0.0, -mx.inf)
+                    else:
+                        t, q = choose(k, row[b : b + 1])
+                    tokens.append(t.reshape(1).astype(mx.uint32))
+                    qs.append(q)
+                token = mx.concatenate(tokens)
+                q_rows.append(mx.concatenate(qs))
+            chosen.append(token)
+            prev = token
+        drafts = mx.stack(chosen, axis=1) if chosen else mx.zeros((B, 0), mx.uint32)
+        embedding = mx.stack(embs, axis=1) if markov and embs else None
+        conf = self.confidence_logits(slot_hidden, embedding) if num_drafts else None
+        confidence = mx.sigmoid(conf.astype(mx.float32)) if conf is not None else None
+        q = mx.stack(q_rows, axis=1) if q_rows else None
+        return drafts, confidence, q
 
     def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int, choose=None):
         """Drafts for the next ``num_drafts`` positions, their confidences

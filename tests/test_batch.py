@@ -13,7 +13,7 @@ from mlx_lm.generate import generate_step
 
 from mlx_lm_dspark.batch import BatchSpeculative, batch_generate, unbatchable
 from mlx_lm_dspark.loader import load_drafter
-from mlx_lm_dspark.target import UnsupportedCacheError
+from mlx_lm_dspark.target import UnsupportedCacheError, text_args
 from mlx_lm_dspark_tools.tiny import build_pair
 from tests.drafters import ContinuationDrafter, TableDrafter
 
@@ -31,7 +31,7 @@ def plain(model, prompt, max_tokens):
 
 def oracle(model, prompts, expected, acceptance, block_size=7, seed=0):
     continuations = [p + e for p, e in zip(prompts, expected)]
-    return ContinuationDrafter(continuations, model.args.__dict__, acceptance, block_size=block_size, seed=seed)
+    return ContinuationDrafter(continuations, text_args(model), acceptance, block_size=block_size, seed=seed)
 
 
 def random_prompts(rng, n):
@@ -150,6 +150,45 @@ def test_logits_processors_per_row(pair):
     assert list(out.values()) == expected
 
 
+def test_each_row_may_have_its_own_cap(pair):
+    """Caps 0, 1 and 5 and the batch's 3 side by side: each row drafts at
+    most its own, and every row equals plain decoding."""
+    model, _ = pair
+    prompts = [[4, 5, 6], [8] * 5, list(range(30, 39)), [2, 3]]
+    caps = [0, 1, 5, None]
+    expected = [plain(model, p, 25) for p in prompts]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 0.9, seed=6), num_draft_tokens=3)
+    out = {batch.insert(p, 25, num_draft_tokens=c): [] for p, c in zip(prompts, caps)}
+    while len(batch):
+        for emitted in batch.step():
+            out[emitted.uid].extend(emitted.tokens)
+    assert list(out.values()) == expected
+    for uid, cap in zip(out, caps):
+        assert max(batch.stats_of(uid).proposal_lengths) == (3 if cap is None else cap)
+
+
+def test_the_demo_pair_drafts_every_row_in_one_forward():
+    """The trained demo pair (4-bit target and drafter): the network drafts
+    for all rows in one forward, many drafts are kept, rows differ in what
+    they keep, and every row equals plain decoding."""
+    from pathlib import Path
+
+    import mlx_lm_dspark
+
+    root = Path(mlx_lm_dspark.__file__).parent / "demo_pair"
+    model, tokenizer = load(str(root / "target"))
+    drafter = load_drafter(str(root / "drafter"))
+    texts = ["def add(a, b):", "The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    limits = [40, 25, 40, 33]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=5)
+    assert batch.batched_drafter
+    assert batch_generate_with(batch, prompts, limits) == expected
+    assert sum(map(sum, batch.accepted_log)) > 20
+    assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
 def test_a_perfect_drafter_keeps_whole_blocks(pair):
     model, _ = pair
     prompts = [[4, 5], [7] * 9, list(range(30, 41))]
@@ -159,12 +198,91 @@ def test_a_perfect_drafter_keeps_whole_blocks(pair):
     assert max(max(r) for r in batch.accepted_log if r) == 7
 
 
-def test_a_sliding_window_target_is_refused_with_the_reason(tmp_path):
-    target_dir, drafter_dir = build_pair(tmp_path, "gemma4")
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    """Gemma-4 with sliding windows of 8 (every answer wraps them) and
+    KV-shared layers."""
+    target_dir, _ = build_pair(tmp_path_factory.mktemp("batch-gemma4"), "gemma4")
     model, _ = load(str(target_dir))
-    with pytest.raises(UnsupportedCacheError, match="RotatingKVCache"):
-        BatchSpeculative(model, load_drafter(str(drafter_dir)))
-    assert unbatchable(model.make_cache()) is not None
+    return model
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sliding_window_rows_equal_plain_decoding(gemma4, seed):
+    """Verify blocks narrower than, as wide as and (cap 7 + anchor) the
+    window itself, prompts shorter and longer than it, rows joining late."""
+    model = gemma4
+    assert any(type(c).__name__ == "RotatingKVCache" for c in model.make_cache())
+    rng = random.Random(200 + seed)
+    prompts = random_prompts(rng, rng.randint(2, 4))
+    limits = [rng.choice([5, 13, 30]) for _ in prompts[1:]] + [30]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, rng.choice([0.4, 0.7, 0.9]), seed=seed),
+                             num_draft_tokens=rng.choice([2, 4, 7]))
+    join_at = [0] + [rng.randint(0, 4) for _ in prompts[1:]]
+    assert batch_generate_with(batch, prompts, limits, join_at) == expected
+
+
+def test_long_sliding_window_rows_forget_what_no_window_sees(gemma4):
+    """Rows long enough that the batch drops entries older than every
+    window (in steps of 256) still equal plain decoding."""
+    model = gemma4
+    prompts, limits = [list(range(3, 43)), [7, 7, 9]], [300, 280]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 0.8, seed=4), num_draft_tokens=5)
+    assert batch_generate_with(batch, prompts, limits) == expected
+
+
+def test_a_sliding_window_row_hands_back_the_rotating_cache_plain_decoding_holds(gemma4):
+    """A finished row's cache is a RotatingKVCache per sliding layer (its
+    latest window) and a KVCache per full layer; a second turn from it, in a
+    new batch, equals plain decoding of the whole conversation."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    model = gemma4
+    first, turn = [5, 9, 11, 4, 4, 17], [23, 8, 8]
+    answer = plain(model, first, 20)
+    whole = first + answer + turn
+    expected = plain(model, whole, 15)
+    drafter = oracle(model, [first, whole], [answer, expected], 0.6)
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=3)
+    uid = batch.insert(first, 20)
+    got = []
+    while len(batch.rows) + len(batch.joining) and len(got) < 20:
+        for emitted in batch.step():
+            got.extend(emitted.tokens)
+    assert got == answer
+    cache = batch.extract(uid, len(first) + len(answer) - 1)
+    kinds = {type(c).__name__ for c in cache[: len(model.make_cache())]}
+    assert kinds == {"RotatingKVCache", "KVCache"}
+    assert all(c.offset == len(first) + len(answer) - 1 for c in cache[: len(model.make_cache())])
+    second = BatchSpeculative(model, drafter, num_draft_tokens=3)
+    second.insert([answer[-1]] + turn, 15, cache, len(first) + len(answer) - 1)
+    out = []
+    while len(second):
+        for emitted in second.step():
+            out.extend(emitted.tokens)
+    assert out == expected
+
+
+def test_caches_batched_rounds_cannot_roll_back_are_refused_with_the_reason(tmp_path, pair):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    _, hybrid = pair_for(tmp_path, "qwen3_5")
+    with pytest.raises(UnsupportedCacheError, match="ArraysCache"):
+        BatchSpeculative(*hybrid)
+    model, drafter = pair
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=2)
+    kept = make_prompt_cache(model, max_kv_size=16)  # rotating caches keeping 4 positions
+    assert "keeping 4 positions" in unbatchable(kept)
+    with pytest.raises(UnsupportedCacheError, match="keeping 4 positions"):
+        batch.insert([3, 4], 4, kept + batch.drafter.make_cache(), 0)
+
+
+def pair_for(tmp_path, family):
+    target_dir, drafter_dir = build_pair(tmp_path, family)
+    model, _ = load(str(target_dir))
+    return target_dir, (model, load_drafter(str(drafter_dir)))
 
 
 def test_a_lookup_proposer_that_finds_fewer_drafts(pair):
@@ -176,6 +294,43 @@ def test_a_lookup_proposer_that_finds_fewer_drafts(pair):
     prompts = [[5, 6, 7, 8] * 6, [3], list(range(40, 60)) * 2]
     expected = [plain(model, p, 24) for p in prompts]
     assert batch_generate(model, load_lookup("ngram:n=2,min=1,k=4"), prompts, max_tokens=24) == expected
+
+
+@pytest.mark.slow  # draws thousands of sampled tokens
+def test_sampled_rows_drafted_in_one_network_forward_follow_plain_sampling():
+    """The DSpark network samples every row's drafts in one forward (its q
+    per row) and a greedy row rides along: the sampled rows follow plain
+    sampling's conditionals, the greedy rows equal plain decoding."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_lm_dspark.sampling import SamplerSettings
+    from tests import test_speculative_sampling as S
+
+    model = S.make_qwen3_target(vocab_size=S.VOCAB, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                head_dim=16, intermediate_size=64, seed=3)[0]
+    drafter = S.random_dspark_drafter(model)
+    greedy = plain(model, S.PROMPT, S.RUN_LENGTH)
+    mx.random.seed(41)
+    runs, slots, accepted, drafted = [], [], 0, 0
+    while sum(map(len, runs)) < S.FEWER:
+        batch = BatchSpeculative(model, drafter, num_draft_tokens=drafter.max_drafts)
+        assert batch.batched_drafter
+        uids = [batch.insert(S.PROMPT, S.RUN_LENGTH, sampler=make_sampler(temp=1.0)) for _ in range(3)]
+        greedy_uid = batch.insert(S.PROMPT, S.RUN_LENGTH)
+        out = {uid: [] for uid in uids + [greedy_uid]}
+        while len(batch):
+            for emitted in batch.step():
+                out[emitted.uid].extend(emitted.tokens)
+        assert out[greedy_uid] == greedy
+        for uid in uids:
+            stats = batch.stats_of(uid)
+            runs.append(out[uid])
+            slots += [0] + [k for a in stats.accepted_lengths for k in range(a + 1)]
+            accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    breaks = list(np.cumsum([len(r) for r in runs])[:-1])
+    sample = S.Sample(np.concatenate(runs), np.array(slots), breaks, accepted, drafted)
+    assert accepted > 0
+    S.assert_plain_distribution(S.conditionals(model, sample, SamplerSettings(temp=1.0)), sample)
 
 
 @pytest.mark.slow  # draws thousands of sampled tokens

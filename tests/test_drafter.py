@@ -347,3 +347,57 @@ def test_markov_head_types_from_config(root, tmp_path):
     (missing / "config.json").write_text(json.dumps({**config, "markov_head_type": "lstm"}))
     with pytest.raises(DrafterConfigError, match="markov_head_type is 'lstm'.*'vanilla', 'gated', 'rnn'"):
         load_drafter(missing, bits=None)
+
+
+@pytest.mark.parametrize("variant", ["deepspec", "zlab-sliding", "gemma4"])
+def test_rows_proposed_in_one_forward_equal_each_row_proposed_alone(tmp_path, variant):
+    """``propose_rows`` over left-padded batch caches (rows of different
+    context lengths) drafts what ``propose`` drafts for each row alone,
+    with the same confidences; a row of the batch that samples gets the q
+    its ``choose`` returned."""
+    from mlx_lm import load
+    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+
+    from mlx_lm_dspark.loader import load_drafter
+    from mlx_lm_dspark.speculative import bind
+    from mlx_lm_dspark_tools.tiny import build_pair
+
+    family, kw = {"deepspec": ("qwen3", {}), "gemma4": ("gemma4", {}),
+                  "zlab-sliding": ("qwen3", {"layout": "zlab", "drafter_sliding_window": 4,
+                                             "num_drafter_layers": 3})}[variant]
+    target_dir, drafter_dir = build_pair(tmp_path, family, **kw)
+    model, _ = load(str(target_dir))
+    drafter = load_drafter(str(drafter_dir))
+    target = bind(drafter, model)
+    rows, anchors = [], []
+    for length in (3, 11, 6):
+        tokens = mx.arange(5, 5 + length).astype(mx.uint32)
+        _, features = target(tokens[None], make_prompt_cache(model))
+        context = drafter.make_cache()
+        drafter.add_context(context, features, 0, tokens)
+        rows.append(context)
+        anchors.append(mx.array([40 + length], mx.uint32))
+    alone = [drafter.propose(c, a, c[0].offset, 4) for c, a in zip(rows, anchors)]
+    batch = None
+    for context in rows:
+        merged = [BatchKVCache.merge([c]) for c in context]
+        if batch is None:
+            batch = merged
+        else:
+            for c, new in zip(batch, merged):
+                c.extend(new)
+    starts = mx.array([c[0].offset for c in rows])
+    tokens, confidence, q = drafter.propose_rows(batch, mx.concatenate(anchors), starts, 4)
+    assert q is None
+    for i, (t, conf, _) in enumerate(alone):
+        assert tokens[i].tolist() == t.tolist()
+        if conf is not None:
+            assert mx.allclose(confidence[i], conf, atol=1e-5)
+    assert [c._idx for c in batch] == [11] * len(batch)  # the block left the contexts
+
+    def choose(k, row):
+        q_row = row - mx.logsumexp(row, axis=-1, keepdims=True)
+        return mx.argmax(row, axis=-1).astype(mx.uint32), q_row
+
+    _, _, q = drafter.propose_rows(batch, mx.concatenate(anchors), starts, 4, [None, choose, None])
+    assert q.shape[:2] == (3, 4) and mx.all(mx.isfinite(q[1])).item()

@@ -636,8 +636,8 @@ def _patch_batched_drafting(server, responder, provider) -> None:
     """Concurrent requests with a drafter join one batch
     (``batch.ServerBatch``) instead of queueing for one at a time: the
     provider calls a batchable pair batchable, ``_is_batchable`` lets in the
-    requests the batched rounds decode exactly as served alone (the
-    server's draft count, no seed), and the loop's
+    requests the batched rounds decode exactly as served alone (no seed;
+    a request's own ``num_draft_tokens`` becomes its row's cap), and the loop's
     ``BatchGenerator`` is ours for such a pair.  Each request's statistics
     reach its context as in the one-at-a-time path."""
     if not _batched_drafting_host(server):
@@ -648,7 +648,7 @@ def _patch_batched_drafting(server, responder, provider) -> None:
     context_init = server.GenerationContext.__init__
     stock_generator = server.BatchGenerator
     providers = weakref.WeakSet()
-    contexts = threading.local()  # the generation thread's newest GenerationContext
+    contexts = threading.local()  # the generation thread's newest GenerationContext and request's draft count
 
     @functools.wraps(context_init)
     def remembered_context(self, *args, **kwargs):
@@ -669,11 +669,8 @@ def _patch_batched_drafting(server, responder, provider) -> None:
         provider_ = self.model_provider
         if getattr(provider_, "draft_model", None) is None:
             return True
-        cli = provider_.cli_args
-        return (
-            args.num_draft_tokens in (None, getattr(cli, "num_draft_tokens", None))
-            and getattr(cli, "kv_bits", None) is None
-        )
+        contexts.num_draft_tokens = args.num_draft_tokens  # the request about to be inserted
+        return getattr(provider_.cli_args, "kv_bits", None) is None
 
     def batch_generator(model, *args, **kwargs):
         from ..batch import ServerBatch
@@ -687,6 +684,9 @@ def _patch_batched_drafting(server, responder, provider) -> None:
 
         def inserted(uid):
             requests[uid] = getattr(contexts, "newest", None)
+            cap = getattr(contexts, "num_draft_tokens", None)
+            if cap is not None:
+                batch.caps[uid] = cap
 
         def finished(uid, stats):
             context = requests.pop(uid, None)
