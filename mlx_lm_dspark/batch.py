@@ -492,10 +492,12 @@ class BatchSpeculative:
                 if self.auto is not None and row.cap is None:
                     self.auto.update(n, a)
                 events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
+            # Queued, not waited for: the device updates the drafter contexts
+            # while the caller takes this round's tokens.
             if self.batched_drafter:
-                mx.eval([c.state for c in self.draft_cache or []])
+                mx.async_eval([c.state for c in self.draft_cache or []])
             else:
-                mx.eval([c.state for row in self.rows for c in row.draft_cache])
+                mx.async_eval([c.state for row in self.rows for c in row.draft_cache])
         return events
 
 
