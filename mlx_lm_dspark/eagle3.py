@@ -255,6 +255,11 @@ class Eagle3Cache:
     def pending(self) -> bool:
         return self.kv.offset < self.positions - self.origin
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (mlx-lm's prompt cache sizes its entries by this)."""
+        return self.kv.nbytes + sum(f.nbytes for f in self.fused) + (self.hidden.nbytes if self.hidden is not None else 0)
+
     def last_fused(self) -> mx.array:
         return self.fused[-1][:, -1:]
 

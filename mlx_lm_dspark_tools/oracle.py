@@ -50,6 +50,10 @@ class PositionCache:
     def state(self):
         return []
 
+    @property
+    def nbytes(self) -> int:
+        return 0
+
     def is_trimmable(self) -> bool:
         return True
 
