@@ -49,7 +49,7 @@ def unbatchable(target_cache: list) -> Optional[str]:
     for i, c in enumerate(target_cache):
         if type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0):
             continue
-        kind = f"a RotatingKVCache keeping {c.keep} positions" if type(c) is RotatingKVCache else f"a {type(c).__name__}"
+        kind = f"RotatingKVCache keeping {c.keep} positions" if type(c) is RotatingKVCache else type(c).__name__
         return (f"cache entry {i} is {kind}; batched speculative rounds roll back plain KV caches and "
                 "sliding windows (RotatingKVCache without kept positions) only")
     return None

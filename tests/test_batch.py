@@ -223,6 +223,20 @@ def test_sliding_window_rows_equal_plain_decoding(gemma4, seed):
     assert batch_generate_with(batch, prompts, limits, join_at) == expected
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "llama", "qwen3_moe"])
+def test_other_attention_families(tmp_path, family):
+    """gpt-oss (attention sinks, alternating sliding windows, experts),
+    Llama and Qwen3-MoE rows equal plain decoding alone."""
+    model, _ = load(str(build_pair(tmp_path, family)[0]))
+    rng = random.Random(9)
+    prompts = random_prompts(rng, 3)
+    limits = [26, 12, 30]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, 0.6, seed=1), num_draft_tokens=4)
+    assert batch_generate_with(batch, prompts, limits, [0, 1, 3]) == expected
+    assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
 def test_long_sliding_window_rows_forget_what_no_window_sees(gemma4):
     """Rows long enough that the batch drops entries older than every
     window (in steps of 256) still equal plain decoding."""
