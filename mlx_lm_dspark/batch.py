@@ -107,7 +107,8 @@ class BatchCap:
     linearly past the widths it measured) plus one drafter round per row.
     Each draft is taken as kept with the probability the batch's rounds
     show (a draft kept given the ones before it were); rounds that draft
-    nothing try one draft every ``PROBE_EVERY`` so that estimate can rise."""
+    nothing try one draft first and every ``PROBE_EVERY`` after, so that
+    estimate can rise.  One per pair, kept across batches (``Session``)."""
 
     PROBE_EVERY = 16
 
@@ -134,7 +135,7 @@ class BatchCap:
                 best, best_rate = k, rate
         if best == 0:
             self.undrafted += 1
-            if self.undrafted % self.PROBE_EVERY == 0:
+            if self.undrafted % self.PROBE_EVERY == 1:
                 return 1
         return best
 
@@ -205,7 +206,11 @@ class BatchSpeculative:
         if self.cap is None and not getattr(drafter, "auto_draft_length", True):
             self.cap = drafter.max_drafts  # a drafter the cost model cannot price
         if self.cap is None:
-            self.auto = BatchCap(cost_model(drafter, self.target), drafter.max_drafts)
+            cost = cost_model(drafter, self.target)
+            auto = self.session.batch_cap
+            if auto is None or auto.cost is not cost or auto.max_drafts != drafter.max_drafts:
+                auto = self.session.batch_cap = BatchCap(cost, drafter.max_drafts)
+            self.auto = auto  # what earlier batches of this pair learned
         self.prefill_step_size = prefill_step_size
         self.rows: List[Row] = []
         self.cache: Optional[List[BatchKVCache]] = None

@@ -66,6 +66,7 @@ class Session:
         self.target = target  # the bound target (taps placed, pair validated)
         self.cost: Optional[CostModel] = None  # the pair's cost model, once loaded or measured
         self.lengths: Optional[DraftLength] = None  # the automatic cap's estimates (greedy decoding)
+        self.batch_cap = None  # batched rounds' automatic cap (``batch.BatchCap``), kept across batches
         self.stats = None  # the last generation's SpeculativeStats
         # Drafter context of a target-only prompt cache the caller reuses
         # (keyed by the cache's first entry).

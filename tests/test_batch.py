@@ -386,3 +386,26 @@ def test_sampled_rows_are_distributed_like_plain_sampling(knob):
     sample = S.Sample(np.concatenate(runs), np.array(slots), breaks, accepted, drafted)
     assert 0.05 < accepted / drafted < 0.95  # kept and replaced drafts are both common
     S.assert_plain_distribution(S.conditionals(model, sample, SamplerSettings(**sampler_kw), processors), sample)
+
+
+def test_the_batch_cap_prices_a_verify_of_every_row():
+    """With verifies that cost a step per row and a drafter round of two
+    steps, a fresh cap probes one draft, then drafts while drafts are kept
+    and stops when they are not; more rows make a block dearer."""
+    from mlx_lm_dspark.batch import BatchCap
+    from mlx_lm_dspark.cost import CostModel
+
+    cost = CostModel(verify_ms=[4.0 + 0.5 * w for w in range(8)], draft_ms=2.0)  # nearly free width
+    cap = BatchCap(cost, 7)
+    assert cap.choose(1, 0) == 1  # the first undrafted round probes
+    for _ in range(20):
+        cap.update(4, 4)
+    assert cap.choose(1, 0) >= 4
+    linear = BatchCap(CostModel(verify_ms=[4.0 * (w + 1) for w in range(8)], draft_ms=8.0), 7)
+    linear.kept, linear.missed = 9.0, 1.0  # nine in ten kept
+    assert linear.choose(1, 0) > linear.choose(8, 0)
+    never = BatchCap(cost, 7)
+    for _ in range(30):
+        never.update(1, 0)
+    picks = [never.choose(2, 0) for _ in range(32)]
+    assert picks.count(1) == 2 and set(picks) == {0, 1}  # a probe every 16 undrafted rounds
