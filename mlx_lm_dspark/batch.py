@@ -39,7 +39,8 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache
 
 from .session import session_for
 from .sampling import greedy_sampler
-from .speculative import DEFAULT_PREFILL_STEP_SIZE, Acceptor, SpeculativeStats, TokenHistory, cost_model
+from .speculative import (DEFAULT_PREFILL_STEP_SIZE, Acceptor, KVQuantization, SpeculativeStats, TokenHistory, cost_model,
+                          prefill)
 from .target import UnsupportedCacheError
 
 
@@ -55,15 +56,6 @@ def unbatchable(target_cache: list) -> Optional[str]:
     return None
 
 
-def _oldest_first(c: RotatingKVCache, v: mx.array) -> mx.array:
-    """A rotating cache's (``keep`` = 0) keys or values, oldest first."""
-    if c._idx == v.shape[2]:
-        return v
-    if c._idx < c.offset:  # wrapped: the oldest entry sits at the write index
-        return mx.concatenate([v[..., c._idx :, :], v[..., : c._idx, :]], axis=2)
-    return v[..., : c._idx, :]
-
-
 def _batch_row(c) -> BatchKVCache:
     """One sequence's cache entry as a one-row ``BatchKVCache``.  A sliding
     window's entry keeps only its latest positions: the row's offset (its
@@ -73,7 +65,8 @@ def _batch_row(c) -> BatchKVCache:
         return BatchKVCache.merge([c])
     row = BatchKVCache([0])
     if c.keys is not None:
-        row.keys, row.values = _oldest_first(c, c.keys), _oldest_first(c, c.values)
+        # oldest first, as mlx-lm orders the buffer before a multi-token update
+        row.keys, row.values = c._temporal_order(c.keys), c._temporal_order(c.values)
         row._idx = row.keys.shape[2]
     row.offset = mx.array([c.offset])
     row.left_padding = mx.array([row._idx - c.offset])
@@ -85,14 +78,14 @@ def _sequence_entry(c: BatchKVCache, index: int, window: Optional[int], drop: in
     ``drop`` positions: a ``KVCache``, or for a sliding window of ``window``
     positions the ``RotatingKVCache`` plain decoding holds (its latest
     ``window`` entries, oldest first)."""
+    if window is None:  # a full layer's rows are never cut: mlx-lm's own extract
+        entry = c.extract(index)
+        entry.trim(drop)
+        return entry
     padding = max(0, c.left_padding[index].item())
     end = c._idx - drop
     positions = c.offset[index].item() - drop
     keys, values = c.keys[index : index + 1, :, padding:end], c.values[index : index + 1, :, padding:end]
-    if window is None:
-        entry = KVCache()
-        entry.keys, entry.values, entry.offset = mx.contiguous(keys), mx.contiguous(values), keys.shape[2]
-        return entry
     entry = RotatingKVCache(max_size=window, keep=0)
     kept = min(window, keys.shape[2])
     entry.keys, entry.values = mx.contiguous(keys[..., keys.shape[2] - kept :, :]), mx.contiguous(values[..., values.shape[2] - kept :, :])
@@ -249,26 +242,15 @@ class BatchSpeculative:
             raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
         if logits_processors and before is None and cached:
             raise ValueError("logits processors need the tokens before the prompt (before=)")
-        tokens = mx.array(prompt, mx.uint32)
         history = TokenHistory(logits_processors, mx.array(before, mx.uint32) if before else None)
         with mx.stream(self.stream):
-            done = 0
-            while tokens.size - done > 1:
-                chunk = tokens[done : done + min(self.prefill_step_size, tokens.size - done - 1)]
-                _, features = target(chunk[None], cache)
-                drafter.add_context(draft_cache, features, cached + done, chunk)
-                history.extend(chunk)
-                mx.eval([c.state for c in cache] + [c.state for c in draft_cache])
-                done += chunk.size
-            last = tokens[done:]
-            logits, features = target(last[None], cache)
-            drafter.add_context(draft_cache, features, cached + done, last)
-            logits = history.process(logits[0], last)
+            logits, position = prefill(target, drafter, mx.array(prompt), cache, draft_cache, cached, history,
+                                       KVQuantization(), self.prefill_step_size, release=False)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             acceptor = Acceptor(sampler or greedy_sampler)
             anchor = acceptor.sampler(logprobs).astype(mx.uint32)
             mx.eval(anchor, logprobs, [c.state for c in cache] + [c.state for c in draft_cache])
-        row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, cached + tokens.size, max_tokens,
+        row = Row(next(self._uids) if uid is None else uid, draft_cache, anchor, position, max_tokens,
                   logprobs, acceptor, history)
         if num_draft_tokens is not None:
             row.cap = min(int(num_draft_tokens), drafter.max_drafts)

@@ -221,28 +221,8 @@ def speculative_generate_step(
 
     history = TokenHistory(logits_processors)
     with mx.stream(stream):
-        # Prefill exactly like generate_step: prompt[:-1] in chunks, then the
-        # last token alone (keeps logits bit-identical to plain decoding).
-        prompt = prompt.astype(mx.uint32)
-        total = prompt.size
-        done = 0
-        while total - done > 1:
-            n = min(prefill_step_size, total - done - 1)
-            chunk = prompt[done : done + n]
-            _, features = target(chunk[None], target_cache)
-            kv.apply(target_cache)
-            drafter.add_context(draft_cache, features, position, chunk)
-            history.extend(chunk)
-            mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
-            position += n
-            done += n
-            mx.clear_cache()
-        last = prompt[done:]
-        logits, features = target(last[None], target_cache)
-        kv.apply(target_cache)
-        drafter.add_context(draft_cache, features, position, last)
-        logits = history.process(logits[0], last)
-        position += 1
+        logits, position = prefill(target, drafter, prompt, target_cache, draft_cache, position, history, kv,
+                                   prefill_step_size)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         anchor = sampler(logprobs).astype(mx.uint32)
         mx.eval(anchor, logprobs)
@@ -260,6 +240,37 @@ def speculative_generate_step(
             prompt_cache[: len(target_cache)] = target_cache
             if len(prompt_cache) == len(target_cache):
                 session.draft_contexts[target_cache[0]] = draft_cache
+
+
+def prefill(target: TargetAdapter, drafter, prompt: mx.array, target_cache: list, draft_cache: list, position: int,
+            history: "TokenHistory", kv: "KVQuantization", prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+            release: bool = True):
+    """Feed ``prompt`` after ``position`` cached positions exactly like
+    ``generate_step`` (all but its last token in chunks, then the last alone:
+    logits bit-identical to plain decoding), the drafter context and the
+    processors' history alongside.  ``release``: hand MLX's buffer cache back
+    after each chunk, as ``generate_step`` does (not while a batch decodes
+    around the prompt: its rounds would allocate their buffers anew).
+    Returns (the last token's processed logits [1, V], the positions cached now)."""
+    prompt = prompt.astype(mx.uint32)
+    total, done = prompt.size, 0
+    while total - done > 1:
+        n = min(prefill_step_size, total - done - 1)
+        chunk = prompt[done : done + n]
+        _, features = target(chunk[None], target_cache)
+        kv.apply(target_cache)
+        drafter.add_context(draft_cache, features, position, chunk)
+        history.extend(chunk)
+        mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
+        position += n
+        done += n
+        if release:
+            mx.clear_cache()
+    last = prompt[done:]
+    logits, features = target(last[None], target_cache)
+    kv.apply(target_cache)
+    drafter.add_context(draft_cache, features, position, last)
+    return history.process(logits[0], last), position + 1
 
 
 # ---------------------------------------------------------------- the round loop's pieces
