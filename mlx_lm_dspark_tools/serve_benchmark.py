@@ -53,11 +53,16 @@ def running_server(argv, timeout=300, env=None):
                 time.sleep(0.5)
         yield process, port
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
+
+
+def stop(process, timeout: float = 30) -> None:
+    """End a server process: terminate, then kill if it lingers."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def complete(port, prompt, max_tokens):

@@ -24,6 +24,7 @@ from mlx_lm_dspark import last_stats  # noqa: E402
 from mlx_lm_dspark.hosts import mlx_vlm as patch_mlx_vlm  # noqa: E402
 from mlx_lm_dspark.drafter import Drafter  # noqa: E402
 from mlx_lm_dspark.hosts.mlx_lm import HostMismatchError  # noqa: E402
+from mlx_lm_dspark_tools.serve_benchmark import stop  # noqa: E402
 from mlx_lm_dspark_tools.tiny_vlm import build_vlm_pair, make_image  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog and then"
@@ -270,11 +271,7 @@ def vlm_server(target, *extra, log=None):
             raise RuntimeError("mlx_vlm.server did not come up in 120 s")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=20)
         if log is not None:
             log.append(proc.stdout.read())
 
