@@ -384,7 +384,7 @@ def test_sampled_rows_are_distributed_like_plain_sampling(knob):
             accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
     breaks = list(np.cumsum([len(r) for r in runs])[:-1])
     sample = S.Sample(np.concatenate(runs), np.array(slots), breaks, accepted, drafted)
-    assert 0.05 < accepted / drafted < 0.95  # kept and replaced drafts are both common
+    assert 0.1 < accepted / drafted < 0.95  # kept and replaced drafts are both common
     S.assert_plain_distribution(S.conditionals(model, sample, SamplerSettings(**sampler_kw), processors), sample)
 
 
