@@ -2,6 +2,7 @@
 equal plain greedy decoding of its prompt alone, whatever the acceptance of
 each row, the caps, the prompt lengths and when rows join or leave."""
 
+import importlib
 import random
 
 import numpy as np
@@ -343,6 +344,42 @@ def test_a_hybrid_row_hands_back_its_cache_and_a_second_turn_goes_on_from_it(hyb
     while len(second):
         for emitted in second.step():
             out.extend(emitted.tokens)
+    assert out == expected
+
+
+@pytest.mark.skipif(not hasattr(importlib.import_module("mlx_lm.generate"), "StopSequences"),
+                    reason="mlx-lm 0.31 has no StopSequences (its server serves drafter requests one at a time)")
+def test_a_hybrid_server_row_stopped_inside_a_round_hands_back_the_cache_it_holds(hybrids):
+    """A stop sequence met inside a round of kept drafts ends a hybrid
+    request; its cache cannot be cut back to the stop, so it is handed back
+    whole, named by every token it holds, and a next turn from it equals
+    plain decoding of those tokens and the turn."""
+    from mlx_lm.generate import StopSequences
+
+    from mlx_lm_dspark.batch import ServerBatch
+
+    model = hybrids("qwen3_5")
+    prompt = [5, 9, 11, 4, 4, 17]
+    answer = plain(model, prompt, 30)
+    stop_at = 4  # a kept draft: the perfect drafter's first round keeps 5
+    server = ServerBatch(model, oracle(model, [prompt], [answer], 1.0), num_draft_tokens=5)
+    (uid,) = server.insert_segments([[prompt]], [30], stop_sequences=[StopSequences([[answer[stop_at]]])])
+    emitted, last = [], None
+    while last is None:
+        for r in server.next()[1]:
+            emitted.append(r.token)
+            last = r if r.finish_reason else None
+    assert last.finish_reason == "stop" and emitted == answer[: emitted.index(answer[stop_at]) + 1]
+    held = last.all_tokens
+    assert held[: len(prompt) + len(emitted)] == prompt + emitted and len(held) > len(prompt) + len(emitted) - 1
+    turn = [23, 8, 8]
+    expected = plain(model, held + turn, 12)
+    second = BatchSpeculative(model, oracle(model, [held + turn], [expected], 0.6), num_draft_tokens=3)
+    second.insert(turn, 12, last.prompt_cache, len(held), before=held)
+    out = []
+    while len(second):
+        for e in second.step():
+            out.extend(e.tokens)
     assert out == expected
 
 
