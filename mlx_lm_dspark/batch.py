@@ -227,9 +227,16 @@ class BatchSpeculative:
         self.joining: List[Tuple[Row, list]] = []  # prefilled, merged at the next round
         self._uids = itertools.count()
         self._left: List[Row] = []  # rows that left lately (their statistics stay readable)
+        self._ahead: Optional[Dict[int, tuple]] = None  # a queued undrafted round, not yet read (by uid)
+        self._chosen: Optional[int] = None  # the automatic cap already chosen for the next round
+        self._last_choice: Optional[int] = None
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.joining)
+        return len(self.rows) + len(self.joining) + bool(self._ahead and not self.rows)
+
+    def held(self, uid: int) -> int:
+        """The positions sequence ``uid``'s cache holds now."""
+        return next(row.position for row in self.rows if row.uid == uid)
 
     # Joining and leaving ---------------------------------------------------
 
@@ -312,6 +319,8 @@ class BatchSpeculative:
                 for c in draft_cache:
                     c.trim(excess)
         self._keep([i for i in range(len(self.rows)) if i != index])
+        if self._ahead:
+            self._ahead.pop(uid, None)  # its queued token is never handed out
         return caches + draft_cache
 
     @property
@@ -339,6 +348,8 @@ class BatchSpeculative:
         keep = [i for i, row in enumerate(self.rows) if row.uid != uid]
         if len(keep) < len(self.rows):
             self._keep(keep)
+        if self._ahead:
+            self._ahead.pop(uid, None)
 
     def _keep(self, indices: List[int]) -> None:
         self._left = ([self.rows[i] for i in range(len(self.rows)) if i not in indices] + self._left)[:64]
@@ -371,17 +382,13 @@ class BatchSpeculative:
 
     # One round -------------------------------------------------------------
 
-    def _propose(self) -> Tuple[List[int], List[Optional[mx.array]], List[Optional[mx.array]]]:
-        """Each row's number of drafts, drafts and (a sampling row) the
-        distributions they were sampled from, lazily."""
-        cap = self.cap
-        if cap is None and any(row.cap is None for row in self.rows):
-            cap = self.auto.choose(len(self.rows), sum(row.position for row in self.rows) // len(self.rows))
+    def _propose(self, caps: List[int]) -> Tuple[List[int], List[Optional[mx.array]], List[Optional[mx.array]]]:
+        """Each row's number of drafts (at most its cap), drafts and (a
+        sampling row) the distributions they were sampled from, lazily."""
         if self.batched_drafter:
-            return self._propose_rows(cap)
+            return self._propose_rows(caps)
         counts, drafts, qs = [], [], []
-        for row in self.rows:
-            n = min(cap if row.cap is None else row.cap, row.remaining() - 1)
+        for row, n in zip(self.rows, caps):
             d = q = None
             if n > 0:
                 choose = row.acceptor.drafter_sampling(row.history, row.anchor)
@@ -394,9 +401,8 @@ class BatchSpeculative:
             qs.append(q)
         return counts, drafts, qs
 
-    def _propose_rows(self, cap: Optional[int]):
+    def _propose_rows(self, counts: List[int]):
         """``_propose`` with one drafter forward for every row."""
-        counts = [max(0, min(cap if row.cap is None else row.cap, row.remaining() - 1)) for row in self.rows]
         widest = max(counts)
         if widest == 0:
             return counts, [None] * len(counts), [None] * len(counts)
@@ -465,47 +471,114 @@ class BatchSpeculative:
                 c._idx -= unseen
                 c.left_padding = c.left_padding - unseen
 
+    def _leave_finished(self) -> None:
+        """Rows at their max_tokens leave, once their last round was read."""
+        unread = self._ahead or {}
+        done = [i for i, row in enumerate(self.rows) if row.remaining() == 0 and row.uid not in unread]
+        if done:
+            self._keep([i for i in range(len(self.rows)) if i not in done])
+
+    def _caps(self) -> List[int]:
+        """Each row's drafts this round (a proposer may find fewer)."""
+        cap = self.cap
+        if cap is None and any(row.cap is None for row in self.rows):
+            cap, self._chosen = self._chosen, None
+            if cap is None:
+                cap = self.auto.choose(len(self.rows), sum(row.position for row in self.rows) // len(self.rows))
+            self._last_choice = cap
+        return [max(0, min(cap if row.cap is None else row.cap, row.remaining() - 1)) for row in self.rows]
+
     def step(self) -> List[Emitted]:
-        """One round for every sequence: what each produced."""
+        """One round for every sequence: what each produced.  Rounds that
+        draft for no row run one ahead, as ``generate_step`` runs the next
+        token: such a round is queued, and the round after it built, before
+        its tokens are read (with a network drafter, whose context upkeep
+        stays on the device)."""
         with mx.stream(self.stream):
             events = self._join()
-            done = [i for i, row in enumerate(self.rows) if row.remaining() == 0]
-            if done:
-                self._keep([i for i in range(len(self.rows)) if i not in done])
-            if not self.rows:
-                return events
-            counts, drafts, qs = self._propose()
-            blocks = self._blocks(counts, drafts)
-            accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)
-            width = blocks.shape[1]
-            rejected = [width - 1 - a for a in accepted]
-            self._roll_back(self.cache, rejected)
-            self._forget_outside_windows()
-            if self.batched_drafter:  # every row's block enters the context, the rejected tails leave it
-                starts = mx.array([row.position for row in self.rows])
-                self.drafter.add_context(self.draft_cache, features, starts, blocks)
-                self._roll_back(self.draft_cache, rejected)
-            rows_tokens = blocks.tolist()
-            for i, (row, n, a) in enumerate(zip(self.rows, counts, accepted)):
-                if not self.batched_drafter:
-                    self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position,
-                                             blocks[i, : a + 1])
-                tokens = rows_tokens[i][1 : a + 1] + following[i : i + 1].tolist()
-                row.anchor = following[i : i + 1]
-                row.position += a + 1
-                row.produced += len(tokens)
-                row.history.drop(n - a)
-                row.stats.proposal_lengths.append(n)
-                row.stats.accepted_lengths.append(a)
-                if self.auto is not None and row.cap is None:
-                    self.auto.update(n, a)
-                events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
-            # Queued, not waited for: the device updates the drafter contexts
-            # while the caller takes this round's tokens.
-            if self.batched_drafter:
-                mx.async_eval([c.state for c in self.draft_cache or []])
-            else:
-                mx.async_eval([c.state for row in self.rows for c in row.draft_cache])
+            self._leave_finished()
+            if self._ahead is None:
+                if not self.rows:
+                    return events
+                caps = self._caps()
+                if any(caps) or not self.batched_drafter:
+                    return events + self._round(caps)
+                self._ahead = self._queue_undrafted()
+            ahead, self._ahead = self._ahead, None
+            # A row that finishes in the queued round stays until it is read
+            # (its cache is taken out then): no round is queued past it.
+            if self.rows and all(row.remaining() > 0 for row in self.rows):
+                caps = self._caps()
+                if any(caps):
+                    self._chosen = self._last_choice  # kept for the round it chose, run at the next call
+                else:
+                    self._ahead = self._queue_undrafted()
+            return events + self._read(ahead)
+
+    def _queue_undrafted(self) -> Dict[int, tuple]:
+        """A round that drafts for no row, queued on the device: each row's
+        token, log-probabilities and whether it finishes, lazily, by uid."""
+        blocks = mx.concatenate([row.anchor for row in self.rows])[:, None]
+        starts = mx.array([row.position for row in self.rows])
+        logits, features = self.target(blocks, self.cache)
+        self._forget_outside_windows()
+        self.drafter.add_context(self.draft_cache, features, starts, blocks)
+        entries = {}
+        for i, row in enumerate(self.rows):
+            processed = row.history.process(logits[i, :1], blocks[i])
+            logprobs = processed - mx.logsumexp(processed, axis=-1, keepdims=True)
+            _, token = row.acceptor.accept(logprobs, None, None)
+            row.anchor = token.reshape(1).astype(mx.uint32)
+            row.position += 1
+            row.produced += 1
+            row.stats.proposal_lengths.append(0)
+            row.stats.accepted_lengths.append(0)
+            entries[row.uid] = (row.anchor, logprobs, row.remaining() == 0)
+        mx.async_eval([e[0] for e in entries.values()], [e[1] for e in entries.values()],
+                      [c.state for c in self.draft_cache])
+        return entries
+
+    @staticmethod
+    def _read(entries: Dict[int, tuple]) -> List[Emitted]:
+        """The tokens of a queued round (of the rows still there to take them)."""
+        tokens = mx.concatenate([e[0] for e in entries.values()]).tolist() if entries else []
+        return [Emitted(uid, [t], logprobs, finished) for t, (uid, (_, logprobs, finished)) in zip(tokens, entries.items())]
+
+    def _round(self, caps: List[int]) -> List[Emitted]:
+        """A round with drafts, evaluated: what each row produced."""
+        events = []
+        counts, drafts, qs = self._propose(caps)
+        blocks = self._blocks(counts, drafts)
+        accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)
+        width = blocks.shape[1]
+        rejected = [width - 1 - a for a in accepted]
+        self._roll_back(self.cache, rejected)
+        self._forget_outside_windows()
+        if self.batched_drafter:  # every row's block enters the context, the rejected tails leave it
+            starts = mx.array([row.position for row in self.rows])
+            self.drafter.add_context(self.draft_cache, features, starts, blocks)
+            self._roll_back(self.draft_cache, rejected)
+        rows_tokens = blocks.tolist()
+        for i, (row, n, a) in enumerate(zip(self.rows, counts, accepted)):
+            if not self.batched_drafter:
+                self.drafter.add_context(row.draft_cache, features[i : i + 1, : a + 1], row.position,
+                                         blocks[i, : a + 1])
+            tokens = rows_tokens[i][1 : a + 1] + following[i : i + 1].tolist()
+            row.anchor = following[i : i + 1]
+            row.position += a + 1
+            row.produced += len(tokens)
+            row.history.drop(n - a)
+            row.stats.proposal_lengths.append(n)
+            row.stats.accepted_lengths.append(a)
+            if self.auto is not None and row.cap is None:
+                self.auto.update(n, a)
+            events.append(Emitted(row.uid, tokens, logprobs[i][: a + 1], row.remaining() == 0))
+        # Queued, not waited for: the device updates the drafter contexts
+        # while the caller takes this round's tokens.
+        if self.batched_drafter:
+            mx.async_eval([c.state for c in self.draft_cache or []])
+        else:
+            mx.async_eval([c.state for row in self.rows for c in row.draft_cache])
         return events
 
 
@@ -630,7 +703,7 @@ class ServerBatch:
                         continue
                     kept = request.prompt + request.emitted[:-1]  # what the cache holds
                     if not self.engine.trimmable:  # recurrent state: the cache as it is, named by what it holds
-                        kept = request.prompt + (request.emitted + emitted.tokens[k + 1 :])[:-1]
+                        kept = (request.prompt + request.emitted + emitted.tokens[k + 1 :])[: self.engine.held(emitted.uid)]
                     cache = self.engine.extract(emitted.uid, len(kept))
                     responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], reason, cache, kept))
                     stats = self.engine.stats_of(emitted.uid)

@@ -175,6 +175,56 @@ def test_each_row_may_have_its_own_cap(pair):
         assert max(batch.stats_of(uid).proposal_lengths) == (3 if cap is None else cap)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_undrafted_rounds_run_one_ahead_and_rows_still_equal_plain_decoding(pair, monkeypatch, seed):
+    """With a network drafter, rounds that draft for no row are queued one
+    ahead; rows joining, leaving, finishing and drafting again (a row with
+    its own cap) between such rounds still equal plain decoding, and a row
+    taken out while a round is queued hands back a cache a next turn goes
+    on from exactly."""
+    model, drafter = pair
+    queued = []
+    queue = BatchSpeculative._queue_undrafted
+    monkeypatch.setattr(BatchSpeculative, "_queue_undrafted", lambda self: queued.append(1) or queue(self))
+    rng = random.Random(400 + seed)
+    prompts = random_prompts(rng, 4)
+    limits = [30, rng.choice([4, 12]), 10, 20]
+    caps = [0, 0, rng.choice([0, 3]), 0]
+    join_at, leave_at = [0, rng.randint(1, 4), rng.randint(2, 8), 1], rng.randint(4, 9)
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=0)
+    out, uids, handed = {}, {}, None
+    for rnd in range(200):
+        for i, p in enumerate(prompts):
+            if join_at[i] == rnd:
+                uids[i] = batch.insert(p, limits[i], num_draft_tokens=caps[i])
+                out[uids[i]] = []
+        if rnd == leave_at and len(out[uids[3]]) < limits[3]:
+            got = list(out[uids[3]])
+            handed = got, batch.extract(uids[3], len(prompts[3]) + len(got) - 1)
+        if not len(batch) and rnd > max(join_at):
+            break
+        for emitted in batch.step():
+            out[emitted.uid].extend(emitted.tokens)
+            if emitted.finished and emitted.uid == uids[1]:  # taken out right after its last round was read
+                held = len(prompts[1]) + len(out[uids[1]]) - 1
+                assert all(c.offset == held for c in batch.extract(uids[1], held)[: len(model.layers)])
+    for i in range(3):
+        assert out[uids[i]] == expected[i], f"row {i}"
+    assert queued, "no round ran ahead"
+    if handed is not None:
+        got, cache = handed
+        assert got == expected[3][: len(got)] and out[uids[3]] == got  # nothing handed out after it left
+        whole = prompts[3] + got
+        second = BatchSpeculative(model, drafter, num_draft_tokens=0)
+        second.insert(got[-1:] + [7, 7], 8, cache, len(whole) - 1)
+        more = []
+        while len(second):
+            for emitted in second.step():
+                more.extend(emitted.tokens)
+        assert more == plain(model, whole + [7, 7], 8)
+
+
 def test_the_demo_pair_drafts_every_row_in_one_forward():
     """The trained demo pair (4-bit target and drafter): the network drafts
     for all rows in one forward, many drafts are kept, rows differ in what
