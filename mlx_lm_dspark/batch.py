@@ -16,11 +16,12 @@ that prompt alone gives: the same tokens greedily, the same distribution
 when sampling.
 
 Batched rounds need caches every row can roll back on its own: plain KV
-caches, and sliding windows (Gemma-4's ``RotatingKVCache`` without kept
+caches, sliding windows (Gemma-4's ``RotatingKVCache`` without kept
 positions), which the batch holds as plain batch caches masked to the
 window (mlx-lm's windowed causal mask) and hands back as the rotating cache
-plain decoding holds; quantized, recurrent and other caches are refused
-(``unbatchable``).  Each row has its own logits processors (their
+plain decoding holds, and the recurrent state of hybrid targets
+(``ArraysCache``: each row replayed to its own length, ``recurrent.py``);
+quantized and other caches are refused (``unbatchable``).  Each row has its own logits processors (their
 history grown per row) and keeps drafts by its own sampler's rule (greedy
 matching, DSpark's p/q rule, sample-and-match).  The DSpark/DFlash network
 drafts for every row in one forward over the rows' contexts, held as batch
@@ -35,8 +36,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCache
 
+from . import recurrent
 from .session import session_for
 from .sampling import greedy_sampler
 from .speculative import (DEFAULT_PREFILL_STEP_SIZE, Acceptor, KVQuantization, SpeculativeStats, TokenHistory, cost_model,
@@ -48,11 +50,11 @@ def unbatchable(target_cache: list) -> Optional[str]:
     """Why a target whose prompt cache is ``target_cache`` cannot decode in
     batched rounds (None: it can)."""
     for i, c in enumerate(target_cache):
-        if type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0):
+        if type(c) is KVCache or (type(c) is RotatingKVCache and c.keep == 0) or type(c) is ArraysCache:
             continue
         kind = f"RotatingKVCache keeping {c.keep} positions" if type(c) is RotatingKVCache else type(c).__name__
-        return (f"cache entry {i} is {kind}; batched speculative rounds roll back plain KV caches and "
-                "sliding windows (RotatingKVCache without kept positions) only")
+        return (f"cache entry {i} is {kind}; batched speculative rounds roll back plain KV caches, "
+                "sliding windows (RotatingKVCache without kept positions) and recurrent state (ArraysCache) only")
     return None
 
 
@@ -63,6 +65,10 @@ def _batch_row(c) -> BatchKVCache:
     padding records as negative (every entry valid)."""
     if type(c) is KVCache:
         return BatchKVCache.merge([c])
+    if type(c) is ArraysCache:  # a recurrent state: rows are its arrays' first axis
+        row = ArraysCache(len(c.cache))
+        row.cache = list(c.cache)
+        return row
     row = BatchKVCache([0])
     if c.keys is not None:
         # oldest first, as mlx-lm orders the buffer before a multi-token update
@@ -78,6 +84,10 @@ def _sequence_entry(c: BatchKVCache, index: int, window: Optional[int], drop: in
     ``drop`` positions: a ``KVCache``, or for a sliding window of ``window``
     positions the ``RotatingKVCache`` plain decoding holds (its latest
     ``window`` entries, oldest first)."""
+    if type(c) is ArraysCache:
+        if drop:
+            raise ValueError(f"a recurrent state cannot give back fewer positions than it holds ({drop} fewer).")
+        return c.extract(index)
     if window is None:  # a full layer's rows are never cut: mlx-lm's own extract
         entry = c.extract(index)
         entry.trim(drop)
@@ -189,9 +199,11 @@ class BatchSpeculative:
                  prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE, stream=generation_stream):
         self.session = session_for(drafter, model)
         self.target, self.drafter, self.stream = self.session.target, drafter, stream
-        problem = unbatchable(self.target.make_cache())
+        entries = self.target.make_cache()
+        problem = unbatchable(entries)
         if problem is not None:
             raise UnsupportedCacheError(f"This target cannot decode in batched speculative rounds: {problem}.")
+        self._trimmable = not any(type(c) is ArraysCache for c in entries)
         if num_draft_tokens is not None and num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
         self.cap = None if num_draft_tokens is None else min(int(num_draft_tokens), drafter.max_drafts)
@@ -273,7 +285,7 @@ class BatchSpeculative:
         if problem is not None:
             raise UnsupportedCacheError(f"This prompt cache cannot decode in batched speculative rounds: {problem}.")
         for c in target_cache:
-            if c.offset != cached:
+            if type(c) is not ArraysCache and c.offset != cached:
                 raise ValueError(f"the prompt cache holds {c.offset} positions, not {cached}.")
         excess = draft_cache[0].offset - cached
         if excess < 0:
@@ -301,6 +313,12 @@ class BatchSpeculative:
                     c.trim(excess)
         self._keep([i for i in range(len(self.rows)) if i != index])
         return caches + draft_cache
+
+    @property
+    def trimmable(self) -> bool:
+        """Whether ``extract`` can give a sequence's cache back shorter than
+        it is (not with recurrent state)."""
+        return self._trimmable
 
     def stats_of(self, uid: int) -> Optional[SpeculativeStats]:
         for row in self.rows + [r for r, _ in self.joining] + self._left:
@@ -424,6 +442,9 @@ class BatchSpeculative:
         caches: trim the common part, shift the rest out to the left padding."""
         common = min(rejected)
         for c in caches:
+            if type(c) is ArraysCache:
+                recurrent.rollback_rows(c, rejected)
+                continue
             if common:
                 c.trim(common)
             extra = [r - common for r in rejected]
@@ -608,6 +629,8 @@ class ServerBatch:
                         responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], None, None, None))
                         continue
                     kept = request.prompt + request.emitted[:-1]  # what the cache holds
+                    if not self.engine.trimmable:  # recurrent state: the cache as it is, named by what it holds
+                        kept = request.prompt + (request.emitted + emitted.tokens[k + 1 :])[:-1]
                     cache = self.engine.extract(emitted.uid, len(kept))
                     responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], reason, cache, kept))
                     stats = self.engine.stats_of(emitted.uid)

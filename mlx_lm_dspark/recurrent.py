@@ -11,6 +11,11 @@ back n tokens restores the kept arrays and runs the same mixer object again
 over the tokens that stay (``Replay``), so the state is what a forward over
 exactly those tokens leaves; nothing of the host's layer is re-implemented.
 
+A batch of sequences (the rows of a batched round) rolls back each row by
+its own tail: the rows that keep the same part of the forward are replayed
+together over that part, on their own rows (not through the cache's
+``lengths``, which not every host mixer honours for its state).
+
 ``Stepwise`` is the other design: during the recorded forward each mixer runs
 token by token, keeping the state after every position, and a rollback picks
 one.  It costs on every forward instead of on rejections only; ``use`` selects
@@ -20,7 +25,7 @@ it (for measurements).
 import inspect
 import threading
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.models import cache as cache_lib
@@ -51,6 +56,14 @@ def _cut(value, width: int, start: int, stop: int):
     return value
 
 
+def _rows(value, rows: int, index: mx.array, width: int, stop: int):
+    """``value`` limited to the rows ``index`` and positions [0, stop) when
+    it has a batch axis of ``rows`` and a time axis of ``width``."""
+    if isinstance(value, mx.array) and value.ndim >= 2 and value.shape[0] == rows and value.shape[1] == width:
+        return value[index, :stop]
+    return value
+
+
 class Record:
     """One recurrent cache's state before the last forward, and how to get
     the state after any number of that forward's tokens."""
@@ -78,6 +91,36 @@ class Record:
             call(mixer, *(_cut(a, w, 0, kept) for a in args), **{k: _cut(v, w, 0, kept) for k, v in kwargs.items()})
         self.kept = kept
 
+    def back_to_rows(self, kept: List[int]) -> None:
+        """Make each row ``i`` of a batched cache hold the state after the
+        forward's first ``kept[i]`` tokens of that row: rows that keep the
+        same part are replayed together, on their own rows only."""
+        cache, width, rows = self.cache(), self.width, len(kept)
+        after, (arrays, padding, lengths) = list(cache.cache), self.before
+        sources = {0: (arrays, list(range(rows))), width: (after, list(range(rows)))}
+        mixer, call, args, kwargs = self.call
+        for k in sorted(set(kept) - {0, width}):
+            group = [i for i in range(rows) if kept[i] == k]
+            index = mx.array(group)
+            part = type(cache)(len(arrays))
+            part.cache = [None if a is None else a[index] for a in arrays]
+            part.left_padding = None if padding is None else padding[index]
+            bound = _signature(call).bind(mixer, *(_rows(a, rows, index, width, k) for a in args),
+                                          **{n: _rows(v, rows, index, width, k) for n, v in kwargs.items()})
+            bound.arguments["cache"] = part
+            call(*bound.args, **bound.kwargs)
+            sources[k] = (part.cache, group)
+        picked = []
+        for j in range(len(arrays)):
+            slices = []
+            for i, k in enumerate(kept):
+                source, group = sources[k]
+                r = group.index(i)
+                slices.append(source[j][r : r + 1])
+            picked.append(mx.concatenate(slices))
+        restore(cache, (picked, None if padding is None else padding - mx.array(kept), lengths))
+        self.kept = None  # rows differ: no further rollback within this forward
+
 
 class StepwiseRecord(Record):
     """Runs the mixer token by token, keeping every position's state."""
@@ -99,6 +142,23 @@ class StepwiseRecord(Record):
     def back_to(self, kept: int) -> None:
         restore(self.cache(), self.steps[kept - 1] if kept > 0 else self.before)
         self.kept = kept
+
+    def back_to_rows(self, kept: List[int]) -> None:
+        states = [self.steps[k - 1] if k > 0 else self.before for k in kept]
+        arrays = [mx.concatenate([s[0][j][i : i + 1] for i, s in enumerate(states)]) for j in range(len(states[0][0]))]
+        _, padding, lengths = self.before
+        restore(self.cache(), (arrays, None if padding is None else padding - mx.array(kept), lengths))
+        self.kept = None
+
+
+_SIGNATURES = {}
+
+
+def _signature(call) -> inspect.Signature:
+    signature = _SIGNATURES.get(call)
+    if signature is None:
+        signature = _SIGNATURES[call] = inspect.signature(call)
+    return signature
 
 
 Replay, Stepwise = Record, StepwiseRecord
@@ -198,6 +258,23 @@ class recording:
             "the layer that takes the cache, so it cannot be rolled back exactly after rejected drafts: "
             "speculative decoding is not available for this target. Generate without --draft-model."
         )
+
+
+def rollback_rows(c, rejected: List[int]) -> None:
+    """Remove row ``i``'s last ``rejected[i]`` tokens from the batched
+    recurrent cache ``c`` (within its last forward)."""
+    record = _records.get(c)
+    if record is None or record.cache() is not c or record.kept != record.width or max(rejected) > record.width:
+        raise RuntimeError(
+            f"Cannot roll back rows of a recurrent {type(c).__name__}: only tokens of the last "
+            "recorded target forward can be removed, once."
+        )
+    if max(rejected) == 0:
+        return
+    if min(rejected) == max(rejected):
+        record.back_to(record.width - rejected[0])
+        return
+    record.back_to_rows([record.width - r for r in rejected])
 
 
 def rollback(c, n: int) -> None:

@@ -2,6 +2,7 @@
 equal plain greedy decoding of its prompt alone, whatever the acceptance of
 each row, the caps, the prompt lengths and when rows join or leave."""
 
+import importlib
 import random
 
 import numpy as np
@@ -14,7 +15,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm_dspark.batch import BatchSpeculative, batch_generate, unbatchable
 from mlx_lm_dspark.loader import load_drafter
 from mlx_lm_dspark.target import UnsupportedCacheError, text_args
-from mlx_lm_dspark_tools.tiny import build_pair
+from mlx_lm_dspark_tools.tiny import HYBRID_MODEL_TYPES, build_pair
+from tests.conftest import _host_loads
 from tests.drafters import ContinuationDrafter, TableDrafter
 
 
@@ -32,6 +34,12 @@ def plain(model, prompt, max_tokens):
 def oracle(model, prompts, expected, acceptance, block_size=7, seed=0):
     continuations = [p + e for p, e in zip(prompts, expected)]
     return ContinuationDrafter(continuations, text_args(model), acceptance, block_size=block_size, seed=seed)
+
+
+HYBRID_FAMILIES = [
+    pytest.param(t, marks=pytest.mark.skipif(not _host_loads(t), reason=f"the installed mlx-lm has no {t} model"))
+    for t in HYBRID_MODEL_TYPES
+]
 
 
 def random_prompts(rng, n):
@@ -279,24 +287,111 @@ def test_a_sliding_window_row_hands_back_the_rotating_cache_plain_decoding_holds
     assert out == expected
 
 
-def test_caches_batched_rounds_cannot_roll_back_are_refused_with_the_reason(tmp_path, pair):
+@pytest.fixture(scope="module")
+def hybrids(tmp_path_factory):
+    """Loaded hybrid (recurrent) targets per family, built once."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = load(str(build_pair(tmp_path_factory.mktemp(f"batch-{family}"), family)[0]))[0]
+        return built[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+@pytest.mark.parametrize("seed", range(3))
+def test_hybrid_rows_equal_plain_decoding(hybrids, family, seed):
+    """Rows of a hybrid target (recurrent state beside attention), each
+    rolled back by its own tail, joining late, equal plain decoding alone."""
+    model = hybrids(family)
+    rng = random.Random(300 + seed)
+    prompts = random_prompts(rng, 3)
+    limits = [rng.choice([6, 17]), 12, 30]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    batch = BatchSpeculative(model, oracle(model, prompts, expected, rng.choice([0.5, 0.7]), seed=seed),
+                             num_draft_tokens=rng.choice([3, 5]))
+    assert batch_generate_with(batch, prompts, limits, [0, rng.randint(0, 3), rng.randint(1, 4)]) == expected
+    assert any(len(set(r)) > 1 for r in batch.accepted_log)
+
+
+def test_a_hybrid_row_hands_back_its_cache_and_a_second_turn_goes_on_from_it(hybrids):
+    """A finished hybrid row's cache holds exactly its positions (recurrent
+    state cannot be cut shorter: asking is refused); a second turn from it,
+    in a new batch, equals plain decoding of the whole conversation."""
+    model = hybrids("qwen3_5")
+    first, turn = [5, 9, 11, 4, 4, 17], [23, 8, 8]
+    answer = plain(model, first, 20)
+    whole = first + answer + turn
+    expected = plain(model, whole, 15)
+    drafter = oracle(model, [first, whole], [answer, expected], 0.6)
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=3)
+    assert not batch.trimmable
+    uid = batch.insert(first, 20)
+    got = []
+    while len(batch) and len(got) < 20:
+        for emitted in batch.step():
+            got.extend(emitted.tokens)
+    assert got == answer
+    held = len(first) + len(answer) - 1
+    with pytest.raises(ValueError, match="recurrent state"):
+        batch.extract(uid, held - 1)
+    cache = batch.extract(uid, held)
+    second = BatchSpeculative(model, drafter, num_draft_tokens=3)
+    second.insert([answer[-1]] + turn, 15, cache, held)
+    out = []
+    while len(second):
+        for emitted in second.step():
+            out.extend(emitted.tokens)
+    assert out == expected
+
+
+@pytest.mark.skipif(not hasattr(importlib.import_module("mlx_lm.generate"), "StopSequences"),
+                    reason="mlx-lm 0.31 has no StopSequences (its server serves drafter requests one at a time)")
+def test_a_hybrid_server_row_stopped_inside_a_round_hands_back_the_cache_it_holds(hybrids):
+    """A stop sequence met inside a round of kept drafts ends a hybrid
+    request; its cache cannot be cut back to the stop, so it is handed back
+    whole, named by every token it holds, and a next turn from it equals
+    plain decoding of those tokens and the turn."""
+    from mlx_lm.generate import StopSequences
+
+    from mlx_lm_dspark.batch import ServerBatch
+
+    model = hybrids("qwen3_5")
+    prompt = [5, 9, 11, 4, 4, 17]
+    answer = plain(model, prompt, 30)
+    stop_at = 4  # a kept draft: the perfect drafter's first round keeps 5
+    server = ServerBatch(model, oracle(model, [prompt], [answer], 1.0), num_draft_tokens=5)
+    (uid,) = server.insert_segments([[prompt]], [30], stop_sequences=[StopSequences([[answer[stop_at]]])])
+    emitted, last = [], None
+    while last is None:
+        for r in server.next()[1]:
+            emitted.append(r.token)
+            last = r if r.finish_reason else None
+    assert last.finish_reason == "stop" and emitted == answer[: emitted.index(answer[stop_at]) + 1]
+    held = last.all_tokens
+    assert held[: len(prompt) + len(emitted)] == prompt + emitted and len(held) > len(prompt) + len(emitted) - 1
+    turn = [23, 8, 8]
+    expected = plain(model, held + turn, 12)
+    second = BatchSpeculative(model, oracle(model, [held + turn], [expected], 0.6), num_draft_tokens=3)
+    second.insert(turn, 12, last.prompt_cache, len(held), before=held)
+    out = []
+    while len(second):
+        for e in second.step():
+            out.extend(e.tokens)
+    assert out == expected
+
+
+def test_caches_batched_rounds_cannot_roll_back_are_refused_with_the_reason(pair):
     from mlx_lm.models.cache import make_prompt_cache
 
-    _, hybrid = pair_for(tmp_path, "qwen3_5")
-    with pytest.raises(UnsupportedCacheError, match="ArraysCache"):
-        BatchSpeculative(*hybrid)
     model, drafter = pair
     batch = BatchSpeculative(model, drafter, num_draft_tokens=2)
     kept = make_prompt_cache(model, max_kv_size=16)  # rotating caches keeping 4 positions
     assert "keeping 4 positions" in unbatchable(kept)
     with pytest.raises(UnsupportedCacheError, match="keeping 4 positions"):
         batch.insert([3, 4], 4, kept + batch.drafter.make_cache(), 0)
-
-
-def pair_for(tmp_path, family):
-    target_dir, drafter_dir = build_pair(tmp_path, family)
-    model, _ = load(str(target_dir))
-    return target_dir, (model, load_drafter(str(drafter_dir)))
 
 
 def test_a_lookup_proposer_that_finds_fewer_drafts(pair):

@@ -131,6 +131,35 @@ def test_rollback_twice_within_one_verify(family, design):
         rollback(cache, 2)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rejected", [(0, 2, 5), (1, 1, 1), (5, 0, 3), (4, 4, 0)])
+def test_batch_rows_roll_back_each_by_its_own_tail(family, design, rejected):
+    """Rows of one batched verify, each rolled back by its own tail, hold
+    bit for bit the state a forward of that row alone over its kept tokens
+    leaves; a second rollback of the same verify is refused."""
+    model, _ = make_hybrid_target(family)
+    target = TargetAdapter(model, [1])
+    prompts = mx.array([PROMPT_LONG[:7], PROMPT_LONG[7:14], PROMPT_LONG[14:21]])
+    blocks = mx.array([[11, 12, 13, 14, 15], [16, 17, 18, 19, 20], [30, 31, 32, 33, 34]])
+    cache = target.make_cache()
+    target(prompts, cache)
+    target(blocks, cache)
+    recurrent_entries = [c for c in cache if isinstance(c, ArraysCache)]
+    for c in recurrent_entries:
+        recurrent.rollback_rows(c, list(rejected))
+    for i, n in enumerate(rejected):
+        reference = target.make_cache()
+        target(prompts[i : i + 1], reference)
+        if n < blocks.shape[1]:
+            target(blocks[i : i + 1, : blocks.shape[1] - n], reference)
+        mine = [a[i : i + 1] for c in recurrent_entries for a in c.cache]
+        if design == "replay" or forwards_like_steps(model):
+            assert bit_equal(mine, [a for c in reference if isinstance(c, ArraysCache) for a in c.cache]), f"row {i}"
+    if len(set(rejected)) > 1:
+        with pytest.raises(RuntimeError, match="last recorded target forward"):
+            recurrent.rollback_rows(recurrent_entries[0], [1, 1, 1])
+
+
 @slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_speculative_state_is_plain_decodings_bit_for_bit(pairs, family, design):

@@ -705,7 +705,7 @@ def _patch_batched_drafting(server, responder, provider) -> None:
 
 def _batchable_pair(provider) -> bool:
     """Whether the provider's loaded pair decodes in batched rounds: one of
-    our drafters, a pair that binds, plain KV caches, no KV quantization."""
+    our drafters, a pair that binds, caches batched rounds roll back, no KV quantization."""
     from ..batch import unbatchable
     from ..speculative import is_drafter
 
