@@ -45,7 +45,11 @@ below plus ``draft_model``, ``drafter_kind`` and ``max_drafts``.
   predictions use it; ``cost_model_at_start``: the one measured before the
   runs, which the automatic cap used;
 - ``prompts``: per prompt ``name``, ``category``, ``prompt_tokens``, ``plain``,
-  ``speculative`` and (with --sweep-caps) ``sweep`` (cap -> speculative);
+  ``speculative``, (with --sweep-caps) ``sweep`` (cap -> speculative) and
+  (with --context) ``context_prefill_ms``;
+- ``prefilled_once``: True with --context: each prompt was prefilled once
+  (all but its last token, ``context_prefill_ms``) and every run decoded
+  from a copy of that cache (its own ``prefill_ms`` is then the last token's);
 - ``by_category``: per category ``plain``, ``speculative``, ``sweep``, ``best_fixed_cap``
   (``cap``, ``speedup``, and ``held_out``: the automatic cap's speed-up over
   the best fixed cap chosen on the other half of the trials, see
@@ -71,6 +75,7 @@ the cost model's that the cap learned while decoding.
 """
 
 import argparse
+import copy
 import json
 import math
 import resource
@@ -209,7 +214,10 @@ def setup_arg_parser():
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                         help="Apply the tokenizer's chat template when it has one.")
     parser.add_argument("--context", type=int, default=None,
-                        help="Lengthen every prompt to this many tokens (filler text before it): the long-context case.")
+                        help="Lengthen every prompt to this many tokens (filler text before it): the long-context "
+                             "case.  Each prompt is then prefilled once (all but its last token, reported as "
+                             "'context prefill') and every run decodes from a copy of that cache, so a prompt's "
+                             "paired runs happen back to back.")
     parser.add_argument("--drafter-contexts", type=parse_caps, default=None,
                         help="Also time one drafter round with these many positions cached (e.g. 64,4096), "
                              "against attention's own reads at those lengths.")
@@ -359,18 +367,72 @@ def cache_options(args, model) -> dict:
     return options
 
 
-def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids, **cache_options) -> Run:
+@dataclass
+class Prefilled:
+    """A prompt's cache after all but its last token (the target's entries,
+    then the drafter's context), made once so that every run of the prompt
+    decodes from a copy of it instead of prefilling the prompt again."""
+
+    cache: list
+    target_entries: int
+    tokens: int  # the prompt tokens in the cache
+    seconds: float
+
+    def plain_cache(self) -> list:
+        return copy.deepcopy(self.cache[: self.target_entries])
+
+    def speculative_cache(self) -> list:
+        return copy.deepcopy(self.cache)
+
+
+def prefill_prompt(model, drafter, prompt: List[int], args) -> Prefilled:
+    """Prefill ``prompt[:-1]`` into a target cache made as ``cache_options``
+    makes it (rotating with --max-kv-size, quantized with --kv-bits) and the
+    drafter's context, through the speculative loop's own prefill."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_lm_dspark.speculative import KVQuantization, TokenHistory, prefill
+
+    target = bind(drafter, model)
+    target_cache = make_prompt_cache(model, max_kv_size=getattr(args, "max_kv_size", None))
+    draft_cache = drafter.make_cache()
+    kv = KVQuantization(getattr(args, "kv_bits", None), getattr(args, "kv_group_size", 64),
+                        getattr(args, "quantized_kv_start", 0))
+    began = time.perf_counter()
+    if len(prompt) > 1:
+        prefill(target, drafter, mx.array(prompt[:-1]), target_cache, draft_cache, 0, TokenHistory(None), kv)
+        mx.eval([c.state for c in target_cache] + [c.state for c in draft_cache])
+    seconds = time.perf_counter() - began
+    mx.clear_cache()
+    return Prefilled(target_cache + draft_cache, len(target_cache), max(len(prompt) - 1, 0), seconds)
+
+
+def run_options(args, model, prefilled: Optional[Prefilled], side: str) -> dict:
+    """``cache_options`` for one run, with a copy of the prompt's prefilled
+    cache (``side``: "plain" takes the target's entries only)."""
+    options = cache_options(args, model)
+    if prefilled is not None:
+        options["prompt_cache"] = prefilled.plain_cache() if side == "plain" else prefilled.speculative_cache()
+        options["cached"] = prefilled.tokens
+    return options
+
+
+def run_plain(model, prompt: List[int], max_tokens: int, sampler, eos_ids, cached: int = 0, **cache_options) -> Run:
+    """Plain decoding of ``prompt``, whose first ``cached`` tokens are
+    already in ``prompt_cache`` (only the rest is fed)."""
     from mlx_lm.generate import generate_step
 
-    gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler, **cache_options)
+    fed = prompt[cached:]
+    gen = generate_step(mx.array(fed), model, max_tokens=max_tokens, sampler=sampler, **cache_options)
     run = timed(gen, eos_ids)
     run.prompt_tokens = len(prompt)
     return run
 
 
-def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids,
+def run_speculative(model, drafter, prompt: List[int], max_tokens: int, sampler, cap, eos_ids, cached: int = 0,
                     **cache_options) -> Run:
-    gen = speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens,
+    fed = prompt[cached:]
+    gen = speculative_generate_step(mx.array(fed), model, drafter, max_tokens=max_tokens,
                                     sampler=sampler, num_draft_tokens=cap, **cache_options)
     run = timed(gen, eos_ids)
     run.prompt_tokens = len(prompt)
@@ -738,34 +800,56 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
         cost = cost_model(drafter, target, measured=cost_sampler.model())
     started, sampling_s = time.perf_counter(), 0.0
 
+    # With --context each prompt is prefilled once and every run decodes
+    # from a copy of its cache: re-prefilling a long prompt per run would put
+    # tens of seconds, and the machine's drift over them, between the paired runs.
+    once = bool(getattr(args, "context", None))
+    prefilled = {}
+
+    def prefilled_for(p):
+        if not once:
+            return None
+        if p.name not in prefilled:
+            prefilled.clear()  # one prompt's cache at a time
+            prefilled[p.name] = prefill_prompt(model, drafter, p.tokens, args)
+            if progress:
+                print(f"{p.name}: prefilled {len(p.tokens) - 1} tokens in {prefilled[p.name].seconds:.1f} s",
+                      file=sys.stderr)
+        return prefilled[p.name]
+
     # Warm up both paths once.
     first = prompts[0].tokens
+    ready = prefilled_for(prompts[0])
     warm = run_plain(model, first, min(WARMUP_TOKENS, args.max_tokens), sampler, eos_ids,
-                     **cache_options(args, model))
+                     **run_options(args, model, ready, "plain"))
     if oracle:
         drafter.set_continuation(first + warm.tokens)
     run_speculative(model, drafter, first, min(WARMUP_TOKENS, args.max_tokens), sampler, caps[0], eos_ids,
-                    **cache_options(args, model))
+                    **run_options(args, model, ready, "speculative"))
+    context_prefill_s = {}
 
     runs = {p.name: ([], {key(c): [] for c in caps}) for p in prompts}
     total = len(prompts) * args.trials * 2 * len(caps)
     with tqdm(total=total, desc="benchmark", unit="run", disable=not progress, file=sys.stderr) as bar:
         for p in prompts:
             plain_runs, spec_runs = runs[p.name]
+            ready = prefilled_for(p)
+            if ready is not None:
+                context_prefill_s[p.name] = ready.seconds
             for trial in range(args.trials):
                 # Each trial starts at another configuration, so a slow phase
                 # of the machine does not always land on the same one.
                 shift = trial % len(caps)
                 for cap in caps[shift:] + caps[:shift]:
                     plain = run_plain(model, p.tokens, args.max_tokens, sampler, eos_ids,
-                                      **cache_options(args, model))
+                                      **run_options(args, model, ready, "plain"))
                     plain.prompt, plain.trial = p.name, trial
                     plain_runs.append(plain)
                     bar.update()
                     if oracle:
                         drafter.set_continuation(p.tokens + plain.tokens, trial)
                     spec = run_speculative(model, drafter, p.tokens, args.max_tokens, sampler, cap, eos_ids,
-                                           **cache_options(args, model))
+                                           **run_options(args, model, ready, "speculative"))
                     spec.prompt, spec.plain, spec.trial = p.name, plain, trial
                     if greedy:
                         check_same(plain, spec, tokenizer, f"prompt {p.name!r} (cap {key(cap)}, trial {trial + 1})")
@@ -785,6 +869,8 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
     for p in prompts:
         plain_runs, spec_runs = runs[p.name]
         entry = {"name": p.name, "category": p.category, "prompt_tokens": len(p.tokens)}
+        if p.name in context_prefill_s:
+            entry["context_prefill_ms"] = 1000 * context_prefill_s[p.name]
         entry.update(summarize(plain_runs, spec_runs, cost, max_drafts, main_key))
         results["prompts"].append(entry)
 
@@ -797,6 +883,7 @@ def benchmark(model, tokenizer, drafter, prompts: List[Prompt], args, progress=T
     results["by_category"] = {c: pooled([p.name for p in prompts if p.category == c]) for c in categories}
     results["overall"] = pooled([p.name for p in prompts])
     results["greedy_checked"] = greedy
+    results["prefilled_once"] = once
     if getattr(args, "drafter_contexts", None):
         results["drafter_round"] = drafter_round_costs(target, getattr(drafter, "inner", None) or drafter,
                                                        args.drafter_contexts)
@@ -844,6 +931,11 @@ def format_report(results: dict) -> str:
     if cost.get("verify_ms_per_position"):
         lines.append(f"  growth per 100 more positions: draft {100 * cost['draft_ms_per_position']:.2f} ms; verify ms "
                      "by width: " + " ".join(f"{100 * v:.2f}" for v in cost["verify_ms_per_position"]))
+    if results.get("prefilled_once"):
+        lines.append("prompts prefilled once (all but the last token), every run decoding from a copy: context "
+                     "prefill ms " + ", ".join(f"{e['name']} {e['context_prefill_ms']:.0f}" for e in results["prompts"]
+                                               if "context_prefill_ms" in e)
+                     + "; the column below is the last token's")
     header = (f"{'prompt':<16}{'prefill ms':>11}{'plain tok/s':>12}{'spec tok/s':>11}{'speedup':>8}{'pairs q1-q3':>13}{'τ':>6}"
               f"{'drafts/rd':>10}{'pred':>7}{'eff':>6}{'host ms/rd':>11}{'loop ms/rd':>11}  acceptance by position")
     lines += ["", header, "-" * len(header)]

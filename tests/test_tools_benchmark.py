@@ -84,6 +84,10 @@ def test_end_to_end_on_other_families(family, tmp_path, capsys):
     oracle = run((str(target), str(drafter)), "--oracle-acceptance", "0.8", "--num-draft-tokens", "3", tokens=16)
     spec = oracle["overall"]["speculative"]
     assert oracle["greedy_checked"] is True and 1.0 < spec["tau"] < 4.0 and spec["accepted"] < spec["drafted"]
+    # --context: runs decode from copies of one prefilled cache (recurrent layers' state copied, not trimmed).
+    long = run((str(target), str(drafter)), "--context", "64", "--num-draft-tokens", "3", tokens=10)
+    assert long["prefilled_once"] is True and long["greedy_checked"] is True
+    assert long["overall"]["speculative"]["rounds"] > 0
 
 
 def test_caps_runs_only_the_candidates(pair):
@@ -471,3 +475,43 @@ def test_one_drafter_keeps_the_single_report(pair, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--model", pair[0], "--draft-model", pair[1], "--draft-model", "ngram", "--compare-lookup"])
     assert "--compare-lookup compares one drafter with lookup" in capsys.readouterr().err
+
+
+def test_context_prefills_each_prompt_once(pair, monkeypatch):
+    """With --context every prompt is prefilled once and each run (warm-up,
+    plain, speculative, every trial) feeds only the last prompt token on a
+    copy of that cache; the greedy outputs equal plain decoding from scratch."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    prefills, fed, plain_runs = [], [], []
+    real_prefill, real_plain, real_spec = bench.prefill_prompt, bench.run_plain, bench.speculative_generate_step
+
+    def counted(model, drafter, prompt, args):
+        prefills.append(len(prompt))
+        return real_prefill(model, drafter, prompt, args)
+
+    def plain(model, prompt, *args, **kwargs):
+        run = real_plain(model, prompt, *args, **kwargs)
+        plain_runs.append((list(prompt), run.tokens))
+        fed.append(len(prompt) - kwargs.get("cached", 0))
+        return run
+
+    def spec(prompt, *args, **kwargs):
+        fed.append(prompt.size)
+        return real_spec(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "prefill_prompt", counted)
+    monkeypatch.setattr(bench, "run_plain", plain)
+    monkeypatch.setattr(bench, "speculative_generate_step", spec)
+    results = run(pair, "--context", "96", "--trials", "2", "--num-draft-tokens", "3", tokens=16)
+    assert results["prefilled_once"] is True and results["greedy_checked"] is True
+    assert prefills == [96, 96]  # two prompts, each once (the warm-up reuses the first's)
+    assert fed == [1] * (2 + 2 * 2 * 2)  # warm-up pair, then 2 prompts x 2 trials x (plain, speculative)
+    assert all(e["prompt_tokens"] == 96 and e["context_prefill_ms"] > 0 for e in results["prompts"])
+
+    model, _ = load(pair[0])
+    for prompt, tokens in plain_runs[1:]:
+        scratch = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=16)]
+        assert tokens == scratch[: len(tokens)] and len(tokens) == 16
