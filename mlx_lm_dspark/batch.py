@@ -25,8 +25,10 @@ quantized and other caches are refused (``unbatchable``).  Each row has its own 
 history grown per row) and keeps drafts by its own sampler's rule (greedy
 matching, DSpark's p/q rule, sample-and-match).  The DSpark/DFlash network
 drafts for every row in one forward over the rows' contexts, held as batch
-caches like the target's (``Drafter.propose_rows``); other proposers
-(EAGLE3, lookup) draft row by row within the round's graph.
+caches like the target's (``Drafter.propose_rows``); so does EAGLE3, one
+forward per draft for every row (``Eagle3Drafter.propose_rows``, its
+contexts as batch caches through ``batch_entries``); other proposers
+(lookup) draft row by row within the round's graph.
 """
 
 import itertools
@@ -313,6 +315,8 @@ class BatchSpeculative:
         caches = [_sequence_entry(c, index, w, excess) for c, w in zip(self.cache, self.windows)]
         if self.batched_drafter:
             draft_cache = [_sequence_entry(c, index, None, excess) for c in self.draft_cache]
+            if hasattr(self.drafter, "from_batch_entries"):
+                draft_cache = self.drafter.from_batch_entries(draft_cache, length)
         else:
             draft_cache = list(row.draft_cache)
             if excess:
@@ -367,7 +371,10 @@ class BatchSpeculative:
             merged = [_batch_row(c) for c in cache]
             drafter_rows = None
             if self.batched_drafter:
-                drafter_rows, row.draft_cache = [_batch_row(c) for c in row.draft_cache], None
+                entries = row.draft_cache
+                if hasattr(self.drafter, "batch_entries"):  # a context that is not one KV cache per layer
+                    entries = self.drafter.batch_entries(entries)
+                drafter_rows, row.draft_cache = [_batch_row(c) for c in entries], None
             if self.cache is None:
                 self.cache, self.draft_cache = merged, drafter_rows
                 self.windows = [c.max_size if type(c) is RotatingKVCache else None for c in cache]

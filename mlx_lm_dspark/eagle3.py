@@ -24,7 +24,7 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_causal_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .config import EAGLE3_ARCHITECTURES, FAMILY_OF_MODEL_TYPE, speculators_args, speculators_type
@@ -410,6 +410,8 @@ class Eagle3Drafter(nn.Module):
         the tokens the target read at those positions.  Each position's row
         pairs its feature with the token after it, so ``tokens[0]`` completes
         the previous position's row and the last row waits for the next one."""
+        if isinstance(start, mx.array):  # a batch's rows (``batch_entries``)
+            return self._add_context_rows(cache, features, start, tokens)
         state = cache[0]
         if tokens is None:
             raise ValueError(
@@ -492,6 +494,102 @@ class Eagle3Drafter(nn.Module):
             "keys": keys,
             "values": values,
         }
+
+    # Batched rounds ----------------------------------------------------------
+    # A batch holds its rows' contexts as two left-padded ``BatchKVCache``s,
+    # rolled back, filtered and extended like the target's: the K/V of the
+    # completed rows, and the fused feature of every position (as keys, with
+    # zero-width values), whose newest column is each row's pending row.
+
+    def batch_entries(self, cache: list) -> list:
+        """One sequence's context as the two plain caches a batch merges: its
+        completed K/V rows and its fused features [1, 1, L, H]."""
+        state = cache[0]
+        if not state.pending or not state.fused:
+            raise ValueError("a batch row's EAGLE3 context must hold a position waiting for its next token.")
+        fused = mx.concatenate(state.fused, axis=1)[:, None]
+        rows = KVCache()
+        rows.keys, rows.values = fused, mx.zeros((*fused.shape[:3], 0), fused.dtype)
+        rows.offset = fused.shape[2]
+        kv = KVCache()
+        if state.kv.keys is not None:
+            kv.keys, kv.values, kv.offset = state.kv.keys, state.kv.values, state.kv.offset
+        return [kv, rows]
+
+    def from_batch_entries(self, entries: list, positions: int) -> list:
+        """A sequence's context from what ``batch_entries`` gave for it (each
+        cut to ``positions``): the cache ``add_context`` would have built."""
+        kv, rows = entries
+        state = Eagle3Cache()
+        held = rows.offset
+        state.start_at(positions - held)
+        state.append(rows.keys[:, 0, :held])
+        if kv.offset:
+            state.kv.update_and_fetch(kv.keys[..., : kv.offset, :], kv.values[..., : kv.offset, :])
+        return [state]
+
+    def _forward_rows(self, hidden: mx.array, tokens: mx.array, kv: BatchKVCache, starts: mx.array) -> mx.array:
+        """``forward`` for one row per sequence (hidden [B, 1, H], tokens
+        [B, 1]) at positions ``starts`` [B], over left-padded contexts."""
+        layer = self.layers[0]
+        attn = layer.self_attn
+
+        def attend(x):
+            mask = kv.make_mask(1)  # a row sees its own entries only
+            keys, values = kv.update_and_fetch(*attn.keys_values(x, starts))
+            return attn.attend(attn.queries(x, starts), keys, values, mask)
+
+        return layer.around(hidden, self.embed(tokens), attend)
+
+    def propose_rows(self, cache: list, anchors: mx.array, starts: mx.array, num_drafts: int, chooses=None):
+        """``propose`` for several sequences, one forward per draft for all:
+        ``cache`` their contexts as a batch holds them (``batch_entries``),
+        ``anchors`` and ``starts`` [B].  Returns drafts [B, num_drafts], None
+        (no confidence head) and, when ``chooses`` (one ``choose`` or None per
+        row) samples some rows, their q rows [B, num_drafts, V] (a greedy
+        row's are a point mass on its draft).  The contexts are left as they
+        were: ``add_context`` completes the pending rows."""
+        kv, rows = cache
+        B = anchors.shape[0]
+        chooses = chooses if chooses is not None and any(c is not None for c in chooses) else None
+        last = rows.keys[:, 0, rows._idx - 1 : rows._idx]
+        h = self._forward_rows(last, anchors.reshape(B, 1).astype(mx.uint32), kv, starts - 1)
+        forwards, chosen, q_rows = 1, [], []
+        for j in range(num_drafts):
+            row = self.logits(h[:, 0])
+            if chooses is None:
+                token = mx.argmax(row, axis=-1).astype(mx.uint32)
+            else:
+                tokens, qs = [], []
+                for b, choose in enumerate(chooses):
+                    if choose is None:
+                        t = mx.argmax(row[b : b + 1], axis=-1).astype(mx.uint32)
+                        q = mx.where(mx.arange(row.shape[-1])[None] == t[:, None], 0.0, -mx.inf)
+                    else:
+                        t, q = choose(j, row[b : b + 1])
+                    tokens.append(t.reshape(1).astype(mx.uint32))
+                    qs.append(q)
+                token = mx.concatenate(tokens)
+                q_rows.append(mx.concatenate(qs))
+            chosen.append(token)
+            if j < num_drafts - 1:
+                h = self._forward_rows(h, token[:, None], kv, starts + j)
+                forwards += 1
+        kv.trim(forwards)
+        drafts = mx.stack(chosen, axis=1) if chosen else mx.zeros((B, 0), mx.uint32)
+        return drafts, None, mx.stack(q_rows, axis=1) if q_rows else None
+
+    def _add_context_rows(self, cache: list, features: mx.array, starts: mx.array, tokens: mx.array) -> None:
+        """``add_context`` of a block [B, W] per sequence at ``starts`` [B]:
+        each row's pending row is completed by the block's first token."""
+        kv, rows = cache
+        fused = self.fuse(features)
+        last = rows.keys[:, 0, rows._idx - 1 : rows._idx]
+        attn = self.layers[0].self_attn
+        x = self.layers[0].attention_input(mx.concatenate([last, fused[:, :-1]], axis=1),
+                                           self.embed(tokens.astype(mx.uint32)))
+        kv.update_and_fetch(*attn.keys_values(x, starts - 1))
+        rows.update_and_fetch(fused[:, None], mx.zeros((*fused.shape[:2], 0), fused.dtype)[:, None])
 
     def propose(self, cache: list, anchor: mx.array, start: int, num_drafts: int, choose=None):
         """(drafts [n] uint32, None: no confidence head, the q rows ``choose``

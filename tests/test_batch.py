@@ -554,3 +554,70 @@ def test_the_batch_cap_prices_a_verify_of_every_row():
         never.update(1, 0)
     picks = [never.choose(2, 0) for _ in range(32)]
     assert picks.count(1) == 2 and set(picks) == {0, 1}  # a probe every 16 undrafted rounds
+
+
+@pytest.fixture(scope="module")
+def eagle3_pairs(tmp_path_factory):
+    """(target, EAGLE3 drafter) by name: DeepSpec's cycle-bigram pair with
+    its planted drafter (many drafts kept) and random tiny Qwen3 / Gemma-4
+    (sliding windows) pairs (few kept)."""
+    import json
+    import shutil
+
+    from mlx_lm_dspark_tools.tiny import build_eagle3_pair
+    from tests.conftest import EAGLE3_FIXTURES
+
+    root = tmp_path_factory.mktemp("batch-eagle3")
+    target = root / "bigram"
+    shutil.copytree(EAGLE3_FIXTURES / "e2e_bigram" / "target", target)
+    config = json.loads((target / "config.json").read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]  # for mlx-lm < 0.32
+    (target / "config.json").write_text(json.dumps(config))
+    dirs = {"bigram": (target, EAGLE3_FIXTURES / "e2e_bigram" / "draft_qwen3")}
+    for family, extra in (("qwen3", {}), ("gemma4", {"sliding_window_pattern": 2, "num_kv_shared_layers": 2})):
+        dirs[family] = build_eagle3_pair(root / family, family, vocab_size=128, num_layers=4, ttt_length=4,
+                                         target_layer_ids=(0, 1, 2), **extra)
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            target_dir, drafter_dir = dirs[name]
+            loaded[name] = (load(str(target_dir))[0], load_drafter(str(drafter_dir), bits=None))
+        return loaded[name]
+
+    return get
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("name", ["bigram", "qwen3", "gemma4"])
+def test_eagle3_rows_drafted_together_equal_plain_decoding(eagle3_pairs, name, seed, monkeypatch):
+    """An EAGLE3 drafter drafts for every row in one forward per draft (never
+    row by row); rows of different prompt lengths, joining late and one
+    leaving early, equal plain decoding."""
+    model, drafter = eagle3_pairs(name)
+    rng = random.Random(300 + seed)
+    vocab = 128 if name != "bigram" else 512
+    prompts = [[rng.randrange(2, vocab) for _ in range(rng.choice([1, 2, 7, 16]))] for _ in range(4)]
+    limits = [rng.choice([3, 9, 20]) for _ in prompts[1:]] + [20]
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+    cap, join_at = rng.choice([2, 4]), [0] + [rng.randint(0, 4) for _ in prompts[1:]]
+    left = rng.randrange(len(prompts) - 1)
+    schedule = (prompts, limits, join_at, {left: join_at[left] + 2})
+    alone = BatchSpeculative(model, drafter, num_draft_tokens=cap)
+    alone.batched_drafter = False  # the same rounds, each row drafted by propose
+    batch_generate_with(alone, *schedule)
+    forwards = []
+    forward_rows = drafter._forward_rows
+    monkeypatch.setattr(drafter, "_forward_rows", lambda h, *a: forwards.append(h.shape[0]) or forward_rows(h, *a))
+    monkeypatch.setattr(drafter, "propose", None)  # not drafted row by row
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=cap)
+    assert batch.batched_drafter
+    got = batch_generate_with(batch, *schedule)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e[: len(g)] if i == left else g == e
+    assert max(forwards) > 1  # one forward drafted for several rows
+    # Each row kept what it kept drafting alone: its drafts were the same.
+    assert batch.accepted_log == alone.accepted_log
+    if name == "bigram":
+        assert sum(map(sum, batch.accepted_log)) > 10
+        assert any(len(set(r)) > 1 for r in batch.accepted_log)

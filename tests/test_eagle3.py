@@ -197,6 +197,74 @@ def test_context_in_pieces_and_trim_reopen_the_last_row():
     assert pieces[0].trim(100) == 10 and pieces[0].offset == 0 and pieces[0].kv.offset == 0
 
 
+@pytest.mark.parametrize("name", NETWORKS)
+def test_rows_proposed_together_equal_each_row_proposed_alone(name):
+    """``propose_rows`` over a batch of contexts (different lengths, one
+    started past positions it never saw) drafts, greedily and through a
+    sampling ``choose``, what ``propose`` drafts for each row alone; after a
+    batched ``add_context`` of a block per row, rolled back to what each row
+    kept, the next proposals still do, and a row given back as a sequence's
+    cache (``from_batch_entries``) is the context it built alone."""
+    from mlx_lm_dspark.batch import BatchSpeculative, _batch_row, _sequence_entry
+
+    drafter = build(EAGLE3_FIXTURES / name)
+    width = len(drafter.args.target_layer_ids) * drafter.args.hidden_size
+    mx.random.seed(1)
+    lengths, origins = (3, 11, 6), (0, 0, 4)
+    feats = [mx.random.normal((1, n, width)) for n in lengths]
+    ids = [mx.random.randint(0, 128, (n,)).astype(mx.uint32) for n in lengths]
+    anchors = mx.array([7, 40, 99], mx.uint32)
+    block_feats, blocks = mx.random.normal((3, 4, width)), mx.random.randint(0, 128, (3, 4)).astype(mx.uint32)
+    kept = [2, 0, 3]  # drafts each row keeps of the block [anchor, 3 drafts]
+
+    def alone(i, rounds):
+        cache = drafter.make_cache()
+        drafter.add_context(cache, feats[i], origins[i], ids[i])
+        start = origins[i] + lengths[i]
+        if rounds:
+            a = kept[i] + 1
+            drafter.add_context(cache, block_feats[i : i + 1, :a], start, mx.concatenate([anchors[i : i + 1], blocks[i, 1:a]]))
+            start += a
+        return cache, start
+
+    def second_best(k, row):  # a deterministic "sampler" whose q shows any change in the logits
+        return mx.argsort(row, axis=-1)[:, -2].astype(mx.uint32), row - mx.logsumexp(row, axis=-1, keepdims=True)
+
+    batch = None
+    for i in range(3):
+        merged = [_batch_row(c) for c in drafter.batch_entries(alone(i, 0)[0])]
+        if batch is None:
+            batch = merged
+        else:
+            for c, new in zip(batch, merged):
+                c.extend(new)
+    for rounds in (0, 1):
+        starts = mx.array([alone(i, rounds)[1] for i in range(3)])
+        nexts = anchors if rounds == 0 else mx.array([11, 12, 13], mx.uint32)
+        tokens, confidence, q = drafter.propose_rows(batch, nexts, starts, 4)
+        assert confidence is None and q is None
+        sampled, _, q = drafter.propose_rows(batch, nexts, starts, 4, [None, second_best, second_best])
+        for i in range(3):
+            cache, start = alone(i, rounds)
+            assert ints(tokens[i]) == ints(drafter.propose(cache, nexts[i : i + 1], start, 4)[0])
+            d, _, q_alone = drafter.propose(cache, nexts[i : i + 1], start, 4, second_best if i else None)
+            assert ints(sampled[i]) == ints(d)
+            if i:
+                assert mx.allclose(q[i], q_alone, atol=1e-4).item()
+        if rounds == 0:
+            blocks = mx.concatenate([anchors[:, None], blocks[:, 1:]], axis=1)
+            drafter.add_context(batch, block_feats, starts, blocks)
+            BatchSpeculative._roll_back(batch, [3 - a for a in kept])
+    for i in range(3):
+        cache, start = alone(i, 1)
+        entries = [_sequence_entry(c, i, None, 1) for c in batch]
+        back = drafter.from_batch_entries(entries, start - 1)[0]
+        cache[0].trim(1)
+        assert (back.offset, back.origin, back.kv.offset, back.pending) == (cache[0].offset, cache[0].origin, cache[0].kv.offset, True)
+        assert mx.allclose(back.kv.keys[..., : back.kv.offset, :], cache[0].kv.keys[..., : back.kv.offset, :], atol=1e-5).item()
+        assert mx.allclose(mx.concatenate(back.fused, axis=1), mx.concatenate(cache[0].fused, axis=1), atol=1e-5).item()
+
+
 def test_add_context_needs_tokens_and_the_next_position():
     drafter = build(EAGLE3_FIXTURES / "qwen3_tiny_eagle3")
     cache = drafter.make_cache()
