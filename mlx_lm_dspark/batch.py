@@ -205,7 +205,9 @@ class BatchSpeculative:
         problem = unbatchable(entries)
         if problem is not None:
             raise UnsupportedCacheError(f"This target cannot decode in batched speculative rounds: {problem}.")
-        self._trimmable = not any(type(c) is ArraysCache for c in entries)
+        # Whether ``extract`` can give a sequence's cache back shorter than it
+        # is (not with recurrent state).
+        self.trimmable = not any(type(c) is ArraysCache for c in entries)
         if num_draft_tokens is not None and num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
         self.cap = None if num_draft_tokens is None else min(int(num_draft_tokens), drafter.max_drafts)
@@ -326,12 +328,6 @@ class BatchSpeculative:
         if self._ahead:
             self._ahead.pop(uid, None)  # its queued token is never handed out
         return caches + draft_cache
-
-    @property
-    def trimmable(self) -> bool:
-        """Whether ``extract`` can give a sequence's cache back shorter than
-        it is (not with recurrent state)."""
-        return self._trimmable
 
     def stats_of(self, uid: int) -> Optional[SpeculativeStats]:
         for row in self.rows + [r for r, _ in self.joining] + self._left:

@@ -25,6 +25,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from . import early
 from .config import MARKOV_HEAD_TYPES
+from .sampling import choose_rows
 from .vocab import DraftVocabulary, sanitize
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -593,20 +594,9 @@ class Drafter(nn.Module):
             if markov:
                 row, emb, state = self.markov_step(row, prev, slot_hidden[:, k], state)
                 embs.append(emb)
-            if chooses is None:
-                token = mx.argmax(row, axis=-1).astype(mx.uint32)
-            else:
-                tokens, qs = [], []
-                for b, choose in enumerate(chooses):
-                    if choose is None:
-                        t = mx.argmax(row[b : b + 1], axis=-1).astype(mx.uint32)
-                        q = mx.where(mx.arange(row.shape[-1])[None] == t[:, None], 0.0, -mx.inf)
-                    else:
-                        t, q = choose(k, row[b : b + 1])
-                    tokens.append(t.reshape(1).astype(mx.uint32))
-                    qs.append(q)
-                token = mx.concatenate(tokens)
-                q_rows.append(mx.concatenate(qs))
+            token, q_row = choose_rows(k, row, chooses)
+            if q_row is not None:
+                q_rows.append(q_row)
             chosen.append(token)
             prev = token
         drafts = mx.stack(chosen, axis=1) if chosen else mx.zeros((B, 0), mx.uint32)

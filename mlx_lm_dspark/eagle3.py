@@ -29,6 +29,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from .config import EAGLE3_ARCHITECTURES, FAMILY_OF_MODEL_TYPE, speculators_args, speculators_type
 from .drafter import GEMMA4_ROPE, MLP, RMSNormNoScale
+from .sampling import choose_rows
 from .vocab import DraftVocabulary, sanitize
 
 _REQUIRED = ("target_layer_ids", "ttt_length")
@@ -557,20 +558,9 @@ class Eagle3Drafter(nn.Module):
         forwards, chosen, q_rows = 1, [], []
         for j in range(num_drafts):
             row = self.logits(h[:, 0])
-            if chooses is None:
-                token = mx.argmax(row, axis=-1).astype(mx.uint32)
-            else:
-                tokens, qs = [], []
-                for b, choose in enumerate(chooses):
-                    if choose is None:
-                        t = mx.argmax(row[b : b + 1], axis=-1).astype(mx.uint32)
-                        q = mx.where(mx.arange(row.shape[-1])[None] == t[:, None], 0.0, -mx.inf)
-                    else:
-                        t, q = choose(j, row[b : b + 1])
-                    tokens.append(t.reshape(1).astype(mx.uint32))
-                    qs.append(q)
-                token = mx.concatenate(tokens)
-                q_rows.append(mx.concatenate(qs))
+            token, q_row = choose_rows(j, row, chooses)
+            if q_row is not None:
+                q_rows.append(q_row)
             chosen.append(token)
             if j < num_drafts - 1:
                 h = self._forward_rows(h, token[:, None], kv, starts + j)

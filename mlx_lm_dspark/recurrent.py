@@ -110,14 +110,8 @@ class Record:
             bound.arguments["cache"] = part
             call(*bound.args, **bound.kwargs)
             sources[k] = (part.cache, group)
-        picked = []
-        for j in range(len(arrays)):
-            slices = []
-            for i, k in enumerate(kept):
-                source, group = sources[k]
-                r = group.index(i)
-                slices.append(source[j][r : r + 1])
-            picked.append(mx.concatenate(slices))
+        where = [(sources[k][0], sources[k][1].index(i)) for i, k in enumerate(kept)]  # row -> (state, its row)
+        picked = [mx.concatenate([state[j][r : r + 1] for state, r in where]) for j in range(len(arrays))]
         restore(cache, (picked, None if padding is None else padding - mx.array(kept), lengths))
         self.kept = None  # rows differ: no further rollback within this forward
 

@@ -10,7 +10,7 @@ own coin) keeps the sample-and-match rule, which is exact for any sampler.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm import sample_utils
@@ -49,6 +49,25 @@ def settings_of(sampler) -> Optional[SamplerSettings]:
     if sampler is None or sampler is greedy_sampler:
         return SamplerSettings()
     return getattr(sampler, "dspark_settings", None)
+
+
+def choose_rows(k: int, logits: mx.array, chooses: Optional[List[Optional[Callable]]]) -> Tuple[mx.array, Optional[mx.array]]:
+    """Draft ``k`` of every row of a batch from its logits [B, V]: the argmax
+    when ``chooses`` is None, else each row's ``choose(k, row)`` (None: the
+    argmax, its q a point mass).  Returns tokens [B] uint32 and q rows
+    [B, V] (None with no ``chooses``)."""
+    if chooses is None:
+        return mx.argmax(logits, axis=-1).astype(mx.uint32), None
+    tokens, qs = [], []
+    for b, choose in enumerate(chooses):
+        if choose is None:
+            t = mx.argmax(logits[b : b + 1], axis=-1).astype(mx.uint32)
+            q = mx.where(mx.arange(logits.shape[-1])[None] == t[:, None], 0.0, -mx.inf)
+        else:
+            t, q = choose(k, logits[b : b + 1])
+        tokens.append(t.reshape(1).astype(mx.uint32))
+        qs.append(q)
+    return mx.concatenate(tokens), mx.concatenate(qs)
 
 
 def rule_for(sampler) -> str:

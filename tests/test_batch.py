@@ -95,6 +95,34 @@ def batch_generate_with(batch, prompts, limits, join_at=None, leave=None):
     return [out[uids[i]] for i in range(len(prompts))]
 
 
+def drain(batch, limit=None) -> list:
+    """Every token a one-sequence batch hands out (stopping at ``limit``)."""
+    got = []
+    while len(batch) and (limit is None or len(got) < limit):
+        for emitted in batch.step():
+            got.extend(emitted.tokens)
+    return got
+
+
+def check_a_second_turn(model, take_out):
+    """A first turn decoded in a batch, its cache taken out by
+    ``take_out(batch, uid, held)``; a second turn from that cache, in a new
+    batch, equals plain decoding of the whole conversation."""
+    first, turn = [5, 9, 11, 4, 4, 17], [23, 8, 8]
+    answer = plain(model, first, 20)
+    whole = first + answer + turn
+    expected = plain(model, whole, 15)
+    drafter = oracle(model, [first, whole], [answer, expected], 0.6)
+    batch = BatchSpeculative(model, drafter, num_draft_tokens=3)
+    uid = batch.insert(first, 20)
+    assert drain(batch, 20) == answer
+    held = len(first) + len(answer) - 1
+    cache = take_out(batch, uid, held)
+    second = BatchSpeculative(model, drafter, num_draft_tokens=3)
+    second.insert([answer[-1]] + turn, 15, cache, held)
+    assert drain(second) == expected
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_rows_joining_and_leaving_between_rounds(pair, seed):
     model, _ = pair
@@ -218,11 +246,7 @@ def test_undrafted_rounds_run_one_ahead_and_rows_still_equal_plain_decoding(pair
         whole = prompts[3] + got
         second = BatchSpeculative(model, drafter, num_draft_tokens=0)
         second.insert(got[-1:] + [7, 7], 8, cache, len(whole) - 1)
-        more = []
-        while len(second):
-            for emitted in second.step():
-                more.extend(emitted.tokens)
-        assert more == plain(model, whole + [7, 7], 8)
+        assert drain(second) == plain(model, whole + [7, 7], 8)
 
 
 def test_the_demo_pair_drafts_every_row_in_one_forward():
@@ -309,32 +333,16 @@ def test_a_sliding_window_row_hands_back_the_rotating_cache_plain_decoding_holds
     """A finished row's cache is a RotatingKVCache per sliding layer (its
     latest window) and a KVCache per full layer; a second turn from it, in a
     new batch, equals plain decoding of the whole conversation."""
-    from mlx_lm.models.cache import RotatingKVCache
-
     model = gemma4
-    first, turn = [5, 9, 11, 4, 4, 17], [23, 8, 8]
-    answer = plain(model, first, 20)
-    whole = first + answer + turn
-    expected = plain(model, whole, 15)
-    drafter = oracle(model, [first, whole], [answer, expected], 0.6)
-    batch = BatchSpeculative(model, drafter, num_draft_tokens=3)
-    uid = batch.insert(first, 20)
-    got = []
-    while len(batch.rows) + len(batch.joining) and len(got) < 20:
-        for emitted in batch.step():
-            got.extend(emitted.tokens)
-    assert got == answer
-    cache = batch.extract(uid, len(first) + len(answer) - 1)
-    kinds = {type(c).__name__ for c in cache[: len(model.make_cache())]}
-    assert kinds == {"RotatingKVCache", "KVCache"}
-    assert all(c.offset == len(first) + len(answer) - 1 for c in cache[: len(model.make_cache())])
-    second = BatchSpeculative(model, drafter, num_draft_tokens=3)
-    second.insert([answer[-1]] + turn, 15, cache, len(first) + len(answer) - 1)
-    out = []
-    while len(second):
-        for emitted in second.step():
-            out.extend(emitted.tokens)
-    assert out == expected
+    entries = len(model.make_cache())
+
+    def take_out(batch, uid, held):
+        cache = batch.extract(uid, held)
+        assert {type(c).__name__ for c in cache[:entries]} == {"RotatingKVCache", "KVCache"}
+        assert all(c.offset == held for c in cache[:entries])
+        return cache
+
+    check_a_second_turn(model, take_out)
 
 
 @pytest.fixture(scope="module")
@@ -370,31 +378,14 @@ def test_a_hybrid_row_hands_back_its_cache_and_a_second_turn_goes_on_from_it(hyb
     """A finished hybrid row's cache holds exactly its positions (recurrent
     state cannot be cut shorter: asking is refused); a second turn from it,
     in a new batch, equals plain decoding of the whole conversation."""
-    model = hybrids("qwen3_5")
-    first, turn = [5, 9, 11, 4, 4, 17], [23, 8, 8]
-    answer = plain(model, first, 20)
-    whole = first + answer + turn
-    expected = plain(model, whole, 15)
-    drafter = oracle(model, [first, whole], [answer, expected], 0.6)
-    batch = BatchSpeculative(model, drafter, num_draft_tokens=3)
-    assert not batch.trimmable
-    uid = batch.insert(first, 20)
-    got = []
-    while len(batch) and len(got) < 20:
-        for emitted in batch.step():
-            got.extend(emitted.tokens)
-    assert got == answer
-    held = len(first) + len(answer) - 1
-    with pytest.raises(ValueError, match="recurrent state"):
-        batch.extract(uid, held - 1)
-    cache = batch.extract(uid, held)
-    second = BatchSpeculative(model, drafter, num_draft_tokens=3)
-    second.insert([answer[-1]] + turn, 15, cache, held)
-    out = []
-    while len(second):
-        for emitted in second.step():
-            out.extend(emitted.tokens)
-    assert out == expected
+
+    def take_out(batch, uid, held):
+        assert not batch.trimmable
+        with pytest.raises(ValueError, match="recurrent state"):
+            batch.extract(uid, held - 1)
+        return batch.extract(uid, held)
+
+    check_a_second_turn(hybrids("qwen3_5"), take_out)
 
 
 @pytest.mark.skipif(not hasattr(importlib.import_module("mlx_lm.generate"), "StopSequences"),
@@ -426,11 +417,7 @@ def test_a_hybrid_server_row_stopped_inside_a_round_hands_back_the_cache_it_hold
     expected = plain(model, held + turn, 12)
     second = BatchSpeculative(model, oracle(model, [held + turn], [expected], 0.6), num_draft_tokens=3)
     second.insert(turn, 12, last.prompt_cache, len(held), before=held)
-    out = []
-    while len(second):
-        for e in second.step():
-            out.extend(e.tokens)
-    assert out == expected
+    assert drain(second) == expected
 
 
 def test_caches_batched_rounds_cannot_roll_back_are_refused_with_the_reason(pair):
