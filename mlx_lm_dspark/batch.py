@@ -32,6 +32,7 @@ contexts as batch caches through ``batch_entries``); other proposers
 """
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -351,6 +352,16 @@ class BatchSpeculative:
         if self._ahead:
             self._ahead.pop(uid, None)
 
+    def abandon(self) -> List[int]:
+        """End every sequence after a round that raised (what the round left
+        in the batch caches is in no known state): their uids."""
+        gone = list(dict.fromkeys([row.uid for row in self.rows] + [row.uid for row, _ in self.joining]))
+        self._left = (self.rows + [row for row, _ in self.joining] + self._left)[:64]
+        self.rows, self.joining = [], []
+        self.cache = self.draft_cache = None
+        self._ahead = self._chosen = None
+        return gone
+
     def _keep(self, indices: List[int]) -> None:
         self._left = ([self.rows[i] for i in range(len(self.rows)) if i not in indices] + self._left)[:64]
         self.rows = [self.rows[i] for i in indices]
@@ -626,6 +637,10 @@ class ServerBatch:
         self.inserted: Optional[Callable[[int], None]] = None  # told each uid as it is inserted
         self.caps: Dict[int, int] = {}  # a request's own num_draft_tokens, set by its uid before it is prefilled
         self.finished: Optional[Callable[[int, SpeculativeStats], None]] = None  # told each uid's statistics at its end
+        # Told each uid that ends with an error (its prefill or a round it was
+        # in raised); the sequence's last response then has no finish reason,
+        # and this callback must stop it (the server's ``ctx.stop()``).
+        self.failed: Optional[Callable[[int, Exception], None]] = None
 
     def close(self) -> None:
         self.pending.clear()
@@ -680,38 +695,76 @@ class ServerBatch:
         return self.engine.nbytes + held
 
     def next(self):
-        """(prompt responses, generation responses), as ``BatchGenerator.next``."""
-        from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+        """(prompt responses, generation responses), as ``BatchGenerator.next``.
+        A sequence whose prefill or round raises ends with an error
+        (``failed``); the batch goes on with the others."""
+        from mlx_lm.generate import PromptProcessingBatch
 
-        prompt_responses, responses = [], []
+        prompt_responses, responses, failures = [], [], []
         with mx.stream(self.stream):
             while self.pending:
                 uid, rest, m, cache, before, sampler, procs = self.pending.popleft()
-                self.engine.insert(rest, m, cache, len(before), uid=uid, sampler=sampler, logits_processors=procs,
-                                   before=before, num_draft_tokens=self.caps.pop(uid, None))
+                try:
+                    self.engine.insert(rest, m, cache, len(before), uid=uid, sampler=sampler, logits_processors=procs,
+                                       before=before, num_draft_tokens=self.caps.pop(uid, None))
+                except Exception as e:  # its own prefill: it alone fails
+                    failures.append((uid, e))
+                    continue
                 total = len(self.requests[uid].prompt)
                 prompt_responses.append(PromptProcessingBatch.Response(uid, (total, total), True, True))
-            for emitted in self.engine.step():
-                request = self.requests.get(emitted.uid)
-                if request is None:
+            try:
+                produced = self.engine.step()
+            except Exception as e:  # a round shared by every sequence in it
+                produced = []
+                failures += [(uid, e) for uid in self.engine.abandon()]
+            for emitted in produced:
+                if emitted.uid not in self.requests:
                     continue
-                last = len(emitted.tokens) - 1
-                for k, token in enumerate(emitted.tokens):
-                    request.emitted.append(token)
-                    reason = "length" if emitted.finished and k == last else None
-                    if request.matcher is not None and request.matcher.advance(token):
-                        reason = "stop"
-                    if reason is None:
-                        responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], None, None, None))
-                        continue
-                    kept = request.prompt + request.emitted[:-1]  # what the cache holds
-                    if not self.engine.trimmable:  # recurrent state: the cache as it is, named by what it holds
-                        kept = (request.prompt + request.emitted + emitted.tokens[k + 1 :])[: self.engine.held(emitted.uid)]
-                    cache = self.engine.extract(emitted.uid, len(kept))
-                    responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], reason, cache, kept))
-                    stats = self.engine.stats_of(emitted.uid)
-                    del self.requests[emitted.uid]
-                    if self.finished is not None and stats is not None:
-                        self.finished(emitted.uid, stats)
-                    break
+                try:
+                    responses += self._answer(emitted)
+                except Exception as e:
+                    self.engine.remove(emitted.uid)
+                    failures.append((emitted.uid, e))
+            responses += [self._failure(uid, e) for uid, e in failures if uid in self.requests]
         return prompt_responses, responses
+
+    def _answer(self, emitted: Emitted) -> list:
+        """The generation responses of what a sequence produced in a round,
+        up to its end (its length or a stop sequence)."""
+        from mlx_lm.generate import GenerationBatch
+
+        request = self.requests[emitted.uid]
+        responses, last = [], len(emitted.tokens) - 1
+        for k, token in enumerate(emitted.tokens):
+            request.emitted.append(token)
+            reason = "length" if emitted.finished and k == last else None
+            if request.matcher is not None and request.matcher.advance(token):
+                reason = "stop"
+            if reason is None:
+                responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], None, None, None))
+                continue
+            kept = request.prompt + request.emitted[:-1]  # what the cache holds
+            if not self.engine.trimmable:  # recurrent state: the cache as it is, named by what it holds
+                kept = (request.prompt + request.emitted + emitted.tokens[k + 1 :])[: self.engine.held(emitted.uid)]
+            cache = self.engine.extract(emitted.uid, len(kept))
+            responses.append(GenerationBatch.Response(emitted.uid, token, emitted.logprobs[k], reason, cache, kept))
+            stats = self.engine.stats_of(emitted.uid)
+            del self.requests[emitted.uid]
+            if self.finished is not None and stats is not None:
+                self.finished(emitted.uid, stats)
+            break
+        return responses
+
+    def _failure(self, uid: int, error: Exception):
+        """The response ending sequence ``uid`` with ``error``: the server
+        takes it for a token of a stopped request, and drops the request."""
+        from mlx_lm.generate import GenerationBatch
+
+        logging.error(f"Sequence {uid} failed: {type(error).__name__}: {error}",
+                      exc_info=(type(error), error, error.__traceback__))
+        del self.requests[uid]
+        self.caps.pop(uid, None)
+        if self.failed is not None:
+            self.failed(uid, error)
+        placeholder = mx.zeros((max(self.engine.target.vocab_size or 0, 16),))  # top_logprobs reads up to 11
+        return GenerationBatch.Response(uid, 0, placeholder, None, None, None)

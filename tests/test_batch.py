@@ -420,6 +420,61 @@ def test_a_hybrid_server_row_stopped_inside_a_round_hands_back_the_cache_it_hold
     assert drain(second) == expected
 
 
+class FailingProcessor:
+    """A logits processor that raises on its ``at``-th call."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def __call__(self, tokens, logits):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("processor failed")
+        return logits
+
+
+def serve(server, uids, failed):
+    """Each uid's tokens from ``server.next()`` until every one ended
+    (finished, or failed: in ``failed``)."""
+    tokens, ended = {uid: [] for uid in uids}, set()
+    while not ended >= set(uids):
+        for r in server.next()[1]:
+            if r.uid in failed:
+                ended.add(r.uid)
+                assert r.finish_reason is None  # the server drops it as a stopped request
+                continue
+            tokens[r.uid].append(r.token)
+            if r.finish_reason is not None:
+                ended.add(r.uid)
+    return tokens
+
+
+def test_a_prefill_or_round_that_raises_ends_its_sequences_and_the_batch_goes_on(pair):
+    """A sequence whose prefill raises fails alone; a round that raises
+    ends every sequence in it (the batch caches are in no known state);
+    each is reported to ``failed`` and answered once, ``next`` itself does
+    not raise, and sequences inserted afterwards equal plain decoding."""
+    from mlx_lm_dspark.batch import ServerBatch
+
+    model, drafter = pair
+    server = ServerBatch(model, drafter, num_draft_tokens=3)
+    failed = {}
+    server.failed = lambda uid, error: failed.setdefault(uid, error)
+    prompts = [[5, 9, 11], [7, 7, 3, 12], [21, 4]]
+    at_prefill, fine = server.insert_segments([[prompts[0]], [prompts[1]]], [10, 10],
+                                              logits_processors=[[FailingProcessor(1)], None])
+    got = serve(server, [at_prefill, fine], failed)
+    assert set(failed) == {at_prefill} and "processor failed" in str(failed[at_prefill])
+    assert got[fine] == plain(model, prompts[1], 10)
+    in_round, beside = server.insert_segments([[prompts[2]], [prompts[0]]], [12, 12],
+                                              logits_processors=[[FailingProcessor(4)], None])
+    serve(server, [in_round, beside], failed)
+    assert {in_round, beside} <= set(failed)
+    assert not server.requests and not len(server.engine)
+    (after,) = server.insert_segments([[prompts[1]]], [10])
+    assert serve(server, [after], failed)[after] == plain(model, prompts[1], 10)
+
+
 def test_caches_batched_rounds_cannot_roll_back_are_refused_with_the_reason(pair):
     from mlx_lm.models.cache import make_prompt_cache
 

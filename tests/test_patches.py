@@ -83,6 +83,9 @@ COVERAGE = {
             # the hook watches the client's socket while the request generates
             ("0012-server-stops-for-disconnected-clients.diff",
              {"mlx_lm/server.py": ["APIHandler.handle_completion", "APIHandler._client_disconnected"]}),
+            # a generation that raises after the answer began is answered with the error
+            ("0015-server-generation-errors.diff",
+             {"mlx_lm/server.py": ["APIHandler.handle_completion", "APIHandler._answer_generation_error"]}),
         ],
         "validate_model_parameters": (
             "0004-server-draft-kinds.diff",
@@ -101,6 +104,8 @@ COVERAGE = {
             ("0010-server-request-limits.diff", {"mlx_lm/server.py": ["APIHandler.do_POST"]}),
             # a client that disconnected ends its request quietly
             ("0012-server-stops-for-disconnected-clients.diff", {"mlx_lm/server.py": ["APIHandler.handle_completion"]}),
+            # the error of a failed generation answered (500, or an event ending the stream)
+            ("0015-server-generation-errors.diff", {"mlx_lm/server.py": ["APIHandler.handle_completion"]}),
         ],
         "_run_http_server": [
             # a listen backlog that takes a burst of clients
@@ -117,12 +122,14 @@ COVERAGE = {
         # concurrent greedy requests with a drafter share batched rounds: the
         # host's batch loop builds the batch generator the draft kind supplies
         # for a pair the provider calls batchable, for the requests it admits
-        "BatchGenerator": (
-            "0014-server-batched-draft-models.diff",
-            {"mlx_lm/server.py": ["ModelProvider._load", "ResponseGenerator._is_batchable",
-                                  "ResponseGenerator._generate"],
-             "mlx_lm/draft_kinds.py": ["DraftKind", "draft_batch_generator"]},
-        ),
+        "BatchGenerator": [
+            ("0014-server-batched-draft-models.diff",
+             {"mlx_lm/server.py": ["ModelProvider._load", "ResponseGenerator._is_batchable",
+                                   "ResponseGenerator._generate"],
+              "mlx_lm/draft_kinds.py": ["DraftKind", "draft_batch_generator"]}),
+            # a batch step that raises ends its requests with the error; the loop goes on
+            ("0015-server-generation-errors.diff", {"mlx_lm/server.py": ["ResponseGenerator._generate"]}),
+        ],
         # the hook finds each batched request's context to attach its
         # statistics; the host copies them from the finished response
         "__init__": (

@@ -519,6 +519,40 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(servers, caplog
     assert len(rounds) == 2 and max(rounds) < 1000, rounds  # stopped, not 4000 tokens of ~1 per round
 
 
+@pytest.mark.parametrize("extra", [{}, {"stream": True}, {"seed": 4}, {"seed": 4, "stream": True}],
+                         ids=["batched", "batched-stream", "one-at-a-time", "one-at-a-time-stream"])
+def test_a_generation_that_raises_gets_an_error_answer_and_the_server_goes_on(servers, monkeypatch, extra):
+    """A failure inside generation (here the target's forward, injected at
+    its third call) answers its request with a 500 naming the error, or an
+    error event ending its stream, in batched rounds or served one at a
+    time (a seed); the generation thread lives on and the next request gets
+    the plain server's answer."""
+    from mlx_lm_dspark.target import TargetAdapter
+
+    spec, plain = servers
+    forward, countdown = TargetAdapter.__call__, []
+
+    def failing_forward(self, *args, **kwargs):
+        if countdown:
+            countdown[0] -= 1
+            if countdown[0] == 0:
+                countdown.clear()
+                raise RuntimeError("injected failure")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TargetAdapter, "__call__", failing_forward)
+    countdown.append(3)
+    status, got = spec.post(TEXT, request(TEXT, "a story that breaks", num_draft_tokens=2, **extra))
+    assert not countdown  # it failed
+    if extra.get("stream"):
+        assert status == 200 and "injected failure" in got[-1]["error"], got
+    else:
+        assert status == 500 and "injected failure" in json.loads(got)["error"], got
+    assert spec.healthy()
+    body = request(TEXT, "a story that goes on", **extra)
+    assert text_of(TEXT, body, spec.post(TEXT, body)[1]) == text_of(TEXT, body, plain.post(TEXT, body)[1])
+
+
 def server_process(pair, *argv):
     """``mlx_lm.server --draft-model`` (and ``argv``) as users run it, in its
     own process: a context of (process, port) once it answers."""

@@ -30,6 +30,10 @@
   (mlx-lm fed an empty remainder). Concurrent requests with a drafter that
   batched rounds decode exactly share them (``batch.ServerBatch`` as the
   batch loop's ``BatchGenerator``; mlx-lm 0.32) instead of queueing.
+  A generation that raises answers its request with the error (a 500, or an
+  error event ending its stream) instead of dropping the connection; a
+  batched round that raises ends the requests in it, and the batch loop
+  goes on (it died, refusing every later request).
 
 Each patch first checks the installed mlx-lm against the supported range
 and that the host function still looks the way this code expects, and raises
@@ -552,7 +556,8 @@ def patch_server(server) -> None:
         context, tokens = generate(self, request, generation_args, progress_callback)
         _handler_request.context = context
         _live_contexts[id(context)] = context
-        return context, _until_client_leaves(context, tokens, getattr(_handler_request, "connection", None))
+        responses = _until_client_leaves(context, tokens, getattr(_handler_request, "connection", None))
+        return context, _failing_as_generation(context, responses)
 
     @functools.wraps(validate)
     def validate_model_parameters(self):
@@ -589,6 +594,8 @@ def patch_server(server) -> None:
             self._set_completion_headers(400)
             self.end_headers()
             self.wfile.write(json.dumps({"error": str(e)}).encode())
+        except _GenerationFailed as e:
+            _answer_failed_generation(self, e)
 
     @functools.wraps(provider_init)
     def init_loading_drafter(self, cli_args, *args, **kwargs):
@@ -694,7 +701,13 @@ def _patch_batched_drafting(server, responder, provider) -> None:
                 context.dspark_usage = stats.as_dict()
             logging.info(stats.summary())
 
-        batch.inserted, batch.finished = inserted, finished
+        def failed(uid, error):
+            context = requests.pop(uid, None)
+            if context is not None:
+                context.dspark_error = error  # raised in the request's handler
+                context.stop()  # and the batch loop drops the request
+
+        batch.inserted, batch.finished, batch.failed = inserted, finished, failed
         return batch
 
     server.GenerationContext.__init__ = remembered_context
@@ -830,6 +843,46 @@ def _until_client_leaves(context, responses, connection):
                 context.stop()
                 raise _ClientLeft()
         yield response
+
+
+class _GenerationFailed(RuntimeError):
+    """The generation of a request raised after its answer began."""
+
+
+def _failing_as_generation(context, responses):
+    """``responses``, raising ``_GenerationFailed`` when the request's
+    generation failed: an error the generation thread queued (mlx-lm's
+    one-at-a-time path) or one a batched round reported on the context."""
+    try:
+        for response in responses:
+            error = getattr(context, "dspark_error", None)
+            if error is not None:
+                raise _GenerationFailed(f"{type(error).__name__}: {error}")
+            yield response
+    except (_ClientLeft, _GenerationFailed):
+        raise
+    except Exception as e:
+        raise _GenerationFailed(f"{type(e).__name__}: {e}") from e
+
+
+def _answer_failed_generation(handler, error) -> None:
+    """A 500 naming the error where the answer has not started (mlx-lm
+    sends a non-streaming answer's headers only with its body), else an
+    error event ending the stream."""
+    logging.error(f"Generation failed: {error}")
+    message = json.dumps({"error": f"Generation failed: {error}"})
+    handler.close_connection = True
+    try:
+        if getattr(handler, "stream", False):
+            handler.wfile.write(f"data: {message}\n\n".encode())
+        else:
+            handler._headers_buffer = []  # the 200 queued, not sent
+            handler._set_completion_headers(500)
+            handler.end_headers()
+            handler.wfile.write(message.encode())
+        handler.wfile.flush()
+    except OSError:
+        pass  # the client is gone too
 
 
 def _pair_refusal(provider):
