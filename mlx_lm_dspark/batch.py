@@ -44,8 +44,8 @@ from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCa
 from . import recurrent
 from .session import session_for
 from .sampling import greedy_sampler
-from .speculative import (DEFAULT_PREFILL_STEP_SIZE, Acceptor, KVQuantization, SpeculativeStats, TokenHistory, cost_model,
-                          prefill)
+from .speculative import (CONTEXT_BATCH, DEFAULT_PREFILL_STEP_SIZE, Acceptor, KVQuantization, SpeculativeStats,
+                          TokenHistory, cost_model, prefill)
 from .target import UnsupportedCacheError
 
 
@@ -233,6 +233,9 @@ class BatchSpeculative:
         self._uids = itertools.count()
         self._left: List[Row] = []  # rows that left lately (their statistics stay readable)
         self._ahead: Optional[Dict[int, tuple]] = None  # a queued undrafted round, not yet read (by uid)
+        # Undrafted rounds' (features, starts, tokens) not yet in the batched
+        # drafter contexts: added together before the next proposal.
+        self._unadded: List[Tuple[mx.array, mx.array, mx.array]] = []
         self._chosen: Optional[int] = None  # the automatic cap already chosen for the next round
         self._last_choice: Optional[int] = None
 
@@ -312,6 +315,7 @@ class BatchSpeculative:
         drafter's) holding its first ``length`` positions; it leaves the batch."""
         index = next(i for i, row in enumerate(self.rows) if row.uid == uid)
         row = self.rows[index]
+        self._add_unadded()
         excess = row.position - length
         if excess < 0:
             raise ValueError(f"sequence {uid} holds {row.position} positions, fewer than {length}.")
@@ -360,6 +364,7 @@ class BatchSpeculative:
         self.rows, self.joining = [], []
         self.cache = self.draft_cache = None
         self._ahead = self._chosen = None
+        self._unadded = []
         return gone
 
     def _keep(self, indices: List[int]) -> None:
@@ -367,13 +372,18 @@ class BatchSpeculative:
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
             self.cache = self.draft_cache = None
+            self._unadded = []
             return
+        kept = mx.array(indices)
         for c in self.cache + (self.draft_cache or []):
-            c.filter(mx.array(indices))
+            c.filter(kept)
+        self._unadded = [(f[kept], p[kept], t[kept]) for f, p, t in self._unadded]
 
     def _join(self) -> List[Emitted]:
         """Merge the prefilled sequences into the batch; their first tokens."""
         events = []
+        if self.joining:
+            self._add_unadded()  # the batch contexts grow rows: the queued positions are the old rows'
         for row, cache in self.joining:
             merged = [_batch_row(c) for c in cache]
             drafter_rows = None
@@ -536,7 +546,9 @@ class BatchSpeculative:
         starts = mx.array([row.position for row in self.rows])
         logits, features = self.target(blocks, self.cache)
         self._forget_outside_windows()
-        self.drafter.add_context(self.draft_cache, features, starts, blocks)
+        self._unadded.append((features, starts, blocks))
+        if len(self._unadded) >= CONTEXT_BATCH:
+            self._add_unadded()
         entries = {}
         for i, row in enumerate(self.rows):
             processed = row.history.process(logits[i, :1], blocks[i])
@@ -548,9 +560,19 @@ class BatchSpeculative:
             row.stats.proposal_lengths.append(0)
             row.stats.accepted_lengths.append(0)
             entries[row.uid] = (row.anchor, logprobs, row.remaining() == 0)
-        mx.async_eval([e[0] for e in entries.values()], [e[1] for e in entries.values()],
-                      [c.state for c in self.draft_cache])
+        mx.async_eval([e[0] for e in entries.values()], [e[1] for e in entries.values()])
         return entries
+
+    def _add_unadded(self) -> None:
+        """Add the positions of the undrafted rounds since the last
+        proposal to the drafter contexts, in one forward (queued)."""
+        if not self._unadded:
+            return
+        entries, self._unadded = self._unadded, []
+        features = mx.concatenate([f for f, _, _ in entries], axis=1)
+        tokens = mx.concatenate([t for _, _, t in entries], axis=1)
+        self.drafter.add_context(self.draft_cache, features, entries[0][1], tokens)
+        mx.async_eval([c.state for c in self.draft_cache])
 
     @staticmethod
     def _read(entries: Dict[int, tuple]) -> List[Emitted]:
@@ -561,6 +583,7 @@ class BatchSpeculative:
     def _round(self, caps: List[int]) -> List[Emitted]:
         """A round with drafts, evaluated: what each row produced."""
         events = []
+        self._add_unadded()
         counts, drafts, qs = self._propose(caps)
         blocks = self._blocks(counts, drafts)
         accepted, following, features, logprobs = self._verify(blocks, counts, drafts, qs)

@@ -271,6 +271,69 @@ def test_the_demo_pair_drafts_every_row_in_one_forward():
     assert any(len(set(r)) > 1 for r in batch.accepted_log)
 
 
+def demo_pair():
+    from pathlib import Path
+
+    import mlx_lm_dspark
+
+    root = Path(mlx_lm_dspark.__file__).parent / "demo_pair"
+    model, tokenizer = load(str(root / "target"))
+    return model, tokenizer, load_drafter(str(root / "drafter"))
+
+
+def test_undrafted_rounds_reach_the_drafter_contexts_as_if_added_each_round(monkeypatch):
+    """The positions of undrafted rounds enter the batched drafter contexts
+    together, before the next proposal, a row joining or a row taken out:
+    rounds then keep the same drafts as when every round adds its own (the
+    trained demo pair, rounds drafting about every fourth, rows joining late and
+    one taken out), the contexts handed back hold the same keys and values,
+    and every row equals plain decoding."""
+    from mlx_lm_dspark import batch as batch_module
+
+    model, tokenizer, drafter = demo_pair()
+    prompts = [tokenizer.encode(t) for t in ["def add(a, b):", "1, 2, 3, 4,", "Once upon a time", "The sky is"]]
+    limits, join_at, out_at = [40, 36, 30, 30], [0, 3, 9, 0], (3, 14)
+    expected = [plain(model, p, m) for p, m in zip(prompts, limits)]
+
+    def run():
+        batch = BatchSpeculative(model, drafter, num_draft_tokens=0)
+
+        def scripted_caps():  # asked again for a round chosen ahead: a function of the rows' state
+            drafting = batch.rows[0].position % 4 == 0
+            return [max(0, min(3 if drafting else 0, row.remaining() - 1)) for row in batch.rows]
+
+        batch._caps = scripted_caps
+        out, uids, kept, handed = {}, {}, [], None
+        for rnd in range(300):
+            for i, prompt in enumerate(prompts):
+                if join_at[i] == rnd:
+                    uids[i] = batch.insert(prompt, limits[i])
+                    out[uids[i]] = []
+            taken, at = out_at
+            if rnd == at:
+                handed = batch.extract(uids[taken], len(prompts[taken]) + len(out[uids[taken]]) - 1)
+            if not len(batch) and rnd > max(join_at):
+                break
+            for emitted in batch.step():
+                out[emitted.uid].extend(emitted.tokens)
+            kept.append([(row.uid, row.accepted[-1]) for row in batch.rows if row.accepted])
+        return [out[uids[i]] for i in range(len(prompts))], kept, handed[-len(drafter.make_cache()):]
+
+    deferred = run()
+    monkeypatch.setattr(batch_module, "CONTEXT_BATCH", 1)  # every undrafted round adds its own positions
+    each_round = run()
+    taken = out_at[0]
+    assert deferred[0][taken] == expected[taken][: len(deferred[0][taken])]
+    assert [o for i, o in enumerate(deferred[0]) if i != taken] == [e for i, e in enumerate(expected) if i != taken]
+    assert deferred[0] == each_round[0]
+    assert deferred[1] == each_round[1]
+    assert sum(a for r in deferred[1] for _, a in r) > 10  # the rounds' drafts were kept: the contexts were read
+    for a, b in zip(deferred[2], each_round[2]):
+        assert a.offset == b.offset
+        np.testing.assert_allclose(np.array(a.keys[..., : a.offset, :], np.float32),
+                                   np.array(b.keys[..., : b.offset, :], np.float32), atol=1e-2, rtol=1e-2)
+
+
 def test_a_perfect_drafter_keeps_whole_blocks(pair):
     model, _ = pair
     prompts = [[4, 5], [7] * 9, list(range(30, 41))]
