@@ -33,6 +33,7 @@ contexts as batch caches through ``batch_entries``); other proposers
 
 import itertools
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -42,6 +43,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCache
 
 from . import recurrent
+from .autocap import PROBE_BACKOFF, PROBE_BUDGET, PROBE_EVERY
 from .session import session_for
 from .sampling import greedy_sampler
 from .speculative import (CONTEXT_BATCH, DEFAULT_PREFILL_STEP_SIZE, Acceptor, KVQuantization, SpeculativeStats,
@@ -112,16 +114,19 @@ class BatchCap:
     costing a verify of B x (K + 1) rows (the pair's cost model, extrapolated
     linearly past the widths it measured) plus one drafter round per row.
     Each draft is taken as kept with the probability the batch's rounds
-    show (a draft kept given the ones before it were); rounds that draft
-    nothing try one draft first and every ``PROBE_EVERY`` after, so that
-    estimate can rise.  One per pair, kept across batches (``Session``)."""
-
-    PROBE_EVERY = 16
+    show (a draft kept given the ones before it were).  While no K pays, a
+    round now and then probes one draft, so that estimate can rise: the
+    first at once, then spaced to cost at most ``PROBE_BUDGET`` of the
+    undrafted rounds' time, further apart (up to ``PROBE_BACKOFF`` times)
+    while probes keep nothing; none where a drafter always right would not
+    pay.  One per pair, kept across batches (``Session``)."""
 
     def __init__(self, cost, max_drafts: int):
         self.cost, self.max_drafts = cost, max_drafts
         self.kept, self.missed = 1.0, 1.0  # a prior of one half
-        self.undrafted = 0
+        self.undrafted = None  # undrafted rounds since the last probe (None: none yet)
+        self.backoff = 1  # the probes' spacing over the shortest the budget allows
+        self.probing = None  # during a probe round: whether a row kept its draft
 
     def verify_ms(self, cost, rows: int) -> float:
         widths = cost.verify_ms
@@ -130,25 +135,45 @@ class BatchCap:
         slope = widths[-1] - widths[-2] if len(widths) > 1 else widths[-1]
         return widths[-1] + slope * (rows - len(widths))
 
-    def choose(self, rows: int, context: int) -> int:
-        cost = self.cost.at(context)
-        accept = self.kept / (self.kept + self.missed)
+    def best(self, cost, rows: int, accept: float) -> int:
+        """The K of most expected tokens per ms when each draft is kept with ``accept``."""
         best, best_rate = 0, rows / self.verify_ms(cost, rows)
         for k in range(1, self.max_drafts + 1):
             tokens = rows * cost.expected_tokens([accept] * k, k)
             rate = tokens / (self.verify_ms(cost, rows * (k + 1)) + rows * cost.draft_ms_for(k))
             if rate > best_rate:
                 best, best_rate = k, rate
-        if best == 0:
-            self.undrafted += 1
-            if self.undrafted % self.PROBE_EVERY == 1:
-                return 1
         return best
+
+    def probe_every(self, cost, rows: int) -> int:
+        """Undrafted rounds between probes: a probe's extra time (a verify of
+        two positions per row, a drafter round, the overlap it loses) within
+        the budget."""
+        undrafted = self.verify_ms(cost, rows)
+        extra = self.verify_ms(cost, 2 * rows) + rows * cost.draft_ms_for(1)
+        shortest = max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * undrafted)))
+        return shortest * self.backoff
+
+    def choose(self, rows: int, context: int) -> int:
+        if self.probing is not None:  # the last round probed: space the next by what it found
+            self.backoff = 1 if self.probing else min(2 * self.backoff, PROBE_BACKOFF)
+            self.probing = None
+        cost = self.cost.at(context)
+        best = self.best(cost, rows, self.kept / (self.kept + self.missed))
+        if best or self.best(cost, rows, 1.0) == 0:
+            return best
+        if self.undrafted is not None and self.undrafted < self.probe_every(cost, rows):
+            self.undrafted += 1
+            return 0
+        self.undrafted, self.probing = 0, False
+        return 1
 
     def update(self, drafted: int, accepted: int) -> None:
         """A row's round: ``accepted`` of ``drafted`` drafts kept."""
         self.kept += accepted
         self.missed += 1 if accepted < drafted else 0
+        if self.probing is not None:
+            self.probing = self.probing or accepted > 0
 
 
 @dataclass

@@ -640,8 +640,8 @@ def test_sampled_rows_are_distributed_like_plain_sampling(knob):
 
 def test_the_batch_cap_prices_a_verify_of_every_row():
     """With verifies that cost a step per row and a drafter round of two
-    steps, a fresh cap probes one draft, then drafts while drafts are kept
-    and stops when they are not; more rows make a block dearer."""
+    steps, a fresh cap probes one draft, then drafts while drafts are kept;
+    more rows make a block dearer."""
     from mlx_lm_dspark.batch import BatchCap
     from mlx_lm_dspark.cost import CostModel
 
@@ -651,14 +651,51 @@ def test_the_batch_cap_prices_a_verify_of_every_row():
     for _ in range(20):
         cap.update(4, 4)
     assert cap.choose(1, 0) >= 4
-    linear = BatchCap(CostModel(verify_ms=[4.0 * (w + 1) for w in range(8)], draft_ms=8.0), 7)
-    linear.kept, linear.missed = 9.0, 1.0  # nine in ten kept
-    assert linear.choose(1, 0) > linear.choose(8, 0)
+    # width nearly free up to 4 rows, a step per row beyond
+    rising = BatchCap(CostModel(verify_ms=[4.0, 4.2, 4.4, 4.6, 8.0, 12.0, 16.0, 20.0], draft_ms=1.0), 7)
+    rising.kept, rising.missed = 9.0, 1.0  # nine in ten kept
+    assert rising.choose(1, 0) >= 3 and rising.choose(8, 0) == 0
+
+
+def probes_of(cap, rows, rounds, keeps=lambda probe: False):
+    """The rounds (of ``rounds`` undrafted ones) at which ``cap`` probes;
+    each probe's rows keep their draft when ``keeps(probe number)``."""
+    at = []
+    for r in range(rounds):
+        if cap.choose(rows, 0):
+            for _ in range(rows):
+                cap.update(1, int(keeps(len(at))))
+            at.append(r)
+    return at
+
+
+def test_the_batch_cap_probes_within_a_budget_and_less_often_while_probes_keep_nothing():
+    """A drafter that keeps nothing: the first undrafted round probes; the
+    spacing the budget allows (a probe's verify and drafter round under
+    PROBE_BUDGET of the undrafted rounds' time) doubles with each probe
+    that keeps nothing, up to PROBE_BACKOFF times, and a probe that keeps
+    its draft brings back the shortest; where not even a drafter
+    always right would pay, no round probes."""
+    from mlx_lm_dspark.autocap import PROBE_BACKOFF, PROBE_BUDGET
+    from mlx_lm_dspark.batch import BatchCap
+    from mlx_lm_dspark.cost import CostModel
+
+    cost = CostModel(verify_ms=[4.0 + 0.5 * w for w in range(8)], draft_ms=2.0)
     never = BatchCap(cost, 7)
-    for _ in range(30):
-        never.update(1, 0)
-    picks = [never.choose(2, 0) for _ in range(32)]
-    assert picks.count(1) == 2 and set(picks) == {0, 1}  # a probe every 16 undrafted rounds
+    never.kept, never.missed = 0.0, 50.0
+    shortest = never.probe_every(cost, 2)
+    assert shortest == int(np.ceil((cost.verify_ms[3] + 2 * cost.draft_ms_for(1)) / (PROBE_BUDGET * cost.verify_ms[1])))
+    at = probes_of(never, 2, 50 * shortest)
+    gaps = np.diff(at).tolist()
+    assert at[0] == 0 and gaps == [2 * shortest + 1, 4 * shortest + 1, 8 * shortest + 1, 16 * shortest + 1,
+                                    16 * shortest + 1]
+    assert PROBE_BACKOFF == 16
+    found = BatchCap(cost, 7)
+    found.kept, found.missed = 0.0, 1e6  # one kept draft leaves the estimate far too low to draft
+    gaps = np.diff(probes_of(found, 2, 12 * shortest, keeps=lambda probe: probe == 2)).tolist()
+    assert gaps[:3] == [2 * shortest + 1, 4 * shortest + 1, shortest + 1]
+    dear = BatchCap(CostModel(verify_ms=[4.0 * (w + 1) for w in range(8)], draft_ms=8.0), 7)
+    assert probes_of(dear, 1, 500) == []
 
 
 @pytest.fixture(scope="module")
