@@ -20,7 +20,8 @@ The cap maximises expected tokens per second under the machine's cost model
   a probe verifies a whole proposal whatever the estimates say, the only way
   to learn that a drafter (or a pessimistic confidence head) is better than
   believed.  The first ``CALIBRATION_ROUNDS`` proposals are verified whole
-  (one unlucky round must not decide); later probes are spaced to cost at
+  (one unlucky round must not decide), fewer when a round keeps nothing
+  and the confidence head foresaw it; later probes are spaced to cost at
   most ``PROBE_BUDGET`` of plain decoding time, come less often while they
   find nothing and resume proposals when one finds more.  Where even a
   drafter always right would not pay, no round proposes.
@@ -46,7 +47,8 @@ PRIOR = 0.5  # acceptance assumed for a slot never tried
 PRIOR_WEIGHT = 2.0  # ... worth this many rounds of evidence
 PROBE_EVERY = 8  # at least this many rounds verifying less than all drafts before a probe ...
 PROBE_BUDGET = 0.02  # ... and enough that probes cost at most this share of plain decoding time ...
-CALIBRATION_ROUNDS = 4  # whole proposals verified before the estimates may stop drafting
+CALIBRATION_ROUNDS = 4  # whole proposals verified before the estimates may stop drafting ...
+FORESEEN = 0.1  # ... or one that kept nothing where the confidence head gave its first draft less than this
 DECLINES = 2  # declined proposals in a row before rounds stop proposing (until a probe)
 PROBE_BACKOFF = 16  # ... the interval doubling, up to this factor, while probes find nothing more
 TIME_DECAY = 0.9  # weight of the past in the running round-time scales (per round)
@@ -252,8 +254,9 @@ class ProbeSchedule:
         self.declined = 0 if cap > 0 else self.declined + 1
         return cap
 
-    def record(self, verified: int, accepted: int) -> None:
-        """A round verified ``verified`` (> 0) drafts and kept ``accepted``."""
+    def record(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
+        """A round verified ``verified`` (> 0) drafts and kept ``accepted``;
+        ``confidence``: the proposal's scores, if the drafter gives them."""
         if self.probed_cap is not None:
             if accepted > self.probed_cap:  # the probe found more: propose again, keep probing often
                 self.probe_every = self.min_probe_every
@@ -262,7 +265,11 @@ class ProbeSchedule:
             self.probed_cap = None
         if verified >= self.max_drafts:
             self.whole += 1
-            self.calibrated = self.calibrated or self.whole >= CALIBRATION_ROUNDS
+            # Nothing kept where the head said nothing would be: the head is
+            # right about this drafter, and more whole rounds cost a
+            # drafter round and a wide verify each for nothing.
+            foreseen = accepted == 0 and confidence is not None and confidence[0] < FORESEEN
+            self.calibrated = self.calibrated or self.whole >= CALIBRATION_ROUNDS or foreseen
 
 
 class ConfidenceReads:
@@ -443,7 +450,7 @@ class DraftLength:
         ``accepted``; ``confidence``: the proposal's scores."""
         if verified == 0:
             return  # a declined proposal: the target judged no draft
-        self.schedule.record(verified, accepted)
+        self.schedule.record(verified, accepted, confidence)
         self.estimates.record(verified, accepted, confidence)
 
     def judge(self, confidence: List[float], proposed: int) -> None:

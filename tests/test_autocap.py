@@ -635,6 +635,23 @@ SEQUENTIAL = CostModel(verify_ms=[10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5
                        draft_ms_per_draft=1.0)  # each draft is one drafter forward (EAGLE3)
 
 
+def test_a_whole_round_that_keeps_what_the_confidence_head_foresaw_ends_the_calibration():
+    """Nothing kept where the head gave the first draft less than FORESEEN
+    ends the calibration at once; a hopeful head proved wrong, a round that
+    kept a draft, or no head at all do not."""
+    from mlx_lm_dspark.autocap import FORESEEN, ProbeSchedule
+
+    foreseen = ProbeSchedule(GPU_LIKE, 7)
+    foreseen.choose(0, 7)
+    foreseen.record(7, 0, [FORESEEN / 2] * 7)
+    assert foreseen.calibrated and not foreseen.due()
+    for kept, confidence in ((0, [0.9] * 7), (1, [FORESEEN / 2] * 7), (0, None), (0, [FORESEEN] + [0.0] * 6)):
+        schedule = ProbeSchedule(GPU_LIKE, 7)
+        schedule.choose(0, 7)
+        schedule.record(7, kept, confidence)
+        assert not schedule.calibrated and schedule.due(), (kept, confidence)
+
+
 def test_a_sequential_drafter_is_asked_for_the_cap_before_it_drafts():
     lengths = DraftLength(SEQUENTIAL, 7)
     assert lengths.proposal_length(7) == 7  # calibration rounds: whole proposals
