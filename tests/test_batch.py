@@ -512,6 +512,9 @@ def serve(server, uids, failed):
     return tokens
 
 
+@pytest.mark.skipif(not hasattr(importlib.import_module("mlx_lm.generate"), "StopSequences"),
+                    reason="mlx-lm 0.31's server serves drafter requests one at a time: no ServerBatch there "
+                           "(its GenerationBatch.Response has other fields)")
 def test_a_prefill_or_round_that_raises_ends_its_sequences_and_the_batch_goes_on(pair):
     """A sequence whose prefill raises fails alone; a round that raises
     ends every sequence in it (the batch caches are in no known state);
