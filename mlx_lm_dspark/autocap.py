@@ -21,7 +21,9 @@ The cap maximises expected tokens per second under the machine's cost model
   to learn that a drafter (or a pessimistic confidence head) is better than
   believed.  The first ``CALIBRATION_ROUNDS`` proposals are verified whole
   (one unlucky round must not decide), fewer when a round keeps nothing
-  and the confidence head foresaw it; later probes are spaced to cost at
+  and the confidence head foresaw it: a pair's first proposal whose head
+  gives its first draft less than ``FORESEEN`` verifies that draft alone,
+  a check of the head that costs a narrow verify; later probes are spaced to cost at
   most ``PROBE_BUDGET`` of plain decoding time, come less often while they
   find nothing and resume proposals when one finds more.  Where even a
   drafter always right would not pay, no round proposes.
@@ -208,6 +210,8 @@ class ProbeSchedule:
         self.idle = 0  # rounds since the slots past the cap were last verified
         self.calibrated = False  # whether CALIBRATION_ROUNDS whole proposals were verified
         self.whole = 0  # ... how many were
+        self.checked = False  # whether a proposal checked the confidence head's foresight (``choose``)
+        self.checking = False  # ... the round under way does
         self.probed_cap = None  # the cap a probe round overrode
         self.declined = 0  # consecutive proposals ``choose`` verified none of
         self.drafting = False  # whether the last proposal's cap was above 0 (or a probe found more)
@@ -222,6 +226,7 @@ class ProbeSchedule:
         probe under way."""
         self.declined = 0
         self.probed_cap = None
+        self.checking = False
 
     def due(self) -> bool:
         """Whether the next proposal is verified whole: a probe, or one of the
@@ -237,15 +242,22 @@ class ProbeSchedule:
         """A round that does not propose."""
         self.idle += 1
 
-    def choose(self, cap: int, limit: int) -> int:
+    def choose(self, cap: int, limit: int, confidence: Optional[List[float]] = None) -> int:
         """The drafts to verify of ``limit`` proposed when the estimates chose
-        ``cap``: all of them when a probe is due."""
+        ``cap``: all of them when a probe is due, the first alone when it
+        checks the head (``confidence``: the proposal's scores, if read)."""
         if cap < limit and self.due():  # a probe: verify all
             if self.calibrated:
                 self.probe_every = min(2 * self.probe_every, PROBE_BACKOFF * self.min_probe_every)
             self.idle = 0
             self.probed_cap = cap
             self.drafting = cap > 0
+            # Before any whole round, a head that foresees the first draft
+            # rejected is checked on that draft alone: its verify is as
+            # narrow as a probe's can be, and a right head ends the calibration.
+            if not (self.calibrated or self.checked or self.whole) and _foreseen(confidence):
+                self.checked = self.checking = True
+                return 1
             return limit
         self.idle = 0 if cap == limit else self.idle + 1
         if cap == 0 and limit < self.max_drafts:
@@ -263,13 +275,22 @@ class ProbeSchedule:
                 self.declined = 0
                 self.drafting = True
             self.probed_cap = None
+        if self.checking:
+            self.checking = False
+            self.calibrated = self.calibrated or (accepted == 0 and _foreseen(confidence))
+            return
         if verified >= self.max_drafts:
             self.whole += 1
             # Nothing kept where the head said nothing would be: the head is
             # right about this drafter, and more whole rounds cost a
             # drafter round and a wide verify each for nothing.
-            foreseen = accepted == 0 and confidence is not None and confidence[0] < FORESEEN
+            foreseen = accepted == 0 and _foreseen(confidence)
             self.calibrated = self.calibrated or self.whole >= CALIBRATION_ROUNDS or foreseen
+
+
+def _foreseen(confidence: Optional[List[float]]) -> bool:
+    """Whether a proposal's scores foresaw its first draft rejected."""
+    return confidence is not None and len(confidence) > 0 and confidence[0] < FORESEEN
 
 
 class ConfidenceReads:
@@ -443,7 +464,7 @@ class DraftLength:
         self.reads.chosen = (confidence, estimates, cap)  # ``judge`` judges the choice
         # A proposal cut short before drafting is judged against what it could have had.
         offered, self.offered = self.offered, None
-        return min(self.schedule.choose(cap, max(limit, offered or 0)), limit)
+        return min(self.schedule.choose(cap, max(limit, offered or 0), confidence), limit)
 
     def update(self, verified: int, accepted: int, confidence: Optional[List[float]] = None) -> None:
         """Record a round that verified ``verified`` drafts and kept the first

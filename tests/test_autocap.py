@@ -41,7 +41,7 @@ def test_best_cap_follows_costs_and_acceptance():
 
 def test_confidence_sets_the_cap_of_each_round():
     lengths = DraftLength(GPU_LIKE, 7)
-    assert lengths.choose(7, [0.01] * 7) == 7  # calibration: whole proposals are verified ...
+    assert lengths.choose(7, [0.2] * 7) == 7  # calibration: whole proposals are verified ...
     for _ in range(CALIBRATION_ROUNDS):
         lengths.update(7, 7, [0.95] * 7)
     assert lengths.calibrated  # ... until CALIBRATION_ROUNDS were
@@ -282,7 +282,7 @@ def test_probes_rescue_a_good_drafter_with_a_pessimistic_confidence_head():
         caps.append(cap)
         if cap:
             lengths.update(cap, cap, [0.05] * cap)  # every draft kept
-    assert caps[0] == 7  # the first proposal is verified whole: the head is 20x too pessimistic ...
+    assert caps[:2] == [1, 7]  # the head's foresight checked on one draft, wrong: then whole proposals ...
     assert all(c > 0 for c in caps)  # ... so drafting goes on every round ...
     assert caps[-10:] == [7] * 10  # ... and soon with the full block
 
@@ -650,6 +650,37 @@ def test_a_whole_round_that_keeps_what_the_confidence_head_foresaw_ends_the_cali
         schedule.choose(0, 7)
         schedule.record(7, kept, confidence)
         assert not schedule.calibrated and schedule.due(), (kept, confidence)
+
+
+def test_a_first_proposal_the_head_foresees_rejected_checks_that_draft_alone():
+    """Before any whole round, a proposal whose first confidence is under
+    FORESEEN verifies one draft; rejected, the head is trusted and the
+    calibration ends; kept, whole proposals follow.  Once per pair, only
+    with scores, only before a whole round."""
+    from mlx_lm_dspark.autocap import FORESEEN
+
+    pessimist = [FORESEEN / 2] * 7
+    right = DraftLength(GPU_LIKE, 7)
+    assert right.choose(7, pessimist) == 1
+    right.update(1, 0, pessimist)
+    assert right.calibrated and not right.schedule.due()
+    wrong = DraftLength(GPU_LIKE, 7)
+    assert wrong.choose(7, pessimist) == 1
+    wrong.update(1, 1, pessimist)
+    assert not wrong.calibrated and wrong.choose(7, pessimist) == 7  # checked once: whole rounds now
+    wrong.update(7, 7, pessimist)
+    assert wrong.choose(7, pessimist) == 7
+    for confidence in (None, [FORESEEN] * 7, [0.9] * 7):
+        assert DraftLength(GPU_LIKE, 7).choose(7, confidence) == 7, confidence
+    after_whole = DraftLength(GPU_LIKE, 7)
+    after_whole.choose(7, [0.9] * 7)
+    after_whole.update(7, 3, [0.9] * 7)
+    assert after_whole.choose(7, pessimist) == 7
+    cut = DraftLength(GPU_LIKE, 7)  # a generation that ended inside the check's round
+    cut.choose(7, pessimist)
+    cut.start()
+    cut.update(7, 0, [0.9] * 7)
+    assert not cut.calibrated and cut.schedule.whole == 1
 
 
 def test_a_sequential_drafter_is_asked_for_the_cap_before_it_drafts():
