@@ -642,6 +642,8 @@ class Rounds:
             if drafts.shape[0] == 0:
                 return None
             n = drafts.shape[0]
+        if self.threshold is None and lengths is None:
+            confidence = None  # nothing reads it (a fixed cap, no threshold): not computed
         self.clock.queued(*(x for x in (drafts, confidence, q) if x is not None))
         return Proposal(n, drafts, confidence, q, getattr(self.drafter, "sized", False))
 
