@@ -4,9 +4,10 @@
 
 Needs mlx-dspark installed beside mlx-lm-dspark (a separate environment: it
 is not a dependency).  Per trial and cap (the caps' order rotates with the
-trial) it runs plain decoding (mlx-lm's ``generate_step``), our speculative
-loop and mlx-dspark's ``speculative_generate`` (its lookup drafts and
-adaptive cap off) on the same prompt, checks both greedy outputs equal the
+trial) it runs our speculative loop and mlx-dspark's ``speculative_generate``
+(its lookup drafts and adaptive cap off), each after a plain decoding run
+(mlx-lm's ``generate_step``) and in an order alternating with the trial, on
+the same prompt, checks both greedy outputs equal the
 plain one, and reports end-to-end tokens/s (prefill included, the same for
 all three), each side's speed-up over the plain run just before it (median
 of the pairs) and ours over the peer's.
@@ -82,9 +83,9 @@ def main(argv=None):
         shift = trial % len(caps)
         for cap in caps[shift:] + caps[:shift]:
             row = rows[cap]
-            for side, run in (("ours", lambda: run_ours(model, drafter, prompt, args.max_tokens, cap)),
-                              ("peer", lambda: run_peer(peer_target, tokenizer, peer_drafter, prompt,
-                                                        args.max_tokens, cap))):
+            sides = [("ours", lambda: run_ours(model, drafter, prompt, args.max_tokens, cap)),
+                     ("peer", lambda: run_peer(peer_target, tokenizer, peer_drafter, prompt, args.max_tokens, cap))]
+            for side, run in sides[trial % 2:] + sides[: trial % 2]:  # which side runs first alternates
                 tokens_p, seconds_p = run_plain(model, prompt, args.max_tokens)
                 tokens, seconds = run()
                 n = min(len(tokens), len(plain))
