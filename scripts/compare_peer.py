@@ -5,12 +5,12 @@
 Needs mlx-dspark installed beside mlx-lm-dspark (a separate environment: it
 is not a dependency).  Per trial and cap (the caps' order rotates with the
 trial) it runs our speculative loop and mlx-dspark's ``speculative_generate``
-(its lookup drafts and adaptive cap off), each after a plain decoding run
-(mlx-lm's ``generate_step``) and in an order alternating with the trial, on
-the same prompt, checks both greedy outputs equal the
-plain one, and reports end-to-end tokens/s (prefill included, the same for
-all three), each side's speed-up over the plain run just before it (median
-of the pairs) and ours over the peer's.
+(its lookup drafts and adaptive cap off) on the same prompt, each right after
+a plain decoding run (mlx-lm's ``generate_step``), which side first
+alternating with the trial.  It checks both greedy outputs equal the plain
+one and reports end-to-end tokens/s (prefill included, the same for all
+three), each side's speed-up over the plain run just before it (median of
+the pairs) and ours over the peer's.
 """
 
 import argparse
